@@ -1,0 +1,24 @@
+"""The one exception type for bad user input.
+
+Every check on user input (a missing file, an unreadable image, a label that is not binary, a box outside the
+image, ...) raises :class:`InputError` with a message that names the offending file and the problem, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InputError"]
+
+
+class InputError(ValueError):
+    """Bad user input: the message names the file and the problem.
+
+    Args:
+        path: the offending file (or ``None`` when the input is not a file).
+        problem: what is wrong with it, in words a user can act on.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{path}: {problem}")

@@ -1,0 +1,83 @@
+"""Writing outputs safely: every file is written under a temporary name and renamed when complete, so a run
+that dies leaves no half-written file; and every run records what it did beside its outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "write_json", "run_record"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block completes.
+
+    The temporary name keeps the final suffixes (``x.nii.gz`` -> ``.x.<random>.nii.gz``) so that writers that
+    choose a format by extension still work.
+
+    Args:
+        path: the final file path. Its parent folder is created.
+
+    Yields:
+        The temporary path to write to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Returns:
+        The final path.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def run_record(**fields: Any) -> dict:
+    """What a run did, for the JSON written beside its outputs: the given fields plus versions and platform.
+
+    Args:
+        fields: anything the caller wants recorded (config, seed, backbone, timings, ...).
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    import monai
+    import numpy
+    import torch
+
+    import ambisam
+
+    record = dict(fields)
+    record["versions"] = {
+        "ambisam": ambisam.__version__,
+        "monai": monai.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+    }
+    record["platform"] = platform.platform()
+    record["command"] = " ".join(sys.argv)
+    return record
