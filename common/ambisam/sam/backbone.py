@@ -1,0 +1,231 @@
+"""One interface over every SAM-family backbone: :class:`SamBackbone`, a pure ``nn.Module``.
+
+The interface separates the expensive part from the cheap one, so that a method encodes an image once and
+draws all its samples from that one embedding:
+
+- :meth:`SamBackbone.encode`: images in ``[0, 1]`` at any size -> image embeddings ``(B, 256, h, w)``;
+- :meth:`SamBackbone.embed_prompts`: boxes (and an optional low-resolution mask) -> SAM's sparse and dense
+  prompt embeddings;
+- :meth:`SamBackbone.decode`: embeddings + prompt embeddings -> low-resolution mask logits and IoU scores,
+  with any number of prompts per image.
+
+Each backbone's own input size and pixel normalisation live here (``preprocess``), and so does the mapping of
+boxes between image pixels and backbone input coordinates (``boxes_to_input``). Images are resized to the
+square backbone input directly (as MedSAM and LiteMedSAM do), not padded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SamBackbone"]
+
+
+class SamBackbone(nn.Module):
+    """A SAM-family model (image encoder, prompt encoder, mask decoder) behind one interface.
+
+    The attribute names match segment-anything's ``Sam`` so that SAM, MedSAM and LiteMedSAM checkpoints load
+    into it strictly.
+
+    Args:
+        name: the registry name this backbone was built under (``"litemedsam"``, ``"vit_b"``, ...).
+        image_encoder: maps ``(B, 3, S, S)`` to ``(B, C, S/16, S/16)`` (TinyViT gives ``S/4`` of a 256 input).
+        prompt_encoder: segment-anything ``PromptEncoder``.
+        mask_decoder: segment-anything ``MaskDecoder``.
+        image_size: the square input size ``S`` the image encoder expects (256 LiteMedSAM, 1024 SAM).
+        pixel_mean: per-channel mean on the 0..255 scale, or ``None`` for encoders trained on ``[0, 1]`` input
+            without normalisation (MedSAM, LiteMedSAM).
+        pixel_std: per-channel standard deviation on the 0..255 scale (with ``pixel_mean``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        image_size: int,
+        pixel_mean: tuple[float, float, float] | None = None,
+        pixel_std: tuple[float, float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = int(image_size)
+        self.normalize = pixel_mean is not None
+        mean = torch.tensor(pixel_mean if pixel_mean is not None else (0.0, 0.0, 0.0)).view(-1, 1, 1)
+        std = torch.tensor(pixel_std if pixel_std is not None else (1.0, 1.0, 1.0)).view(-1, 1, 1)
+        # not persistent: checkpoints of SAM and its derivatives do not carry them
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def embedding_size(self) -> tuple[int, int]:
+        """Spatial size ``(h, w)`` of the image embedding."""
+        return tuple(self.prompt_encoder.image_embedding_size)
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """Spatial size of the low-resolution mask logits (and of a mask prompt): ``4 * embedding_size``."""
+        return tuple(self.prompt_encoder.mask_input_size)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Channels ``C`` of the image embedding and of every prompt token (256 for the SAM family)."""
+        return int(self.prompt_encoder.embed_dim)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Bring images to the encoder's input: 3 channels, ``S x S``, the backbone's pixel normalisation.
+
+        Args:
+            images: ``(B, 1 or 3, H, W)`` intensities scaled to ``[0, 1]``.
+
+        Returns:
+            ``(B, 3, S, S)``.
+
+        Raises:
+            ValueError: when ``images`` is not 4D or has other than 1 or 3 channels.
+        """
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if self.normalize:
+            x = (x * 255.0 - self.pixel_mean) / self.pixel_std
+        return x
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings.
+
+        Args:
+            images: ``(B, 1 or 3, H, W)`` intensities in ``[0, 1]``, any ``H, W``.
+
+        Returns:
+            ``(B, C, h, w)``, ``C = embedding_dim``, ``(h, w) = embedding_size``.
+        """
+        return self.image_encoder(self.preprocess(images))
+
+    def boxes_to_input(self, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Map ``[x_min, y_min, x_max, y_max]`` boxes from image pixels to backbone input coordinates.
+
+        Args:
+            boxes: ``(..., 4)``, x along the image's columns (width ``W``), y along its rows (height ``H``).
+            image_size: ``(H, W)`` of the image the boxes refer to.
+
+        Returns:
+            ``(..., 4)`` float boxes in the ``S x S`` input frame.
+        """
+        h, w = image_size
+        scale = boxes.new_tensor([self.image_size / w, self.image_size / h] * 2, dtype=torch.float32)
+        return boxes.float() * scale
+
+    def embed_prompts(
+        self, boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt embeddings for boxes and/or low-resolution mask prompts.
+
+        Args:
+            boxes: ``(P, 4)`` boxes in backbone input coordinates, or ``None``.
+            masks: ``(P, 1, 4h, 4w)`` mask logits used as a dense prompt, or ``None`` for SAM's learned
+                no-mask embedding.
+            batch_size: ``P`` when neither boxes nor masks are given (SAM's "default prompt").
+
+        Returns:
+            ``sparse (P, T, C)`` and ``dense (P, C, h, w)``.
+        """
+        if boxes is None and masks is None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+            n = batch_size or 1
+            return sparse.expand(n, -1, -1), dense.expand(n, -1, -1, -1)
+        return self.prompt_encoder(points=None, boxes=boxes, masks=masks)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits for ``P`` prompts per image, each image's embedding used for all of its prompts.
+
+        Prompts are grouped by image: rows ``b * P`` to ``(b + 1) * P - 1`` of ``sparse``/``dense`` belong to
+        ``embeddings[b]``. The image embedding is never recomputed or copied per prompt beyond what SAM's
+        decoder does itself.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            sparse: ``(B * P, T, C)`` sparse prompt embeddings.
+            dense: ``(B * P, C, h, w)`` dense prompt embeddings.
+            multimask: SAM's three multimask outputs instead of its single-mask output.
+
+        Returns:
+            ``logits (B * P, M, 4h, 4w)`` and ``iou (B * P, M)``, ``M = 3`` with ``multimask`` else 1.
+
+        Raises:
+            ValueError: when the number of prompts is not a multiple of the number of images.
+        """
+        b = embeddings.shape[0]
+        if sparse.shape[0] % b or dense.shape[0] != sparse.shape[0]:
+            raise ValueError(
+                f"{sparse.shape[0]} sparse / {dense.shape[0]} dense prompts do not split evenly over {b} images"
+            )
+        p = sparse.shape[0] // b
+        image_pe = self.prompt_encoder.get_dense_pe()
+        logits, ious = [], []
+        for i in range(b):
+            rows = slice(i * p, (i + 1) * p)
+            lg, iou = self.mask_decoder(
+                image_embeddings=embeddings[i : i + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse[rows],
+                dense_prompt_embeddings=dense[rows],
+                multimask_output=multimask,
+            )
+            logits.append(lg)
+            ious.append(iou)
+        return torch.cat(logits), torch.cat(ious)
+
+    def decode_boxes(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shortcut: :meth:`embed_prompts` on boxes, then :meth:`decode`.
+
+        Args:
+            embeddings: ``(B, C, h, w)``.
+            boxes: ``(B * P, 4)`` boxes in backbone input coordinates, grouped by image.
+            multimask: as in :meth:`decode`.
+
+        Returns:
+            As :meth:`decode`.
+        """
+        sparse, dense = self.embed_prompts(boxes=boxes)
+        return self.decode(embeddings, sparse, dense, multimask=multimask)
+
+    @staticmethod
+    def postprocess(logits: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Resize low-resolution logits back to the image's own size.
+
+        Args:
+            logits: ``(B, M, 4h, 4w)``.
+            image_size: ``(H, W)``.
+
+        Returns:
+            ``(B, M, H, W)`` logits.
+        """
+        if tuple(logits.shape[-2:]) == tuple(image_size):
+            return logits
+        return F.interpolate(logits, size=tuple(image_size), mode="bilinear", align_corners=False)
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Box-prompted segmentation, one box per image: ``(B, 1|3, H, W)``, ``(B, 4)`` pixel boxes ->
+        ``(B, 1, H, W)`` logits."""
+        size = tuple(images.shape[-2:])
+        logits, _ = self.decode_boxes(self.encode(images), self.boxes_to_input(boxes, size))
+        return self.postprocess(logits, size)

