@@ -1,0 +1,30 @@
+"""Shared fixtures: the real LiteMedSAM backbone is built once per test session (about 3 s)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    from ambisam.sam import build_backbone
+
+    return build_backbone("litemedsam")
+
+
+def noisy_ellipse(h=160, w=200, center=(80, 110), radii=(30, 45), noise=0.08, seed=0):
+    """A noisy bright ellipse on a darker background: image in [0, 1], its mask, and its tight box."""
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((yy - center[0]) / radii[0]) ** 2 + ((xx - center[1]) / radii[1]) ** 2 < 1
+    image = np.clip(0.2 + 0.5 * mask + np.random.default_rng(seed).normal(0, noise, (h, w)), 0, 1)
+    ys, xs = np.nonzero(mask)
+    return image.astype(np.float32), mask, [xs.min(), ys.min(), xs.max(), ys.max()]
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2 * (a & b).sum() / (a.sum() + b.sum())

@@ -1,0 +1,107 @@
+"""The slicewise sampling inferer: layout, prompts per slice, one encoding per slice, uncertainty maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ambisam.inferers import SlicewiseSamplingInferer, binary_entropy, split_sampling_output
+from ambisam.networks import BoxPromptedSam, MaskSamplingNetwork
+from ambisam.sam import EmbeddingCache
+
+
+class CoinFlipNetwork(MaskSamplingNetwork):
+    """A stochastic stand-in method: each sample keeps the left half of the box always and the right half
+    with probability 1/2, so samples agree on the left and disagree on the right."""
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.calls = []
+
+    def sample_logits(self, embeddings, boxes, num_samples):
+        self.calls.append((embeddings.shape[0], num_samples))
+        b = embeddings.shape[0]
+        s = self.backbone.mask_size[0]
+        logits = torch.full((b, num_samples, s, s), -10.0)
+        for i in range(b):
+            x0, y0, x1, y1 = boxes[i].round().long().tolist()
+            xm = (x0 + x1) // 2
+            logits[i, :, y0:y1, x0:xm] = 10.0
+            keep = torch.rand(num_samples) < 0.5
+            keep[0], keep[1] = True, False  # both outcomes occur
+            logits[i, keep, y0:y1, xm:x1] = 10.0
+        return logits
+
+
+def _volume():
+    vol = torch.zeros(1, 1, 64, 64, 4)
+    vol[0, 0, 16:48, 16:48, 1] = 0.8
+    vol[0, 0, 16:48, 16:48, 2] = 0.6  # distinct slices, distinct cache keys
+    box = -torch.ones(1, 4, 4)
+    box[0, 1:3] = torch.tensor([16.0, 16.0, 47.0, 47.0])
+    return vol, box
+
+
+def test_binary_entropy_values():
+    p = torch.tensor([0.0, 0.5, 1.0, 0.25])
+    assert torch.allclose(binary_entropy(p), torch.tensor([0.0, 1.0, 0.0, 0.811278]), atol=1e-5)
+
+
+def test_layout_and_unprompted_slices_are_background(litemedsam):
+    vol, box = _volume()
+    net = CoinFlipNetwork(litemedsam)
+    cache = EmbeddingCache(litemedsam)
+    out = SlicewiseSamplingInferer(num_samples=8, cache=cache)(vol, net, box=box)
+    assert out.shape == (1, 3 + 8, 64, 64, 4)
+    assert cache.misses == 2  # only the two prompted slices were encoded
+    assert net.calls == [(2, 8)]  # one batched call drew all 8 samples of both slices
+    assert torch.count_nonzero(out[..., 0]) == 0 and torch.count_nonzero(out[..., 3]) == 0
+    maps = split_sampling_output(out[0])
+    samples = maps["samples"]
+    assert samples.shape == (8, 64, 64, 4)
+    assert set(samples.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(samples[0], samples[1])  # a probabilistic method's samples differ
+    assert torch.allclose(maps["mean"][0], samples.mean(0))
+    agree = (samples == samples[:1]).all(0)
+    assert agree.any() and (~agree).any()
+    assert torch.count_nonzero(maps["uncertainty"][0][agree]) == 0  # zero where all samples agree
+    assert (maps["uncertainty"][0][~agree] > 0).all()
+    assert torch.equal(maps["pred"][0], (maps["mean"][0] > 0.5).float())
+    assert (maps["variance"] >= 0).all() and (maps["variance"][0][~agree] > 0).all()
+    assert maps["variance"].max() <= 0.25 + 1e-6  # a variance of values in [0, 1]
+
+
+def test_cache_serves_a_second_pass(litemedsam):
+    vol, box = _volume()
+    cache = EmbeddingCache(litemedsam)
+    inferer = SlicewiseSamplingInferer(num_samples=2, cache=cache, slice_batch_size=1)
+    net = CoinFlipNetwork(litemedsam)
+    inferer(vol, net, box=box)
+    inferer(vol, net, box=box)
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert net.calls == [(1, 2)] * 4
+
+
+def test_deterministic_baseline_on_2d_input(litemedsam):
+    image = torch.zeros(1, 1, 96, 96)
+    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
+    disk = ((yy - 48) ** 2 + (xx - 40) ** 2) < 20**2
+    image[0, 0][disk] = 0.9
+    out = SlicewiseSamplingInferer(num_samples=4)(image, BoxPromptedSam(litemedsam), box=torch.tensor([[20.0, 28, 60, 68]]))
+    assert out.shape == (1, 7, 96, 96)
+    maps = split_sampling_output(out[0])
+    assert torch.equal(maps["samples"], maps["samples"][:1].expand(4, -1, -1))  # deterministic: all equal
+    assert torch.count_nonzero(maps["uncertainty"]) == 0
+    inter = (maps["pred"][0].bool() & disk).sum().item()
+    assert 2 * inter / (maps["pred"].sum().item() + disk.sum().item()) > 0.9
+
+
+def test_prompt_errors(litemedsam):
+    vol, box = _volume()
+    inferer = SlicewiseSamplingInferer(num_samples=2)
+    with pytest.raises(ValueError, match="needs a box prompt"):
+        inferer(vol, BoxPromptedSam(litemedsam))
+    with pytest.raises(ValueError, match="expected 4 per-slice boxes"):
+        inferer(vol, BoxPromptedSam(litemedsam), box=box[:, :3])
+    with pytest.raises(ValueError, match="num_samples"):
+        SlicewiseSamplingInferer(num_samples=0)
