@@ -1,0 +1,129 @@
+"""Benchmarks: commands that print figures (speed and memory targets live here, never in timed tests).
+
+``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
+encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
+included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
+slicewise inferer's volume throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ambisam.inferers import SlicewiseSamplingInferer
+from ambisam.networks import method_registry
+from ambisam.sam import DEFAULT_BACKBONE, build_backbone
+
+__all__ = ["bench_sampling", "format_sampling"]
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Smallest wall time of ``repeats`` calls, in seconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = np.mgrid[:size, :size]
+    mask = ((yy - size / 2) / (size / 6)) ** 2 + ((xx - size / 2) / (size / 5)) ** 2 < 1
+    image = np.clip(0.2 + 0.5 * mask + np.random.default_rng(0).normal(0, 0.05, mask.shape), 0, 1)
+    ys, xs = np.nonzero(mask)
+    box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32)
+    return torch.from_numpy(image).float()[None, None], box
+
+
+@torch.no_grad()
+def bench_sampling(
+    method: str = "baseline",
+    backbone: str = DEFAULT_BACKBONE,
+    checkpoint: str | None = None,
+    num_samples: int = 16,
+    repeats: int = 3,
+    volume_slices: int = 8,
+    threads: int | None = None,
+) -> dict:
+    """Time encoding, sampling and a volume for one method.
+
+    Args:
+        method: a name in ``ambisam.networks.method_registry``.
+        backbone: backbone registry name.
+        checkpoint: backbone weights, where the backbone needs them.
+        num_samples: ``N`` for the ratio and the volume.
+        repeats: timed repetitions (the best is kept).
+        volume_slices: prompted slices in the volume throughput test.
+        threads: torch threads (default: torch's own setting).
+
+    Returns:
+        A dict of the figures (also what ``--json`` prints).
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    if method not in method_registry:
+        raise ValueError(f"unknown method '{method}'; choose one of {sorted(method_registry)}")
+    net = method_registry[method](backbone=build_backbone(backbone, checkpoint)).eval()
+    bb = net.backbone
+    image, box = _ellipse_slice(bb.image_size)
+    size = tuple(image.shape[-2:])
+    prompt = bb.boxes_to_input(box, size)
+    embedding = bb.encode(image)
+
+    t_encode = _best_of(lambda: bb.encode(image), repeats)
+    t_sample_1 = _best_of(lambda: net.sample_logits(embedding, prompt, 1), repeats)
+    t_sample_n = _best_of(lambda: net.sample_logits(embedding, prompt, num_samples), repeats)
+    t_1 = _best_of(lambda: net.sample_logits(bb.encode(image), prompt, 1), repeats)
+    t_n = _best_of(lambda: net.sample_logits(bb.encode(image), prompt, num_samples), repeats)
+
+    volume = image[..., None].repeat(1, 1, 1, 1, volume_slices)
+    volume = volume + 0.01 * torch.arange(volume_slices).view(1, 1, 1, 1, -1)  # distinct slices
+    boxes = box.view(1, 1, 4).repeat(1, volume_slices, 1)
+    inferer = SlicewiseSamplingInferer(num_samples=num_samples)
+    t_volume = _best_of(lambda: inferer(volume, net, box=boxes), max(1, repeats - 2))
+
+    return {
+        "method": method,
+        "backbone": backbone,
+        "num_samples": num_samples,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "machine": platform.processor() or platform.machine(),
+        "encoder_ms_per_slice": 1000 * t_encode,
+        "decoder_ms_one_sample": 1000 * t_sample_1,
+        "decoder_ms_per_sample": 1000 * t_sample_n / num_samples,
+        "time_1_s": t_1,
+        f"time_{num_samples}_s": t_n,
+        "ratio": t_n / t_1,
+        "ratio_limit": 1 + num_samples * (t_sample_n / num_samples) / t_encode,
+        "volume_slices": volume_slices,
+        "volume_slices_per_s": volume_slices / t_volume,
+    }
+
+
+def format_sampling(r: dict) -> str:
+    """The benchmark's figures as the lines it prints."""
+    n = r["num_samples"]
+    return "\n".join(
+        [
+            f"method: {r['method']}  backbone: {r['backbone']}  threads: {r['threads']}  device: {r['device']}",
+            f"encoder ms per slice: {r['encoder_ms_per_slice']:.1f}",
+            f"decoder ms per sample: {r['decoder_ms_per_sample']:.1f} (one sample alone: {r['decoder_ms_one_sample']:.1f})",
+            f"ratio time({n})/time(1): {r['ratio']:.2f} (target <= 2.0; limit 1 + {n} x decoder/encoder = {r['ratio_limit']:.2f})",
+            f"volume throughput: {r['volume_slices_per_s']:.2f} slices/s ({r['volume_slices']} prompted slices, N={n})",
+        ]
+    )
+
+
+def print_sampling(as_json: bool = False, **kwargs) -> dict:
+    result = bench_sampling(**kwargs)
+    print(json.dumps(result, indent=2) if as_json else format_sampling(result))
+    return result
