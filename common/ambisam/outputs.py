@@ -1,0 +1,71 @@
+"""Writing one case's sampling outputs in the input's own geometry.
+
+Per case ``<id>``: ``<id>_mask.nii.gz`` (the final mask, uint8), ``<id>_mean.nii.gz`` (mean probability),
+``<id>_uncertainty.nii.gz`` (entropy of the mean, bits), ``<id>_variance.nii.gz``, ``<id>_samples.nii.gz`` (the N
+samples, one 4D file, samples last) and ``<id>.json`` (what was run). Every file is written under a temporary
+name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambisam.data.datalist import write_nifti
+from ambisam.inferers.sampling import split_sampling_output
+from ambisam.io import write_json
+
+__all__ = ["write_case_outputs", "OUTPUT_SUFFIXES"]
+
+#: output name -> file suffix
+OUTPUT_SUFFIXES = {
+    "pred": "_mask.nii.gz",
+    "mean": "_mean.nii.gz",
+    "uncertainty": "_uncertainty.nii.gz",
+    "variance": "_variance.nii.gz",
+    "samples": "_samples.nii.gz",
+}
+
+
+def write_case_outputs(
+    out_dir: str | os.PathLike,
+    case_id: str,
+    output: torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    record: dict | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Path]:
+    """Write one case's maps and samples as NIfTI, plus its JSON record.
+
+    Args:
+        out_dir: the output folder.
+        case_id: the case's id (file name stem).
+        output: the inferer's output for this case, ``(3 + N, H, W, D)``.
+        affine: the input's 4x4 affine, so the outputs overlay the input.
+        record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
+        threshold: the final mask is ``mean > threshold``.
+
+    Returns:
+        Output name -> written path (``"record"`` for the JSON).
+    """
+    out_dir = Path(out_dir)
+    maps = split_sampling_output(output.detach().cpu(), threshold)
+    affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    paths = {}
+    for name, suffix in OUTPUT_SUFFIXES.items():
+        arr = maps[name].numpy()
+        if name in ("pred", "samples"):
+            arr = arr.astype(np.uint8)
+        else:
+            arr = arr.astype(np.float32)
+        # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
+        arr = arr[0] if arr.shape[0] == 1 and name != "samples" else np.moveaxis(arr, 0, -1)
+        paths[name] = write_nifti(out_dir / f"{case_id}{suffix}", arr, affine)
+    rec = dict(record or {})
+    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]), threshold=threshold,
+               files={k: p.name for k, p in paths.items()})
+    paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
+    return paths
