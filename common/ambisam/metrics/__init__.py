@@ -1,0 +1,76 @@
+"""The field's metrics for distributions of segmentation masks (METHODS.md, "Metrics").
+
+- :mod:`~ambisam.metrics.functional`: one image's samples ``(N, *spatial)`` and raters ``(K, *spatial)`` -> float.
+- :mod:`~ambisam.metrics.metric`: MONAI ``CumulativeIterationMetric`` classes over batches (DDP-gathered).
+- :mod:`~ambisam.metrics.handlers`: Ignite handlers for MONAI evaluators and bundle configs.
+"""
+
+from __future__ import annotations
+
+from ambisam.metrics.functional import (
+    dice_max,
+    dice_mean,
+    ece,
+    ece_bin_statistics,
+    ece_from_bin_statistics,
+    ged,
+    hm_iou,
+    ncc,
+    pairwise_dice,
+    pairwise_iou,
+    sample_diversity,
+    soft_dice,
+)
+from ambisam.metrics.handlers import (
+    DiceMaxHandler,
+    DiceMeanHandler,
+    ECEHandler,
+    GEDHandler,
+    HMIoUHandler,
+    NCCHandler,
+    SampleDiversityHandler,
+    SoftDiceHandler,
+)
+from ambisam.metrics.metric import (
+    DiceMaxMetric,
+    DiceMeanMetric,
+    DistributionMetric,
+    ECEMetric,
+    GEDMetric,
+    HMIoUMetric,
+    NCCMetric,
+    SampleDiversityMetric,
+    SoftDiceMetric,
+)
+
+__all__ = [
+    "pairwise_iou",
+    "pairwise_dice",
+    "ged",
+    "sample_diversity",
+    "hm_iou",
+    "dice_max",
+    "dice_mean",
+    "soft_dice",
+    "ncc",
+    "ece_bin_statistics",
+    "ece_from_bin_statistics",
+    "ece",
+    "DistributionMetric",
+    "GEDMetric",
+    "SampleDiversityMetric",
+    "HMIoUMetric",
+    "DiceMaxMetric",
+    "DiceMeanMetric",
+    "SoftDiceMetric",
+    "NCCMetric",
+    "ECEMetric",
+    "GEDHandler",
+    "SampleDiversityHandler",
+    "HMIoUHandler",
+    "DiceMaxHandler",
+    "DiceMeanHandler",
+    "SoftDiceHandler",
+    "NCCHandler",
+    "ECEHandler",
+]

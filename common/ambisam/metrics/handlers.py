@@ -1,0 +1,209 @@
+"""Ignite handlers over :mod:`ambisam.metrics.metric`, for MONAI evaluators and bundle configs.
+
+Each handler wraps one metric, as MONAI's ``MeanDice`` wraps ``DiceMetric``, and can be a ``key_metric`` or one of
+the ``additional_metrics`` of an evaluator. ``output_transform`` must turn ``engine.state.output`` into
+``(y_pred, y)``: the samples ``(B, N, *spatial)`` (or a list of ``(N, *spatial)``) and the rater masks
+``(B, K, *spatial)`` (or a list of ``(K, *spatial)``), e.g. ``monai.handlers.from_engine(["samples", "label"])``.
+In a bundle config::
+
+    "key_metric": {
+        "val_ged": {
+            "_target_": "ambisam.metrics.GEDHandler",
+            "output_transform": "$monai.handlers.from_engine(['samples', 'label'])"
+        }
+    }
+
+With ``save_details`` (default) the per-image values go to ``engine.state.metric_details[name]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from monai.handlers import IgniteMetricHandler
+from monai.utils import MetricReduction
+
+from ambisam.metrics.metric import (
+    DiceMaxMetric,
+    DiceMeanMetric,
+    ECEMetric,
+    GEDMetric,
+    HMIoUMetric,
+    NCCMetric,
+    SampleDiversityMetric,
+    SoftDiceMetric,
+)
+
+__all__ = [
+    "GEDHandler",
+    "SampleDiversityHandler",
+    "HMIoUHandler",
+    "DiceMaxHandler",
+    "DiceMeanHandler",
+    "SoftDiceHandler",
+    "NCCHandler",
+    "ECEHandler",
+]
+
+
+class GEDHandler(IgniteMetricHandler):
+    """Mean squared generalised energy distance (:class:`~ambisam.metrics.metric.GEDMetric`); report it
+    with N (GED16, ...).
+
+    Args:
+        both_empty: the distance of two empty masks (0, default; 1 is D-Persona's convention).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        both_empty: float = 0.0,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(GEDMetric(both_empty, reduction), output_transform=output_transform, save_details=save_details)
+
+
+class SampleDiversityHandler(IgniteMetricHandler):
+    """Mean sample diversity ``E d(S, S')`` (:class:`~ambisam.metrics.metric.SampleDiversityMetric`).
+
+    Args:
+        both_empty: the distance of two empty masks (0, default; 1 is D-Persona's convention).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        both_empty: float = 0.0,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = SampleDiversityMetric(both_empty, reduction)
+        super().__init__(metric, output_transform=output_transform, save_details=save_details)
+
+
+class HMIoUHandler(IgniteMetricHandler):
+    """Mean Hungarian-matched IoU (:class:`~ambisam.metrics.metric.HMIoUMetric`).
+
+    Args:
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(HMIoUMetric(reduction), output_transform=output_transform, save_details=save_details)
+
+
+class DiceMaxHandler(IgniteMetricHandler):
+    """Mean ``D_max`` (:class:`~ambisam.metrics.metric.DiceMaxMetric`).
+
+    Args:
+        per: ``"rater"`` (CIMD, default) or ``"sample"`` (SeqSAM, D-Persona).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        per: str = "rater",
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(DiceMaxMetric(per, reduction), output_transform=output_transform, save_details=save_details)
+
+
+class DiceMeanHandler(IgniteMetricHandler):
+    """Mean ``D_mean`` (:class:`~ambisam.metrics.metric.DiceMeanMetric`).
+
+    Args:
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(DiceMeanMetric(reduction), output_transform=output_transform, save_details=save_details)
+
+
+class SoftDiceHandler(IgniteMetricHandler):
+    """Mean QUBIQ soft Dice of the samples' mean (:class:`~ambisam.metrics.metric.SoftDiceMetric`).
+
+    Args:
+        thresholds: the thresholds (QUBIQ: 0.1, 0.3, 0.5, 0.7, 0.9).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = SoftDiceMetric(thresholds, reduction)
+        super().__init__(metric, output_transform=output_transform, save_details=save_details)
+
+
+class NCCHandler(IgniteMetricHandler):
+    """Mean PHiSeg S_NCC over the images where it is defined (:class:`~ambisam.metrics.metric.NCCMetric`).
+
+    Args:
+        eps: added inside the logarithms (PHiSeg: 1e-8).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-8,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(NCCMetric(eps, reduction), output_transform=output_transform, save_details=save_details)
+
+
+class ECEHandler(IgniteMetricHandler):
+    """Expected calibration error of the samples' mean (:class:`~ambisam.metrics.metric.ECEMetric`).
+
+    Args:
+        n_bins: the number of equal-width confidence bins (MoSE: 10).
+        pooled: ``True`` (default, MoSE): one ECE over the pixels of all images; ``False``: per-image ECEs, reduced.
+            With ``save_details`` the per-image entries are the bin statistics.
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 10,
+        pooled: bool = True,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = ECEMetric(n_bins, pooled, reduction)
+        super().__init__(metric, output_transform=output_transform, save_details=save_details)
