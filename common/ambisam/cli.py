@@ -70,11 +70,22 @@ class Commands:
 
         print(synthesize(out, cases=cases, raters=raters, seed=seed))
 
-    def convert(self, format: str, src: str, out: str, split: str = "0.6,0.2,0.2", seed: int = 0) -> None:
-        """Convert a data set (lidc-folder, lidc-pickle, qubiq) to NIfTI + OUT/datalist.json; split = train,val,test."""
+    def convert(
+        self, format: str, src: str, out: str, split: str = "0.6,0.2,0.2", seed: int = 0, task: str | None = None
+    ) -> None:
+        """Convert a data set (lidc-folder, lidc-pickle, qubiq) to NIfTI + OUT/datalist.json.
+
+        Args:
+            format: lidc-folder, lidc-pickle or qubiq.
+            src: the source folder (or pickle file).
+            out: the output folder.
+            split: train,val,test fractions, by patient (0,0,1 puts every case under test).
+            seed: the split's seed.
+            task: the QUBIQ label task, for data sets with several (brain-tumor, prostate).
+        """
         from ambisam.data.convert import convert
 
-        print(convert(format, src, out, split=str(split) if not isinstance(split, tuple) else ",".join(map(str, split)), seed=seed))
+        print(convert(format, src, out, split=split, seed=seed, task=task))
 
     def segment(self, image: str, box: str, out: str, backbone: str = "litemedsam", checkpoint: str | None = None) -> None:
         """Segment a 2D image (any format MONAI reads) with a box "x_min,y_min,x_max,y_max"; writes a PNG mask."""

@@ -1,0 +1,333 @@
+"""The multi-rater datalist: reading it (with checks), writing it, and splitting cases into its three lists by
+patient.
+
+A datalist is a JSON file with the lists ``training``, ``validation`` and ``test``. Each item is::
+
+    {"id": "case000", "patient": "case000", "image": "imagesTr/case000.nii.gz",
+     "label": ["labelsTr/case000_rater0.nii.gz", ..., "labelsTr/case000_rater3.nii.gz"],
+     "box": [i_min, j_min, k_min, i_max, j_max, k_max]}            # optional
+
+Paths are relative to the datalist's folder. ``label`` holds one binary mask file per rater; MONAI's
+``LoadImaged(keys=["image", "label"], ensure_channel_first=True)`` stacks them as channels ``(K, H, W, D)``.
+``box`` is a 3D box of inclusive voxel indices in the array as stored (slices along the last axis).
+See ``docs/datalist.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+from ambisam.errors import InputError
+from ambisam.io import atomic_path
+
+__all__ = [
+    "SPLITS",
+    "load_datalist",
+    "write_datalist",
+    "parse_split",
+    "split_by_patient",
+    "write_nifti",
+    "natural_key",
+]
+
+SPLITS: tuple[str, str, str] = ("training", "validation", "test")
+"""The three lists of a datalist, in the order of a ``split`` argument's fractions."""
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders digit runs by value, so ``"2"`` sorts before ``"10"`` and ``"case2"`` before
+    ``"case10"``.
+
+    Args:
+        text: the string to sort.
+
+    Returns:
+        A list alternating text parts and integers, comparable between any two strings.
+    """
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text)))]
+
+
+def _id_from_path(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _header_shape(path: str) -> tuple[int, ...] | None:
+    """The stored array shape of a NIfTI file from its header alone, or ``None`` for other formats."""
+    if not path.lower().endswith(_NIFTI_SUFFIXES):
+        return None
+    try:
+        return tuple(int(s) for s in nib.load(path).shape)
+    except Exception as e:  # nibabel raises several types for a damaged file
+        raise InputError(path, f"not a readable NIfTI file ({e})") from e
+
+
+def _check_box(box: Any, where: str, datalist: Path, shape: tuple[int, ...] | None) -> None:
+    if (
+        not isinstance(box, (list, tuple))
+        or len(box) != 6
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in box)
+    ):
+        raise InputError(datalist, f"{where}: 'box' must be 6 integers [i_min, j_min, k_min, i_max, j_max, k_max]")
+    lo, hi = box[:3], box[3:]
+    if any(v < 0 for v in lo) or any(a > b for a, b in zip(lo, hi)):
+        raise InputError(datalist, f"{where}: 'box' {list(box)} needs 0 <= min <= max on every axis")
+    if shape is not None:
+        spatial = tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))
+        if any(b >= s for b, s in zip(hi, spatial)):
+            raise InputError(datalist, f"{where}: 'box' {list(box)} reaches outside the image shape {spatial}")
+
+
+def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = True) -> list[dict]:
+    """Read one list of a multi-rater datalist, with absolute paths, after checking it.
+
+    Paths are resolved against the datalist's folder by :func:`monai.data.load_decathlon_datalist` (which keeps
+    ``label`` as a list, so ``LoadImaged`` stacks the raters as channels). Every other key (``id``,
+    ``patient``, ``box``, ...) is returned exactly as written. An item without ``id`` gets its image's file
+    name (without extension); one without ``patient`` gets its ``id``. A ``label`` given as one string is
+    returned as a list of one.
+
+    Args:
+        path: the datalist JSON file.
+        split: which list to read: ``"training"``, ``"validation"`` or ``"test"`` (any key of the JSON is
+            accepted).
+        check_headers: also read the NIfTI headers to check that every rater mask has the image's shape and
+            that a ``box`` lies inside the image (a few milliseconds per file; non-NIfTI files are skipped).
+
+    Returns:
+        The items of that list: dicts with ``image`` (str), ``label`` (list of str), ``id``, ``patient`` and any
+        other keys of the item. An empty list gives ``[]``.
+
+    Raises:
+        InputError: the datalist is missing or not valid JSON, has no list ``split``, an item is not a dict or
+            lacks ``image`` or ``label`` or has a malformed ``box``, two items share an ``id``, an image or
+            rater file does not exist, or (with ``check_headers``) a rater mask's shape differs from its
+            image's or a ``box`` lies outside it. The message names the offending file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "datalist file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"not a readable JSON datalist ({e})") from e
+    if not isinstance(raw, dict):
+        raise InputError(path, "a datalist must be a JSON object with the lists 'training', 'validation', 'test'")
+    if split not in raw:
+        present = [k for k in raw if isinstance(raw[k], list)]
+        raise InputError(path, f"has no list '{split}' (lists present: {present})")
+    raw_items = raw[split]
+    if not isinstance(raw_items, list):
+        raise InputError(path, f"'{split}' must be a list of items, got {type(raw_items).__name__}")
+    if not raw_items:
+        return []
+
+    for n, item in enumerate(raw_items):
+        where = f"{split}[{n}]"
+        if not isinstance(item, dict):
+            raise InputError(path, f"{where} must be an object with 'image' and 'label', got {item!r}")
+        if not isinstance(item.get("image"), str) or not item["image"]:
+            raise InputError(path, f"{where} has no 'image' path")
+        if "label" not in item:
+            raise InputError(path, f"{where} (image {item['image']}) has no 'label' list of rater masks")
+        label = item["label"]
+        if isinstance(label, str):
+            label = [label]
+        if not isinstance(label, list) or not label or not all(isinstance(p, str) and p for p in label):
+            raise InputError(path, f"{where}: 'label' must be a non-empty list of rater mask paths")
+
+    # MONAI resolves 'image' and the 'label' list against the datalist folder; it modifies the items in place.
+    resolved = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=path.parent)
+
+    items: list[dict] = []
+    seen: dict[str, int] = {}
+    for n, (orig, res) in enumerate(zip(raw_items, resolved)):
+        where = f"{split}[{n}]"
+        item = copy.deepcopy(orig)  # every key other than image/label exactly as written
+        item["image"] = str(res["image"])
+        label = res["label"]
+        item["label"] = [str(p) for p in ([label] if isinstance(label, str) else label)]
+        item["id"] = str(item["id"]) if "id" in item else _id_from_path(item["image"])
+        item["patient"] = str(item["patient"]) if "patient" in item else item["id"]
+        if item["id"] in seen:
+            raise InputError(path, f"{where} repeats the id {item['id']!r} of {split}[{seen[item['id']]}]")
+        seen[item["id"]] = n
+
+        if not os.path.isfile(item["image"]):
+            raise InputError(item["image"], f"image listed in {path} ({where}) does not exist")
+        for r, p in enumerate(item["label"]):
+            if not os.path.isfile(p):
+                raise InputError(p, f"rater {r} mask listed in {path} ({where}) does not exist")
+
+        image_shape = None
+        if check_headers:
+            image_shape = _header_shape(item["image"])
+            if image_shape is not None:
+                for p in item["label"]:
+                    shape = _header_shape(p)
+                    if shape is not None and shape[:3] != image_shape[:3]:
+                        raise InputError(p, f"rater mask shape {shape} differs from its image's {image_shape}")
+        if "box" in item:
+            _check_box(item["box"], where, path, image_shape)
+        items.append(item)
+    return items
+
+
+def _relative(p: str | os.PathLike, out_dir: Path) -> str:
+    return Path(os.path.relpath(Path(p).absolute(), out_dir.absolute())).as_posix()
+
+
+def write_datalist(out_dir: str | os.PathLike, items_by_split: Mapping[str, Sequence[Mapping]]) -> Path:
+    """Write ``out_dir/datalist.json`` atomically, with paths relative to ``out_dir``.
+
+    All three lists are always written (empty where ``items_by_split`` has none). Item keys are written in the
+    order ``id``, ``patient``, ``image``, ``label``, then any others (``box``, ...).
+
+    Args:
+        out_dir: the folder the datalist goes in (created if needed).
+        items_by_split: ``{"training": [...], "validation": [...], "test": [...]}``; each item has ``image``
+            and ``label`` (list of rater paths), absolute or relative to the current directory.
+
+    Returns:
+        The path of the written ``datalist.json``.
+
+    Raises:
+        ValueError: a key other than the three lists, or an item without ``image`` or ``label``.
+    """
+    out_dir = Path(out_dir)
+    unknown = set(items_by_split) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown datalist lists {sorted(unknown)}; use {list(SPLITS)}")
+    doc: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        out_items = []
+        for item in items_by_split.get(split, []):
+            if "image" not in item or "label" not in item:
+                raise ValueError(f"a {split} item needs 'image' and 'label': {dict(item)!r}")
+            labels = [item["label"]] if isinstance(item["label"], (str, os.PathLike)) else list(item["label"])
+            new: dict[str, Any] = {}
+            if "id" in item:
+                new["id"] = str(item["id"])
+            if "patient" in item:
+                new["patient"] = str(item["patient"])
+            new["image"] = _relative(item["image"], out_dir)
+            new["label"] = [_relative(p, out_dir) for p in labels]
+            for k, v in item.items():
+                if k not in new:
+                    new[k] = v
+            out_items.append(new)
+        doc[split] = out_items
+    target = out_dir / "datalist.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return target
+
+
+def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
+    """Read train/validation/test fractions.
+
+    Args:
+        split: ``"0.6,0.2,0.2"`` or a sequence of three numbers (the CLI may pass either); each in [0, 1],
+            summing to 1. ``"0,0,1"`` puts every case in ``test``.
+
+    Returns:
+        The three fractions as floats.
+
+    Raises:
+        InputError: not three non-negative numbers summing to 1.
+    """
+    parts: Sequence[Any] = split.split(",") if isinstance(split, str) else split
+    try:
+        values = tuple(float(v) for v in parts)
+    except (TypeError, ValueError) as e:
+        raise InputError(None, f"split {split!r}: expected three fractions train,val,test like 0.6,0.2,0.2") from e
+    if len(values) != 3:
+        raise InputError(None, f"split {split!r}: expected three fractions train,val,test, got {len(values)}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise InputError(None, f"split {split!r}: fractions must be non-negative numbers")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise InputError(None, f"split {split!r}: fractions must sum to 1, they sum to {sum(values):g}")
+    return values  # type: ignore[return-value]
+
+
+def split_by_patient(
+    items: Sequence[Mapping], fractions: str | Sequence[float], seed: int = 0
+) -> dict[str, list[dict]]:
+    """Assign whole patients to the training, validation and test lists, deterministically for a seed.
+
+    Patients (sorted naturally, then shuffled by ``numpy.random.default_rng(seed)``) are cut into three runs
+    whose sizes are the fractions of the number of patients, rounded by largest remainder. All items of one
+    patient land in one list, so no patient's slices leak between lists.
+
+    Args:
+        items: dicts with a ``patient`` key (``id`` is used where ``patient`` is absent).
+        fractions: train, validation, test fractions (see :func:`parse_split`).
+        seed: the shuffling seed.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` with the items (copied as dicts) in their
+        input order.
+
+    Raises:
+        InputError: bad fractions.
+    """
+    values = parse_split(fractions)
+    patient_of = [str(it.get("patient", it.get("id"))) for it in items]
+    patients = sorted(set(patient_of), key=natural_key)
+    n = len(patients)
+    exact = [f * n for f in values]
+    counts = [int(math.floor(x)) for x in exact]
+    by_remainder = sorted(range(3), key=lambda s: (-(exact[s] - counts[s]), s))
+    for s in by_remainder[: n - sum(counts)]:
+        counts[s] += 1
+    order = np.random.default_rng(seed).permutation(n)
+    split_of: dict[str, str] = {}
+    start = 0
+    for name, count in zip(SPLITS, counts):
+        for idx in order[start : start + count]:
+            split_of[patients[int(idx)]] = name
+        start += count
+    out: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    for it, patient in zip(items, patient_of):
+        out[split_of[patient]].append(dict(it))
+    return out
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write an array as NIfTI atomically, exactly as given (no reorientation, no scaling).
+
+    The affine goes in both the qform and sform (code 1, scanner), units are millimetres, and the file's data
+    type is the array's (``uint8`` for masks, ``int16``/``float32`` for images).
+
+    Args:
+        path: the ``.nii.gz`` (or ``.nii``) file to write.
+        array: the voxel array, indexed ``a[i, j, k]`` (a 2D image is ``(H, W, 1)``; channels go last:
+            ``(H, W, D, C)``).
+        affine: the 4x4 voxel-to-world (RAS) matrix.
+
+    Returns:
+        The final path.
+    """
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)

@@ -1,0 +1,235 @@
+"""A synthetic CT-like multi-rater data set: one lung nodule-like lesion per case, outlined by K raters who
+disagree the way LIDC-IDRI's radiologists do.
+
+Each case is a lung-like volume in Hounsfield units (parenchyma about -850 HU with smooth texture and noise, a
+few bright vessel-like tubes) holding one ellipsoidal lesion of about +40 HU. Rater ``r``'s mask is the set
+where the lesion's signed distance (mm, positive outside) is below that rater's offset: a systematic bias (a
+rater who draws larger or smaller) plus a smooth random field, so outlines differ by about 1-2 voxels. For
+small lesions (in-plane radius below :data:`SMALL_RADIUS` voxels) each rater misses the lesion with
+probability :data:`MISS_PROBABILITY`, and at least one rater always marks it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ambisam.data.datalist import parse_split, split_by_patient, write_datalist, write_nifti
+from ambisam.errors import InputError
+from ambisam.io import run_record, write_json
+
+__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY"]
+
+SPACING: tuple[float, float, float] = (0.8, 0.8, 2.0)
+"""Voxel size in mm along i, j, k; the affine is ``diag(0.8, 0.8, 2.0, 1)`` (RAS)."""
+
+RADIUS_RANGE: tuple[float, float] = (4.0, 14.0)
+"""In-plane lesion radius in voxels, drawn log-uniformly (small nodules are the common ones)."""
+
+SMALL_RADIUS: float = 6.0
+"""Lesions with an in-plane radius (voxels) below this may be missed by raters."""
+
+MISS_PROBABILITY: float = 0.4
+"""Probability that a rater misses a small lesion."""
+
+_BIAS_SD_MM, _BIAS_MAX_MM = 0.5, 1.2  # systematic per-rater offset of the outline
+_FIELD_SD_MM, _FIELD_MAX_SD = 0.6, 3.0  # smooth per-rater outline perturbation (clipped at 3 SD)
+_FIELD_SIGMA_MM = 3.0  # smoothness of that perturbation
+_MAX_GROWTH_MM = _BIAS_MAX_MM + _FIELD_SD_MM * _FIELD_MAX_SD  # how far any rater's outline can grow
+
+
+def _offset_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: Sequence[float]) -> np.ndarray:
+    """A smooth random field with unit standard deviation, clipped at ``_FIELD_MAX_SD``."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma_vox, mode="reflect")
+    field /= field.std() + 1e-12
+    return np.clip(field, -_FIELD_MAX_SD, _FIELD_MAX_SD)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    mask = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def synth_case(
+    rng: np.random.Generator, shape: Sequence[int] = (96, 96, 24), raters: int = 4
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one synthetic case.
+
+    Args:
+        rng: the random generator (consumed deterministically).
+        shape: the volume shape ``(H, W, D)``; slices along the last axis.
+        raters: the number of raters K.
+
+    Returns:
+        ``(image, masks, info)``: the image as ``int16`` Hounsfield units of ``shape``; the rater masks as
+        ``uint8`` 0/1 of shape ``(K, H, W, D)``; and a JSON-serialisable dict describing the lesion (center
+        and radii in voxels, whether it is small, which raters missed it).
+
+    Raises:
+        InputError: ``shape`` cannot hold a lesion of the smallest radius away from the border.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(SPACING)
+    margin = np.ceil(_MAX_GROWTH_MM / spacing) + 1  # voxels kept clear between any outline and the border
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
+
+    # lesion geometry: radii in voxels, physical proportions roughly spherical
+    base = float(np.exp(rng.uniform(np.log(RADIUS_RANGE[0]), np.log(RADIUS_RANGE[1]))))
+    radii = np.array(
+        [
+            base * rng.uniform(0.85, 1.15),
+            base * rng.uniform(0.85, 1.15),
+            max(1.2, base * spacing[0] * rng.uniform(0.7, 1.0) / spacing[2]),
+        ]
+    )
+    room = (np.asarray(shape) - 1) / 2.0 - margin
+    scale = min(1.0, float(np.min(room / radii)))
+    if scale < 1.0:  # shrink to fit a small volume
+        radii *= scale
+        base *= scale
+    if base < 2.0 or radii[2] < 1.0:
+        raise InputError(None, f"synthetic shape {shape} is too small to hold a lesion away from the border")
+    low, high = radii + margin, np.asarray(shape) - 1 - radii - margin
+    center = rng.uniform(low, high)
+    inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
+    if not inside.any():  # sub-voxel ellipsoid: keep its nearest voxel
+        inside[tuple(int(round(c)) for c in center)] = True
+    sdist = ndimage.distance_transform_edt(~inside, sampling=spacing) - ndimage.distance_transform_edt(
+        inside, sampling=spacing
+    )
+
+    # background: lung parenchyma with coarse and fine texture
+    image = -850.0 + 35.0 * _offset_field(rng, shape, 6.0 / spacing) + 15.0 * _offset_field(rng, shape, 1.5 / spacing)
+    # vessels: a few bright tubes with a 1 mm partial-volume ramp
+    for _ in range(int(rng.integers(3, 7))):
+        start = rng.uniform(0, np.asarray(shape) - 1)
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        length_mm = rng.uniform(15.0, 40.0)
+        steps = np.linspace(0.0, length_mm, int(length_mm / 0.4) + 1)
+        points = start + steps[:, None] * direction / spacing
+        points = np.round(points).astype(int)
+        points = points[np.all((points >= 0) & (points < np.asarray(shape)), axis=1)]
+        if len(points) == 0:
+            continue
+        centerline = np.ones(shape, dtype=bool)
+        centerline[tuple(points.T)] = False
+        distance = ndimage.distance_transform_edt(centerline, sampling=spacing)
+        weight = np.clip(rng.uniform(0.8, 1.8) - distance + 0.5, 0.0, 1.0)
+        image = image * (1 - weight) + rng.uniform(-150.0, 0.0) * weight
+    # lesion: soft tissue with a 0.8 mm partial-volume ramp
+    weight = np.clip(0.5 - sdist / 0.8, 0.0, 1.0)
+    lesion_hu = 40.0 + 15.0 * _offset_field(rng, shape, 2.0 / spacing)
+    image = image * (1 - weight) + lesion_hu * weight
+    image += rng.normal(0.0, 12.0, size=shape)
+    image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
+
+    # raters
+    small = base < SMALL_RADIUS
+    missed = (rng.random(raters) < MISS_PROBABILITY) if small else np.zeros(raters, dtype=bool)
+    if missed.all():
+        missed[int(rng.integers(raters))] = False
+    masks = np.zeros((raters,) + shape, dtype=np.uint8)
+    for r in range(raters):
+        bias = float(np.clip(rng.normal(0.0, _BIAS_SD_MM), -_BIAS_MAX_MM, _BIAS_MAX_MM))
+        offset = bias + _FIELD_SD_MM * _offset_field(rng, shape, _FIELD_SIGMA_MM / spacing)
+        if missed[r]:
+            continue
+        mask = _largest_component(sdist < offset)
+        if not mask.any():  # an outline shrunk to nothing on a tiny lesion: this rater still marked it
+            mask = inside
+        masks[r] = mask
+    info = {
+        "center": [round(float(c), 3) for c in center],
+        "radii": [round(float(r), 3) for r in radii],
+        "radius": round(base, 3),
+        "small": bool(small),
+        "missed_by": [int(r) for r in np.flatnonzero(missed)],
+    }
+    return image, masks, info
+
+
+def synthesize(
+    out_dir: str | os.PathLike,
+    cases: int = 8,
+    raters: int = 4,
+    seed: int = 0,
+    shape: Sequence[int] = (96, 96, 24),
+    split: str | Sequence[float] = (0.5, 0.25, 0.25),
+) -> Path:
+    """Write a synthetic multi-rater CT data set and its datalist.
+
+    Writes ``imagesTr/<id>.nii.gz`` (``int16`` HU), ``labelsTr/<id>_rater<r>.nii.gz`` (``uint8`` 0/1, ``r``
+    from 0), ``datalist.json`` (patient = id, split by :func:`~ambisam.data.datalist.split_by_patient`) and
+    ``synth.json`` (the parameters, each case's lesion and the versions). Affine ``diag(0.8, 0.8, 2.0)``.
+    Case ``n`` (id ``case<nnn>``) is drawn from ``numpy.random.default_rng([seed, n])``, so the arrays are the
+    same for the same seed, and a case does not change when ``cases`` grows.
+
+    Args:
+        out_dir: the output folder (created).
+        cases: the number of cases.
+        raters: the number of raters K.
+        seed: the random seed.
+        shape: the volume shape ``(H, W, D)``.
+        split: train, validation, test fractions.
+
+    Returns:
+        The path of ``datalist.json``.
+
+    Raises:
+        InputError: a bad argument (checked before anything is written).
+    """
+    if int(cases) < 1 or int(raters) < 1:
+        raise InputError(None, f"synth needs cases >= 1 and raters >= 1, got cases={cases}, raters={raters}")
+    if len(shape) != 3 or any(int(s) < 1 for s in shape):
+        raise InputError(None, f"synth shape must be three positive sizes (H, W, D), got {shape}")
+    fractions = parse_split(split)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "output path exists and is not a folder")
+    shape = tuple(int(s) for s in shape)
+    cases, raters, seed = int(cases), int(raters), int(seed)
+
+    generated = []  # generate everything (may raise) before writing anything
+    for n in range(cases):
+        image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters)
+        generated.append((f"case{n:03d}", image, masks, info))
+
+    affine = np.diag([*SPACING, 1.0])
+    items, lesions = [], {}
+    for case_id, image, masks, info in generated:
+        image_path = write_nifti(out_dir / "imagesTr" / f"{case_id}.nii.gz", image, affine)
+        label_paths = [
+            write_nifti(out_dir / "labelsTr" / f"{case_id}_rater{r}.nii.gz", masks[r], affine) for r in range(raters)
+        ]
+        items.append({"id": case_id, "patient": case_id, "image": image_path, "label": label_paths})
+        lesions[case_id] = info
+    by_split = split_by_patient(items, fractions, seed)
+    datalist = write_datalist(out_dir, by_split)
+    write_json(
+        out_dir / "synth.json",
+        run_record(
+            kind="synth",
+            out=str(out_dir.absolute()),
+            cases=cases,
+            raters=raters,
+            seed=seed,
+            shape=list(shape),
+            spacing=list(SPACING),
+            split=list(fractions),
+            counts={k: len(v) for k, v in by_split.items()},
+            radius_range=list(RADIUS_RANGE),
+            small_radius=SMALL_RADIUS,
+            miss_probability=MISS_PROBABILITY,
+            lesions=lesions,
+        ),
+    )
+    return datalist
