@@ -1,0 +1,60 @@
+"""The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`), a synthetic CT-like data set
+(:mod:`ambisam.data.synth`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
+transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
+
+from ambisam.data.convert import FORMATS, convert
+from ambisam.data.datalist import (
+    SPLITS,
+    load_datalist,
+    natural_key,
+    parse_split,
+    split_by_patient,
+    write_datalist,
+    write_nifti,
+)
+from ambisam.data.pipelines import training_slice_transforms, volume_transforms
+from ambisam.data.synth import synth_case, synthesize
+from ambisam.data.transforms import (
+    NO_BOX,
+    BoxesFromLabeld,
+    BoxFromRaterd,
+    LesionCropd,
+    LoadBoxd,
+    ResizeBoxd,
+    SelectSlicesd,
+    SplitSamplingOutputd,
+    ValidateMultiRaterd,
+    box_from_mask,
+    boxes_from_mask,
+    intensity_transform,
+    slice_boxes_from_box3d,
+)
+
+__all__ = [
+    "FORMATS",
+    "convert",
+    "SPLITS",
+    "load_datalist",
+    "natural_key",
+    "parse_split",
+    "split_by_patient",
+    "write_datalist",
+    "write_nifti",
+    "training_slice_transforms",
+    "volume_transforms",
+    "synth_case",
+    "synthesize",
+    "NO_BOX",
+    "BoxesFromLabeld",
+    "BoxFromRaterd",
+    "LesionCropd",
+    "LoadBoxd",
+    "ResizeBoxd",
+    "SelectSlicesd",
+    "SplitSamplingOutputd",
+    "ValidateMultiRaterd",
+    "box_from_mask",
+    "boxes_from_mask",
+    "intensity_transform",
+    "slice_boxes_from_box3d",
+]

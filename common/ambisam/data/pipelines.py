@@ -1,0 +1,132 @@
+"""Ready MONAI ``Compose`` pipelines built from :mod:`ambisam.data.transforms` and MONAI's own transforms.
+
+Bundle configs may use these factories or list the same transforms directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.transforms import (
+    Compose,
+    DeleteItemsd,
+    LoadImaged,
+    Orientationd,
+    Resized,
+    Spacingd,
+)
+
+from ambisam.data.transforms import (
+    BoxesFromLabeld,
+    BoxFromRaterd,
+    LesionCropd,
+    LoadBoxd,
+    ResizeBoxd,
+    SelectSlicesd,
+    ValidateMultiRaterd,
+    intensity_transform,
+)
+
+__all__ = ["volume_transforms", "training_slice_transforms"]
+
+
+def _load_and_check(modality: str, window: Sequence[float], num_raters: int | None, label_optional: bool) -> list:
+    """``LoadImaged`` + :class:`ValidateMultiRaterd` + intensity; the label may be absent when ``label_optional``."""
+    return [
+        LoadImaged(
+            keys=["image", "label"], ensure_channel_first=True, image_only=True, allow_missing_keys=label_optional
+        ),
+        ValidateMultiRaterd("image", "label", num_raters, allow_missing_keys=label_optional),
+        intensity_transform("image", modality, window),
+    ]
+
+
+def volume_transforms(
+    modality: str = "ct",
+    window: Sequence[float] = (-1000, 400),
+    num_raters: int | None = None,
+    orientation: str | None = None,
+    spacing: Sequence[float] | None = None,
+    box: bool = False,
+) -> Compose:
+    """Pre-processing of whole volumes for inference and evaluation.
+
+    ``LoadImaged`` (image and, when present, label) -> :class:`ValidateMultiRaterd` -> intensity to ``[0, 1]``
+    -> optional :class:`LoadBoxd` -> optional ``Orientationd`` / ``Spacingd`` (label nearest). Every step is
+    invertible or metadata-free, so ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
+
+    Args:
+        modality: ``"ct"``, ``"mri"`` or ``"none"`` (see :func:`intensity_transform`).
+        window: the CT window in HU.
+        num_raters: the number of raters the dataset declares (checked when a label is present).
+        orientation: e.g. ``"RAS"``; ``None`` keeps the stored orientation.
+        spacing: target voxel spacing ``(si, sj, sk)``; ``None`` keeps the stored spacing.
+        box: read the item's optional 3D ``"box"`` (JSON file or list) into per-slice boxes ``box (D, 4)``; with
+            ``orientation``/``spacing`` the box travels as a mask through the resampling and the per-slice boxes
+            are rebuilt afterwards, so they refer to the resampled slices.
+
+    Returns:
+        A ``Compose`` giving ``image (1, H, W, D)`` in ``[0, 1]``, ``label (K, H, W, D)`` when the item has one,
+        and ``box (D, 4)`` when ``box`` is set and the item has one.
+    """
+    resample = orientation is not None or spacing is not None
+    xs = _load_and_check(modality, window, num_raters, label_optional=True)
+    spatial_keys = ["image", "label"]
+    if box:
+        xs.append(LoadBoxd("box", "image", mask_key="box_mask" if resample else None, allow_missing_keys=True))
+        if resample:
+            spatial_keys.append("box_mask")
+    if orientation is not None:
+        xs.append(Orientationd(keys=spatial_keys, axcodes=orientation, labels=None, allow_missing_keys=True))
+    if spacing is not None:
+        modes = ["bilinear"] + ["nearest"] * (len(spatial_keys) - 1)
+        xs.append(Spacingd(keys=spatial_keys, pixdim=spacing, mode=modes, allow_missing_keys=True))
+    if box and resample:
+        xs.append(BoxesFromLabeld(label_key="box_mask", box_key="box", allow_missing_keys=True))
+        xs.append(DeleteItemsd(keys="box_mask"))
+    return Compose(xs)
+
+
+def training_slice_transforms(
+    modality: str = "ct",
+    window: Sequence[float] = (-1000, 400),
+    num_raters: int | None = None,
+    empty_share: float = 0.1,
+    crop_size: Sequence[int] | int | None = None,
+    rater: str | int = "random",
+    jitter: int = 0,
+    spatial_size: Sequence[int] | int = 256,
+) -> Compose:
+    """Training pipeline: one volume -> a list of 2D slice dicts ready for a SAM backbone.
+
+    ``LoadImaged`` -> :class:`ValidateMultiRaterd` -> intensity -> :class:`SelectSlicesd` -> optional
+    :class:`LesionCropd` -> :class:`BoxFromRaterd` -> :class:`ResizeBoxd` + ``Resized`` (image bilinear, masks
+    nearest) to the backbone input.
+
+    Args:
+        modality: ``"ct"``, ``"mri"`` or ``"none"``.
+        window: the CT window in HU.
+        num_raters: the number of raters the dataset declares.
+        empty_share: expected share of empty slices among the selected ones (see :class:`SelectSlicesd`).
+        crop_size: lesion-centred crop size (e.g. 128), or ``None`` for the whole slice.
+        rater: ``"random"``, a fixed index or ``"union"`` (see :class:`BoxFromRaterd`).
+        jitter: box jitter in pixels (before resizing).
+        spatial_size: the backbone's square input size (256 LiteMedSAM, 1024 SAM), or ``(H, W)``.
+
+    Returns:
+        A ``Compose`` whose output is a list of dicts with ``image (1, S, S)``, ``label (K, S, S)``,
+        ``rater_mask (1, S, S)``, ``box (4,)`` in input coordinates, ``rater_index``, ``id`` and ``slice_index``.
+        Use MONAI's ``list_data_collate`` (the default of ``monai.data.DataLoader``).
+    """
+    size = list(spatial_size) if isinstance(spatial_size, Sequence) else [int(spatial_size)] * 2
+    masks = ["label", "rater_mask"]
+    xs = _load_and_check(modality, window, num_raters, label_optional=False)
+    xs.append(SelectSlicesd("label", empty_share))
+    if crop_size is not None:
+        xs.append(LesionCropd(keys=["image", "label"], label_key="label", spatial_size=crop_size))
+    xs += [
+        BoxFromRaterd("label", rater=rater, jitter=jitter),
+        ResizeBoxd("box", ref_key="image", spatial_size=size),
+        Resized(keys=["image"] + masks, spatial_size=size, mode=["bilinear"] + ["nearest"] * len(masks)),
+    ]
+    return Compose(xs)
