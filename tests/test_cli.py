@@ -1,0 +1,84 @@
+"""The command line: the demo (main job) end to end, segment, and the sampling benchmark's output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from ambisam.bench import bench_sampling, format_sampling
+from ambisam.demo import run_demo, segment_file
+from ambisam.errors import InputError
+from conftest import dice, noisy_ellipse
+
+
+def test_demo_writes_outputs_in_input_geometry(tmp_path):
+    overall = run_demo(tmp_path, cases=4, num_samples=3, seed=1)
+    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    case = datalist["test"][0]
+    cid = case["id"]
+    src = nib.load(tmp_path / "data" / case["image"])
+    out = tmp_path / "outputs"
+    for suffix in ("_mask", "_mean", "_uncertainty", "_variance"):
+        img = nib.load(out / f"{cid}{suffix}.nii.gz")
+        assert img.shape == src.shape
+        assert np.allclose(img.affine, src.affine)
+    mask = np.asarray(nib.load(out / f"{cid}_mask.nii.gz").dataobj)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1} and mask.any()
+    samples = nib.load(out / f"{cid}_samples.nii.gz")
+    assert samples.shape == (*src.shape, 3)
+    mean = np.asarray(nib.load(out / f"{cid}_mean.nii.gz").dataobj)
+    assert mean.min() >= 0 and mean.max() <= 1
+    assert np.array_equal(mask, (mean > 0.5).astype(np.uint8))
+    record = json.loads((out / f"{cid}.json").read_text())
+    assert record["num_samples"] == 3 and record["backbone"] == "litemedsam"
+    # the baseline finds the synthetic lesion: its mask overlaps the raters' union; its samples never differ
+    union = np.stack([np.asarray(nib.load(tmp_path / "data" / p).dataobj) for p in case["label"]]).any(0)
+    assert dice(mask, union) > 0.6
+    assert overall["diversity"] == 0.0 and 0 <= overall["ged"] <= 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["overall"]) == {"ged", "diversity", "hm_iou", "dice_max"} and metrics["num_samples"] == 3
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["seed"] == 1 and "torch" in run["versions"] and "monai" in run["versions"]
+    with Image.open(tmp_path / "overview.png") as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 50
+    assert not list(tmp_path.rglob(".*.nii.gz"))  # no temporary files left
+
+
+def test_segment_file_and_its_errors(tmp_path):
+    image, mask, box = noisy_ellipse(h=128, w=128, center=(64, 60), radii=(30, 24), seed=2)
+    src = tmp_path / "slice.png"
+    Image.fromarray((image * 255).astype(np.uint8)).save(src)
+    out = segment_file(str(src), ",".join(str(int(v)) for v in box), str(tmp_path / "mask.png"))
+    pred = np.asarray(Image.open(out)) > 127
+    assert pred.shape == mask.shape and dice(pred, mask) > 0.9
+
+    with pytest.raises(InputError, match="box must be"):
+        segment_file(str(src), "1,2,3", str(tmp_path / "bad.png"))
+    with pytest.raises(InputError, match="outside the 128x128 image") as err:
+        segment_file(str(src), "0,0,400,50", str(tmp_path / "bad.png"))
+    assert str(src) in str(err.value)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputError, match="cannot be read as an image"):
+        segment_file(str(broken), "1,2,3,4", str(tmp_path / "bad.png"))
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_bench_sampling_reports_the_ratio_line():
+    result = bench_sampling(num_samples=2, repeats=1, volume_slices=1, threads=2)
+    assert result["ratio"] > 0 and result["encoder_ms_per_slice"] > result["decoder_ms_one_sample"] > 0
+    text = format_sampling(result)
+    assert "ratio time(2)/time(1): " in text and "slices/s" in text
+
+
+def test_module_entry_point_runs_fire():
+    done = subprocess.run([sys.executable, "-m", "ambisam", "synth", "--help"], capture_output=True, text=True,
+                          timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "--cases" in done.stdout + done.stderr  # fire prints help to stderr when not on a terminal
