@@ -82,3 +82,28 @@ def test_module_entry_point_runs_fire():
                           timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert "--cases" in done.stdout + done.stderr  # fire prints help to stderr when not on a terminal
+
+
+def test_bad_input_is_one_clear_message(tmp_path):
+    src = tmp_path / "nothing-here"
+    done = subprocess.run([sys.executable, "-m", "ambisam", "convert", "--format", "lidc-folder", "--src", str(src),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"ambisam: error: {src}")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_find_input_error_unwraps_monai_compose():
+    from monai.transforms import Compose, Lambda
+
+    from ambisam.errors import find_input_error
+
+    def bad(_):
+        raise InputError("scan.nii.gz", "label holds values other than 0/1")
+
+    with pytest.raises(RuntimeError) as err:
+        Compose([Compose([Lambda(bad)])])({"x": 1})
+    found = find_input_error(err.value)
+    assert isinstance(found, InputError) and found.path == "scan.nii.gz"
+    assert find_input_error(RuntimeError("unrelated")) is None

@@ -102,5 +102,14 @@ class Commands:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ambisam`` console script and ``python -m ambisam``."""
+    from ambisam.errors import find_input_error
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
-    fire.Fire(Commands(), command=argv, name="ambisam")
+    try:
+        fire.Fire(Commands(), command=argv, name="ambisam")
+    except Exception as e:  # bad input: one clear message, no traceback
+        bad = find_input_error(e)
+        if bad is None:
+            raise
+        print(f"ambisam: error: {bad}", file=sys.stderr)
+        sys.exit(2)

@@ -7,7 +7,7 @@ anything is written.
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "find_input_error"]
 
 
 class InputError(ValueError):
@@ -22,3 +22,24 @@ class InputError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+def find_input_error(exc: BaseException | None) -> InputError | None:
+    """The :class:`InputError` behind ``exc``, if any.
+
+    MONAI's ``Compose``/``Dataset`` re-raise a transform's exception as ``RuntimeError("applying transform ...")``
+    (once per level of nesting); the user's problem is the ``InputError`` at the bottom of that chain.
+
+    Args:
+        exc: any exception.
+
+    Returns:
+        The first ``InputError`` along ``__cause__`` / ``__context__``, or ``None``.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
