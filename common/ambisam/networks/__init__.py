@@ -3,8 +3,17 @@ the benchmark and the inferer."""
 
 from ambisam.networks.base import MaskSamplingNetwork
 from ambisam.networks.baseline import BoxPromptedSam
+from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
+from ambisam.networks.psam import ProbabilisticSam
 
 #: method name -> network class (built as ``cls(backbone=...)``)
-method_registry: dict[str, type[MaskSamplingNetwork]] = {"baseline": BoxPromptedSam}
+method_registry: dict[str, type[MaskSamplingNetwork]] = {"baseline": BoxPromptedSam, "psam": ProbabilisticSam}
 
-__all__ = ["MaskSamplingNetwork", "BoxPromptedSam", "method_registry"]
+__all__ = [
+    "MaskSamplingNetwork",
+    "BoxPromptedSam",
+    "ProbabilisticSam",
+    "AxisAlignedGaussianEncoder",
+    "latent_kl_divergence",
+    "method_registry",
+]

@@ -42,8 +42,17 @@ class MaskSamplingNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(backbone, checkpoint) if isinstance(backbone, str) else backbone
+        self.encoder_frozen = bool(freeze_encoder)
         if freeze_encoder:
             self.backbone.image_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MaskSamplingNetwork:
+        """Set train/eval mode; a frozen image encoder stays in eval mode (its BatchNorm statistics and cached
+        attention biases must not change, and cached embeddings must stay valid)."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.backbone.image_encoder.eval()
+        return self
 
     def sample_logits(
         self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int
@@ -60,16 +69,35 @@ class MaskSamplingNetwork(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """One representative prediction per image.
+    def training_outputs(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, targets: torch.Tensor) -> dict:
+        """What one training step needs from the network (the loss function reads it).
 
         Args:
-            images: ``(B, 1|3, H, W)`` in ``[0, 1]``.
-            boxes: ``(B, 4)`` pixel boxes ``[x_min, y_min, x_max, y_max]``, or ``None`` for prompt-free methods.
+            embeddings: ``(B, C, h, w)``.
+            boxes: ``(B, 4)`` in backbone input coordinates, or ``None``.
+            targets: ``(B, 1, S, S)`` one rater's mask, or ``(B, K, S, S)`` every rater's for set losses.
 
         Returns:
-            ``(B, 1, H, W)`` logits.
+            A dict with at least ``logits``.
         """
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None, *args, training_outputs: bool = False):
+        """One representative prediction per image; with ``training_outputs=True``, :meth:`training_outputs`
+        (so that trainers go through ``forward`` and DDP synchronises gradients).
+
+        Args:
+            images: ``(B, 1|3, H, W)`` in ``[0, 1]`` (embeddings ``(B, C, h, w)`` with ``training_outputs``).
+            boxes: ``(B, 4)`` pixel boxes ``[x_min, y_min, x_max, y_max]``, or ``None`` for prompt-free methods
+                (backbone input coordinates with ``training_outputs``).
+            args: the targets, with ``training_outputs``.
+            training_outputs: dispatch to :meth:`training_outputs`.
+
+        Returns:
+            ``(B, 1, H, W)`` logits, or the training outputs dict.
+        """
+        if training_outputs:
+            return self.training_outputs(images, boxes, *args)
         size = tuple(images.shape[-2:])
         embeddings = self.backbone.encode(images)
         boxes = None if boxes is None else self.backbone.boxes_to_input(boxes, size)

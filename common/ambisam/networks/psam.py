@@ -1,0 +1,196 @@
+"""pSAM, the Probabilistic Segment Anything Model (Ward & Imran, 2025; reference code tbwa233/Probabilistic-SAM):
+a global latent code, drawn from a learned prior, shifts SAM's box prompt tokens, so that one box gives a
+distribution of masks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
+from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
+
+__all__ = ["ProbabilisticSam"]
+
+
+class ProbabilisticSam(MaskSamplingNetwork):
+    """Box-prompted SAM whose prompt is modulated by a latent code ``z``, trained as a conditional VAE.
+
+    - ``prior_net``: ``p(z | x)``, an :class:`~ambisam.networks.latent.AxisAlignedGaussianEncoder`;
+    - ``posterior_net``: ``q(z | x, y)``, the same architecture with the rater mask ``y`` as one more input
+      channel (training only);
+    - ``latent_to_prompt``: an MLP ``latent_dim -> latent_hidden -> C`` (``C = backbone.embedding_dim = 256``)
+      whose output is added to every sparse prompt token of the box (both corner tokens);
+    - the image encoder is frozen, the prompt encoder and the mask decoder are trained (SAM's single-mask
+      output).
+
+    Training (:meth:`training_outputs`) decodes one posterior sample per image, and the loss is BCE + soft Dice
+    against that rater plus ``beta * KL(q || p)`` (:class:`~ambisam.losses.LatentSegmentationLoss`).
+    Sampling (:meth:`sample_logits`) draws ``N`` codes from the prior and decodes all of them in one mask
+    decoder call per image, from the one image embedding.
+
+    **Departure from the reference code: the prior and the posterior are conditioned on the image embedding,
+    not on the raw image.** The reference prior and posterior nets read the ``(B, 3, H, W)`` image (and the
+    mask). Here ``x`` enters both nets as SAM's frozen image embedding ``(B, C, h, w)`` (``(B, 256, 64, 64)``
+    for LiteMedSAM), and the posterior's mask is the rater mask average-pooled to ``(h, w)`` (the fraction of
+    each embedding cell the rater marked, so a nodule of a few pixels is not lost), concatenated as channel
+    ``C + 1``. Reasons:
+
+    - the method interface hands :meth:`sample_logits` the embeddings only (the inferer encodes once, through
+      the embedding cache), so a prior on the raw image would need the image threaded through every caller;
+    - training needs nothing but cached embeddings and masks, like every frozen-encoder method here;
+    - the embedding is a deterministic function of the image, so ``p(z | embedding)`` is still a prior on
+      ``z`` given ``x``; it is also a richer and cheaper input (64 x 64) than the pixels.
+
+    The alternative, keeping the image-conditioned prior by overriding ``forward`` and adding an image argument
+    to the sampling call, would change the one interface every method shares; it was not taken.
+
+    Args:
+        backbone: a built :class:`~ambisam.sam.SamBackbone` or a registry name.
+        checkpoint: backbone weights for a registry name that needs them.
+        latent_dim: dimension of ``z`` (6 in the reference code).
+        prior_channels: channels of the strided stages of ``prior_net`` and ``posterior_net`` (on the
+            ``h x w`` embedding grid: three stages take 64 x 64 to 8 x 8).
+        latent_hidden: hidden width of ``latent_to_prompt`` (256 in the reference code).
+
+    Raises:
+        ValueError: on a non-positive ``latent_dim`` or ``latent_hidden``.
+    """
+
+    def __init__(
+        self,
+        backbone: SamBackbone | str = DEFAULT_BACKBONE,
+        checkpoint: str | os.PathLike | None = None,
+        latent_dim: int = 6,
+        prior_channels: Sequence[int] = (64, 128, 192),
+        latent_hidden: int = 256,
+    ) -> None:
+        super().__init__(backbone, checkpoint, freeze_encoder=True)
+        if latent_dim < 1 or latent_hidden < 1:
+            raise ValueError(f"latent_dim and latent_hidden must be positive, got {latent_dim}, {latent_hidden}")
+        self.latent_dim = int(latent_dim)
+        embedding_dim = self.backbone.embedding_dim
+        self.prior_net = AxisAlignedGaussianEncoder(embedding_dim, self.latent_dim, prior_channels)
+        self.posterior_net = AxisAlignedGaussianEncoder(embedding_dim + 1, self.latent_dim, prior_channels)
+        self.latent_to_prompt = nn.Sequential(
+            nn.Linear(self.latent_dim, latent_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(latent_hidden, embedding_dim),
+        )
+
+    def prior(self, embeddings: torch.Tensor) -> torch.distributions.Independent:
+        """``p(z | x)``.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+
+        Returns:
+            a distribution with ``batch_shape (B,)``, ``event_shape (latent_dim,)``.
+        """
+        return self.prior_net(embeddings)
+
+    def posterior(self, embeddings: torch.Tensor, rater_masks: torch.Tensor) -> torch.distributions.Independent:
+        """``q(z | x, y)``.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            rater_masks: ``(B, 1, H, W)`` one rater's binary mask per image, any ``H, W`` (normally the backbone
+                input size ``S x S``); average-pooled to ``(h, w)``.
+
+        Returns:
+            a distribution with ``batch_shape (B,)``, ``event_shape (latent_dim,)``.
+
+        Raises:
+            ValueError: when ``rater_masks`` is not ``(B, 1, H, W)`` with the embeddings' ``B``.
+        """
+        if rater_masks.ndim != 4 or rater_masks.shape[1] != 1 or rater_masks.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"expected rater_masks of shape ({embeddings.shape[0]}, 1, H, W), got {tuple(rater_masks.shape)}"
+            )
+        masks = F.adaptive_avg_pool2d(rater_masks.to(embeddings.dtype), tuple(embeddings.shape[-2:]))
+        return self.posterior_net(torch.cat([embeddings, masks], dim=1))
+
+    def decode_latents(self, embeddings: torch.Tensor, boxes: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Decode ``N`` latent codes per image with its box, in one mask decoder call per image.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            latents: ``(B, N, latent_dim)``.
+
+        Returns:
+            ``(B, N, 4h, 4w)`` low-resolution mask logits.
+
+        Raises:
+            ValueError: when ``boxes`` or ``latents`` do not match the embeddings' batch.
+        """
+        b = embeddings.shape[0]
+        if boxes is None or boxes.shape != (b, 4):
+            raise ValueError(f"expected boxes of shape ({b}, 4), got {None if boxes is None else tuple(boxes.shape)}")
+        if latents.ndim != 3 or latents.shape[0] != b or latents.shape[2] != self.latent_dim:
+            raise ValueError(f"expected latents of shape ({b}, N, {self.latent_dim}), got {tuple(latents.shape)}")
+        n = latents.shape[1]
+        sparse, dense = self.backbone.embed_prompts(boxes=boxes)  # (B, T, C), (B, C, h, w)
+        shift = self.latent_to_prompt(latents)  # (B, N, C)
+        sparse = (sparse.unsqueeze(1) + shift.unsqueeze(2)).flatten(0, 1)  # (B * N, T, C), grouped by image
+        dense = dense.unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B * N, C, h, w)
+        logits, _ = self.backbone.decode(embeddings, sparse, dense, multimask=False)  # (B * N, 1, 4h, 4w)
+        return logits.view(b, n, *logits.shape[-2:])
+
+    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+        """``num_samples`` masks per image, ``z_1..z_N`` drawn from the prior ``p(z | x)`` of that image.
+
+        In eval mode with ``num_samples == 1`` the prior mean is decoded instead of a sample, so that
+        ``forward`` (the network's one representative prediction) is deterministic. Samples are reparameterised
+        (``rsample``), so gradients reach the prior net when this is called with autograd on.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            num_samples: ``N >= 1``.
+
+        Returns:
+            ``(B, N, 4h, 4w)`` low-resolution mask logits.
+
+        Raises:
+            ValueError: when ``boxes`` is ``None`` or ``num_samples < 1``.
+        """
+        if boxes is None:
+            raise ValueError("ProbabilisticSam needs a box prompt")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        prior = self.prior(embeddings)
+        if num_samples == 1 and not self.training:
+            latents = prior.mean.unsqueeze(1)  # (B, 1, L)
+        else:
+            latents = prior.rsample((num_samples,)).transpose(0, 1)  # (B, N, L)
+        return self.decode_latents(embeddings, boxes, latents)
+
+    def training_outputs(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, rater_masks: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What one training step needs: the prediction from a posterior sample and ``KL(q || p)``.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
+            boxes: ``(B, 4)`` boxes in backbone input coordinates (the box of the chosen rater's mask).
+            rater_masks: ``(B, 1, S, S)`` the chosen rater's binary mask at backbone input size (any ``H, W`` is
+                accepted: the posterior pools it to the embedding grid).
+
+        Returns:
+            ``{"logits": (B, 1, 4h, 4w)`` low-resolution logits decoded from ``z ~ q(z | x, y)`` (``rsample``),
+            ``"kl": (B,)`` ``KL(q(z | x, y) || p(z | x))``\\ ``}``.
+
+        Raises:
+            ValueError: on shapes that do not match (see :meth:`posterior` and :meth:`decode_latents`).
+        """
+        prior = self.prior(embeddings)
+        posterior = self.posterior(embeddings, rater_masks)
+        latents = posterior.rsample().unsqueeze(1)  # (B, 1, L)
+        logits = self.decode_latents(embeddings, boxes, latents)
+        return {"logits": logits, "kl": latent_kl_divergence(posterior, prior)}

@@ -1,0 +1,210 @@
+"""pSAM on the real LiteMedSAM backbone: sampling shapes and diversity, one decoder call per image, what is
+trained, the posterior/prior KL, and the latent-variable loss (a real optimisation from a cached embedding).
+
+The backbone fixture is shared by the whole session: tests that train work on a deep copy, and every test leaves
+the backbone in eval mode. The image is encoded once for the module (plus once in the ``forward`` test)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import noisy_ellipse
+
+from ambisam.losses import LatentSegmentationLoss
+from ambisam.networks import (
+    AxisAlignedGaussianEncoder,
+    MaskSamplingNetwork,
+    ProbabilisticSam,
+    latent_kl_divergence,
+    method_registry,
+)
+
+
+@pytest.fixture(scope="module")
+def example(litemedsam):
+    """One noisy ellipse: its embedding (computed once, no grad), box and mask in backbone input coordinates."""
+    image, mask, box = noisy_ellipse()
+    image = torch.from_numpy(image)[None, None]
+    size = tuple(image.shape[-2:])
+    litemedsam.eval()
+    with torch.no_grad():
+        embeddings = litemedsam.encode(image)
+    s = litemedsam.image_size
+    rater_mask = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(s, s), mode="nearest")
+    return {
+        "image": image,
+        "pixel_box": torch.tensor([box], dtype=torch.float32),
+        "embeddings": embeddings,  # (1, 256, 64, 64)
+        "boxes": litemedsam.boxes_to_input(torch.tensor([box]), size),  # (1, 4)
+        "rater_mask": rater_mask,  # (1, 1, 256, 256)
+    }
+
+
+@pytest.fixture
+def psam(litemedsam):
+    torch.manual_seed(0)
+    model = ProbabilisticSam(backbone=litemedsam)
+    yield model
+    litemedsam.eval()  # model.train() switched the shared backbone too
+
+
+def _batch_of_two(example):
+    """Two different 'images': the embedding and its mirror, each with its own box."""
+    emb = example["embeddings"]
+    x0, y0, x1, y1 = example["boxes"][0].tolist()
+    s = emb.shape[-1] * 4
+    boxes = torch.tensor([[x0, y0, x1, y1], [s - x1, y0, s - x0, y1]])
+    return torch.cat([emb, emb.flip(-1)]), boxes
+
+
+def _pairwise_distinct(samples: torch.Tensor, tol: float = 1e-3) -> bool:
+    """Whether every pair of samples ``(N, H, W)`` differs somewhere by more than ``tol``."""
+    return all(
+        (samples[i] - samples[j]).abs().max() > tol for i, j in itertools.combinations(range(samples.shape[0]), 2)
+    )
+
+
+def test_registered():
+    assert method_registry["psam"] is ProbabilisticSam
+    assert issubclass(ProbabilisticSam, MaskSamplingNetwork)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sample_logits_shapes(psam, example, training):
+    embeddings, boxes = _batch_of_two(example)
+    psam.train(training)
+    with torch.no_grad():
+        for n in (1, 4, 16):
+            assert psam.sample_logits(embeddings, boxes, n).shape == (2, n, 256, 256)
+
+
+def test_prior_samples_differ_and_eval_single_sample_is_deterministic(psam, example):
+    embeddings, boxes = example["embeddings"], example["boxes"]
+    with torch.no_grad():
+        psam.train()
+        assert _pairwise_distinct(psam.sample_logits(embeddings, boxes, 4)[0])
+        assert not torch.equal(psam.sample_logits(embeddings, boxes, 1), psam.sample_logits(embeddings, boxes, 1))
+        psam.eval()
+        assert _pairwise_distinct(psam.sample_logits(embeddings, boxes, 4)[0])
+        first = psam.sample_logits(embeddings, boxes, 1)
+        assert torch.equal(first, psam.sample_logits(embeddings, boxes, 1))
+        prior_mean = psam.prior(embeddings).mean[:, None]  # (1, 1, L)
+        assert torch.allclose(first, psam.decode_latents(embeddings, boxes, prior_mean))
+
+
+def test_one_decoder_call_per_image(psam, example, monkeypatch):
+    embeddings, boxes = _batch_of_two(example)
+    decoder = psam.backbone.mask_decoder
+    calls = []
+    original = decoder.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs["sparse_prompt_embeddings"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counting_forward)
+    psam.eval()
+    with torch.no_grad():
+        psam.sample_logits(embeddings, boxes, 16)
+    assert calls == [16, 16]  # two images, one call each carrying all 16 prompts
+
+
+def test_frozen_encoder_and_trainable_parts(psam):
+    assert not any(p.requires_grad for p in psam.backbone.image_encoder.parameters())
+    for part in (psam.backbone.prompt_encoder, psam.backbone.mask_decoder, psam.prior_net, psam.posterior_net,
+                 psam.latent_to_prompt):
+        params = list(part.parameters())
+        assert params and all(p.requires_grad for p in params)
+
+
+def test_training_outputs_and_kl(psam, example):
+    embeddings, boxes = _batch_of_two(example)
+    rater_masks = torch.cat([example["rater_mask"], example["rater_mask"].flip(-1)])
+    psam.train()
+    with torch.no_grad():
+        out = psam.training_outputs(embeddings, boxes, rater_masks)
+        assert out["logits"].shape == (2, 1, 256, 256)
+        assert out["kl"].shape == (2,)
+        assert (out["kl"] >= 0).all() and (out["kl"] > 0).any()
+
+        # posterior == prior: the posterior net is the prior net with zero weights on the mask channel
+        prior_state = psam.prior_net.state_dict()
+        posterior_state = {}
+        for key, value in psam.posterior_net.state_dict().items():
+            src = prior_state[key]
+            if value.shape != src.shape:  # the first convolution: one more input channel
+                value = torch.zeros_like(value)
+                value[:, : src.shape[1]] = src
+            else:
+                value = src.clone()
+            posterior_state[key] = value
+        psam.posterior_net.load_state_dict(posterior_state)
+        out = psam.training_outputs(embeddings, boxes, rater_masks)
+        assert torch.allclose(out["kl"], torch.zeros(2), atol=1e-6)
+
+
+def test_latent_encoder_and_kl_helper():
+    encoder = AxisAlignedGaussianEncoder(in_channels=1, latent_dim=6)
+    dist = encoder(torch.rand(2, 1, 256, 256))
+    assert dist.batch_shape == (2,) and dist.event_shape == (6,)
+    assert dist.rsample().shape == (2, 6)
+    with torch.no_grad():
+        encoder.head.conv.bias[6:] = 100.0  # log sigma far above the clamp
+    assert torch.allclose(encoder(torch.rand(1, 1, 64, 64)).stddev, torch.full((1, 6), torch.e**5))
+    assert torch.equal(latent_kl_divergence(dist, dist), torch.zeros(2))
+    with pytest.raises(ValueError):
+        latent_kl_divergence(dist, encoder(torch.rand(3, 1, 64, 64)))
+    with pytest.raises(ValueError):
+        encoder(torch.rand(1, 2, 64, 64))
+
+
+def test_loss_components_and_beta():
+    logits = torch.randn(2, 1, 64, 64)
+    target = (torch.rand(2, 1, 100, 120) > 0.5).float()  # another size: logits are upsampled to it
+    outputs = {"logits": logits, "kl": torch.tensor([0.5, 1.5])}
+    without_kl = LatentSegmentationLoss(beta=0.0)
+    with_kl = LatentSegmentationLoss(beta=10.0)
+    base, total = without_kl(outputs, target), with_kl(outputs, target)
+    assert torch.allclose(total - base, torch.tensor(10.0))  # beta * mean KL = 10 * 1
+    parts = with_kl.components()
+    assert set(parts) == {"bce", "dice", "kl", "kl_weighted", "total"}
+    assert parts["kl"] == pytest.approx(1.0) and parts["kl_weighted"] == pytest.approx(10.0)
+    assert parts["total"] == pytest.approx(parts["bce"] + parts["dice"] + parts["kl_weighted"], rel=1e-5)
+    assert LatentSegmentationLoss()({"logits": logits}, target) == pytest.approx(float(base))  # no KL term
+    with pytest.raises(ValueError):
+        with_kl({"logits": torch.randn(2, 3, 64, 64)}, target)
+
+
+def test_loss_decreases_from_cached_embedding(litemedsam, example):
+    torch.manual_seed(0)
+    model = ProbabilisticSam(backbone=copy.deepcopy(litemedsam))  # training must not touch the shared weights
+    model.train()
+    loss_fn = LatentSegmentationLoss(beta=10.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    embeddings, boxes, rater_mask = example["embeddings"], example["boxes"], example["rater_mask"]
+    losses = []
+    for step in range(15):
+        loss = loss_fn(model.training_outputs(embeddings, boxes, rater_mask), rater_mask)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert all(p.grad is None for p in model.backbone.image_encoder.parameters())
+            for part in (model.backbone.mask_decoder, model.prior_net, model.posterior_net, model.latent_to_prompt):
+                assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(loss_fn.last_components) == {"bce", "dice", "kl", "kl_weighted", "total"}
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+def test_forward_eval_is_one_deterministic_mask(psam, example):
+    psam.eval()
+    with torch.no_grad():
+        logits = psam(example["image"], example["pixel_box"])
+    assert logits.shape == (1, 1, 160, 200)
+    expected = psam.backbone.postprocess(psam.sample_logits(example["embeddings"], example["boxes"], 1), (160, 200))
+    assert torch.allclose(logits, expected, atol=1e-4)
