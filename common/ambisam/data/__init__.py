@@ -12,8 +12,9 @@ from ambisam.data.datalist import (
     write_datalist,
     write_nifti,
 )
+from ambisam.data.inputs import check_inputs, inference_items
 from ambisam.data.pipelines import training_slice_transforms, volume_transforms
-from ambisam.data.synth import synth_case, synthesize
+from ambisam.data.synth import ensure_dataset, synth_case, synthesize
 from ambisam.data.transforms import (
     NO_BOX,
     BoxesFromLabeld,
@@ -40,8 +41,11 @@ __all__ = [
     "split_by_patient",
     "write_datalist",
     "write_nifti",
+    "check_inputs",
+    "inference_items",
     "training_slice_transforms",
     "volume_transforms",
+    "ensure_dataset",
     "synth_case",
     "synthesize",
     "NO_BOX",

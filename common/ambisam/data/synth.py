@@ -22,7 +22,7 @@ from ambisam.data.datalist import parse_split, split_by_patient, write_datalist,
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
-__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY"]
+__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY", "ensure_dataset"]
 
 SPACING: tuple[float, float, float] = (0.8, 0.8, 2.0)
 """Voxel size in mm along i, j, k; the affine is ``diag(0.8, 0.8, 2.0, 1)`` (RAS)."""
@@ -233,3 +233,29 @@ def synthesize(
         ),
     )
     return datalist
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike, cases: int = 8, raters: int = 4, seed: int = 0) -> Path:
+    """The datalist of ``dataset_dir``, writing the synthetic data set there first when the folder is new.
+
+    This is how bundles run on the embedded default with no data to fetch: a missing or empty folder gets the
+    synthetic data set; a folder with a ``datalist.json`` is used as it is; anything else is an error (it never
+    writes synthetic data into a folder of yours).
+
+    Args:
+        dataset_dir: the data set folder.
+        cases, raters, seed: as :func:`synthesize`, used only when the data set is generated.
+
+    Returns:
+        The path of ``dataset_dir/datalist.json``.
+
+    Raises:
+        InputError: the folder exists, is not empty and has no ``datalist.json``.
+    """
+    dataset_dir = Path(dataset_dir)
+    datalist = dataset_dir / "datalist.json"
+    if datalist.is_file():
+        return datalist
+    if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
+        raise InputError(dataset_dir, "has no datalist.json (see docs/datalist.md, or `python -m ambisam convert`)")
+    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed)
