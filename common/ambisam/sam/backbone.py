@@ -92,7 +92,8 @@ class SamBackbone(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
-        x = images.float()
+        # a plain tensor from here on: MONAI's MetaTensor would track metadata through every encoder op
+        x = (images.as_tensor() if hasattr(images, "as_tensor") else images).float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
