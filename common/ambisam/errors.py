@@ -7,7 +7,7 @@ anything is written.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "find_input_error"]
+__all__ = ["InputError", "find_input_error", "install_excepthook"]
 
 
 class InputError(ValueError):
@@ -43,3 +43,33 @@ def find_input_error(exc: BaseException | None) -> InputError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def install_excepthook() -> None:
+    """Make an uncaught bad-input error end the process with its one message instead of a traceback.
+
+    ``python -m monai.bundle run`` wraps every exception of a config expression in ``RuntimeError("Failed to
+    evaluate ...")``; bundles call this first in ``initialize`` so that a user's bad input still ends in one
+    line, ``ambisam: error: <file>: <problem>`` (exit status 2). Any other exception keeps Python's traceback.
+    Library use (``ConfigWorkflow`` in a process, MONAI Label) is unaffected: only uncaught exceptions reach
+    the hook.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_ambisam", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        found = find_input_error(exc)
+        if found is None:
+            return previous(exc_type, exc, tb)
+        sys.stdout.flush()
+        print(f"ambisam: error: {found}", file=sys.stderr)
+        sys.stderr.flush()
+        import os
+
+        os._exit(2)  # the process ends here, as a bad-input error should, with nothing more printed
+
+    hook._ambisam = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

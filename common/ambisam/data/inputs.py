@@ -71,14 +71,18 @@ def check_inputs(items: Sequence[dict], transform: Callable) -> Sequence[dict]:
         ``items``, unchanged.
 
     Raises:
-        InputError: the first bad case, naming its file and the problem.
+        InputError: the first bad case, naming its file and the problem (a file no reader can load is reported
+            against the case's image, with the reader's own message, which names the file).
     """
     for item in items:
         try:
             transform(dict(item))
-        except Exception as e:  # noqa: BLE001 - re-raised unless it hides an InputError
+        except Exception as e:  # noqa: BLE001 - every failure here is a problem with this item's files
             found = find_input_error(e)
-            if found is None:
-                raise
-            raise InputError(found.path, found.problem) from None
+            if found is not None:
+                raise InputError(found.path, found.problem) from None
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise InputError(item.get("image"), f"cannot be loaded ({type(root).__name__}: {root})") from None
     return items
