@@ -79,12 +79,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", cases: int = 6, num_samples: 
         t0 = time.time()
         output = inferer(image[None], net, box=data["box"][None])[0]
         seconds = time.time() - t0
+        maps = split_sampling_output(output)
         write_case_outputs(
-            out / "outputs", item["id"], output, image.affine,
+            out / "outputs", item["id"], maps, image.affine,
             record={"method": "baseline", "backbone": DEFAULT_BACKBONE, "seed": seed, "seconds": seconds,
                     "image": item["image"]},
         )
-        maps = split_sampling_output(output)
         samples, rater_np = maps["samples"].numpy() > 0.5, raters.numpy() > 0.5
         per_case[item["id"]] = dict(case_metrics(samples, rater_np), seconds=seconds)
         k = lesion_slice(rater_np)

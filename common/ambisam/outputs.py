@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ambisam.data.datalist import write_nifti
-from ambisam.inferers.sampling import split_sampling_output
 from ambisam.io import write_json
 
 __all__ = ["write_case_outputs", "OUTPUT_SUFFIXES"]
@@ -33,30 +32,29 @@ OUTPUT_SUFFIXES = {
 def write_case_outputs(
     out_dir: str | os.PathLike,
     case_id: str,
-    output: torch.Tensor,
+    maps: dict[str, torch.Tensor],
     affine: np.ndarray | torch.Tensor,
     record: dict | None = None,
-    threshold: float = 0.5,
 ) -> dict[str, Path]:
     """Write one case's maps and samples as NIfTI, plus its JSON record.
 
     Args:
         out_dir: the output folder.
         case_id: the case's id (file name stem).
-        output: the inferer's output for this case, ``(3 + N, H, W, D)``.
+        maps: the case's split sampling output (:func:`ambisam.inferers.split_sampling_output` or
+            :class:`ambisam.data.SplitSamplingOutputd`): ``pred``, ``mean``, ``uncertainty``, ``variance``, each
+            ``(1, H, W, D)``, and ``samples (N, H, W, D)``.
         affine: the input's 4x4 affine, so the outputs overlay the input.
         record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
-        threshold: the final mask is ``mean > threshold``.
 
     Returns:
         Output name -> written path (``"record"`` for the JSON).
     """
     out_dir = Path(out_dir)
-    maps = split_sampling_output(output.detach().cpu(), threshold)
     affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     paths = {}
     for name, suffix in OUTPUT_SUFFIXES.items():
-        arr = maps[name].numpy()
+        arr = torch.as_tensor(maps[name]).detach().cpu().numpy()
         if name in ("pred", "samples"):
             arr = arr.astype(np.uint8)
         else:
@@ -65,7 +63,6 @@ def write_case_outputs(
         arr = arr[0] if arr.shape[0] == 1 and name != "samples" else np.moveaxis(arr, 0, -1)
         paths[name] = write_nifti(out_dir / f"{case_id}{suffix}", arr, affine)
     rec = dict(record or {})
-    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]), threshold=threshold,
-               files={k: p.name for k, p in paths.items()})
+    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]), files={k: p.name for k, p in paths.items()})
     paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
     return paths

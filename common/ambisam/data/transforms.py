@@ -53,6 +53,7 @@ __all__ = [
     "LesionCropd",
     "BoxFromRaterd",
     "BoxesFromLabeld",
+    "PromptBoxesd",
     "LoadBoxd",
     "ResizeBoxd",
     "SplitSamplingOutputd",
@@ -668,6 +669,33 @@ class BoxesFromLabeld(RandomizableTransform, MapTransform):
                     boxes[k] = _jitter_box(boxes[k], self.jitter, height, width, self.R)
             d[self.box_key] = boxes
         return d
+
+
+class PromptBoxesd(BoxesFromLabeld):
+    """The box prompts of one case at inference: the given ``box`` if the item has one (from :class:`LoadBoxd`),
+    else the raters' union's per-slice boxes (with jitter, to simulate a user), else an error.
+
+    Args:
+        label_key, box_key, jitter: as :class:`BoxesFromLabeld`.
+        image_key: the image, named in the error.
+
+    Raises:
+        InputError: the item has neither a box nor a label (naming the image file).
+    """
+
+    def __init__(self, label_key: str = "label", box_key: str = "box", jitter: int = 0, image_key: str = "image"):
+        super().__init__(label_key, box_key, jitter, allow_missing_keys=True)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        if self.box_key in data:
+            return dict(data)
+        if self.label_key not in data:
+            raise InputError(
+                _filename(data.get(self.image_key)),
+                "no box prompt: give a box file (--box PATH) or rater masks to derive boxes from (--label PATH)",
+            )
+        return super().__call__(data)
 
 
 class LoadBoxd(MapTransform):

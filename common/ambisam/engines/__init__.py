@@ -2,7 +2,7 @@
 handlers MONAI lacks."""
 
 from ambisam.engines.handlers import (
-    MetricsJSONWriter,
+    MetricsReportWriter,
     ResumeFromCheckpoint,
     SamplingOutputWriter,
     latest_checkpoint,
@@ -14,7 +14,7 @@ from ambisam.engines.trainer import MultiRaterTrainer, SetTrainer
 __all__ = [
     "MultiRaterTrainer",
     "SetTrainer",
-    "MetricsJSONWriter",
+    "MetricsReportWriter",
     "ResumeFromCheckpoint",
     "SamplingOutputWriter",
     "require_weights",

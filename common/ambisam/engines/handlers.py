@@ -18,12 +18,12 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
 from ambisam.errors import InputError
-from ambisam.io import run_record, write_json
+from ambisam.io import atomic_path, run_record, write_json
 from ambisam.outputs import write_case_outputs
 
 __all__ = [
     "ResumeFromCheckpoint",
-    "MetricsJSONWriter",
+    "MetricsReportWriter",
     "SamplingOutputWriter",
     "latest_checkpoint",
     "lower_is_better",
@@ -52,7 +52,8 @@ class ResumeFromCheckpoint:
     """Resume training from the latest ``CheckpointSaver`` file in a folder, when there is one.
 
     Loads with MONAI's ``CheckpointLoader`` (``weights_only=True``) at ``Events.STARTED``; the trainer's own
-    state (epoch, iteration) comes back too, so ``max_epochs`` counts from the start of the first run.
+    state (epoch, iteration) comes back too, so ``max_epochs`` counts from the start of the first run. When the
+    resumed run completes with a newer checkpoint saved, the file it resumed from is removed.
 
     Args:
         ckpt_dir: the folder a ``CheckpointSaver(save_dict={"model", "optimizer", "trainer", ...})`` writes to.
@@ -75,53 +76,82 @@ class ResumeFromCheckpoint:
         logger.info(f"resuming from {path}")
         CheckpointLoader(str(path), self.load_dict, map_location=self.map_location).attach(engine)
 
+        def _drop_resumed(_: Engine) -> None:  # the new run's saver keeps its own latest file only
+            newest = latest_checkpoint(self.ckpt_dir, self.prefix)
+            if newest is not None and newest != path and path.exists():
+                path.unlink()
 
-class MetricsJSONWriter:
-    """Write an evaluation's metrics to ``<save_dir>/metrics.json`` when the evaluation completes.
+        engine.add_event_handler(Events.COMPLETED, _drop_resumed)
 
-    The file holds every metric's overall value, its per-case values (from handlers with ``save_details``),
-    the case ids, the number of samples N and any extra fields.
+
+class MetricsReportWriter:
+    """Write an evaluation's metrics as ``metrics.json`` and ``metrics.csv`` when the evaluation completes.
+
+    The JSON holds every metric's overall value, its per-case values (metric handlers keep them with
+    ``save_details=True``, MONAI's default), the case ids, N and any extra fields; the CSV has one row per case
+    and a last ``mean`` row. Metrics whose value depends on N are named with it (``ged`` -> ``ged16``).
 
     Args:
         save_dir: the output folder.
-        case_ids: maps one batch's decollated output to its case ids (e.g. the images' file names).
-        extra: fields written as they are (``num_samples``, settings, ...).
-        filename: the file name.
+        num_samples: N, the samples per case the metrics were computed on.
+        sample_dependent: metric names that get N appended.
+        case_ids: maps one iteration's (decollated) output to its case ids; default: each item's ``id``, else
+            its image's file name.
+        extra: fields written into the JSON as they are (settings).
     """
 
     def __init__(
         self,
         save_dir: str | os.PathLike,
+        num_samples: int,
+        sample_dependent: tuple[str, ...] = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean"),
         case_ids: Callable[[list], list] | None = None,
         extra: Mapping | None = None,
-        filename: str = "metrics.json",
     ) -> None:
         self.save_dir = Path(save_dir)
-        self.case_ids = case_ids
+        self.num_samples = int(num_samples)
+        self.sample_dependent = tuple(sample_dependent)
+        self.case_ids = case_ids or self._default_ids
         self.extra = dict(extra or {})
-        self.filename = filename
-        self._ids: list = []
+        self._ids: list[str] = []
+
+    @staticmethod
+    def _default_ids(output: list | dict) -> list[str]:
+        items = output if isinstance(output, list) else [output]
+        ids = []
+        for item in items:
+            meta = getattr(item.get("image"), "meta", {}) if isinstance(item, Mapping) else {}
+            ids.append(str(item.get("id") or Path(str(meta.get("filename_or_obj", "?"))).name.split(".")[0]))
+        return ids
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._ids.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self._ids.extend(self.case_ids(e.state.output)))
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def _collect(self, engine: Engine) -> None:
-        if self.case_ids is not None:
-            self._ids.extend(str(i) for i in self.case_ids(engine.state.output))
+    def _name(self, metric: str) -> str:
+        return f"{metric}{self.num_samples}" if metric in self.sample_dependent else metric
 
     def __call__(self, engine: Engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        details = {}
+        per_case = {}
         for name, values in (getattr(engine.state, "metric_details", None) or {}).items():
-            arr = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=float).reshape(-1)
-            details[name] = [None if np.isnan(v) else float(v) for v in arr]
-        overall = {k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v) or getattr(v, "ndim", 1) == 0}
-        report = dict(self.extra)
-        report.update(overall=overall, cases=self._ids or None, per_case=details)
-        write_json(self.save_dir / self.filename, report)
+            arr = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=float)
+            if arr.size != len(self._ids):  # not one value per case (e.g. pooled ECE keeps bin counts)
+                continue
+            per_case[self._name(name)] = [None if np.isnan(v) else float(v) for v in arr.reshape(-1)]
+        overall = {self._name(k): float(v) for k, v in engine.state.metrics.items() if np.ndim(v) == 0}
+        report = dict(self.extra, num_samples=self.num_samples, overall=overall, cases=list(self._ids), per_case=per_case)
+        write_json(self.save_dir / "metrics.json", report)
+        names = list(overall)
+        lines = [",".join(["case", *names])]
+        for i, case in enumerate(self._ids):
+            row = [per_case[n][i] if n in per_case else None for n in names]
+            lines.append(",".join([case, *("" if v is None else f"{v:.6g}" for v in row)]))
+        lines.append(",".join(["mean", *(f"{overall[n]:.6g}" for n in names)]))
+        with atomic_path(self.save_dir / "metrics.csv") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
 
 def require_weights(path: str | os.PathLike, bundle: str) -> str:
@@ -154,24 +184,21 @@ class SamplingOutputWriter:
     Args:
         output_dir: the output folder.
         record: what was run (bundle, version, backbone, N, seed, ...).
-        pred_key: the inferer's output ``(3 + N, H, W, D)`` in each decollated item.
         affine_key: the MetaTensor whose affine the outputs get.
-        threshold: the final mask is ``mean > threshold``.
+
+    Each decollated item must hold the split output (``ambisam.data.SplitSamplingOutputd`` in the
+    post-processing): ``pred``, ``mean``, ``uncertainty``, ``variance``, ``samples``.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         record: Mapping | None = None,
-        pred_key: str = "pred",
         affine_key: str = "image",
-        threshold: float = 0.5,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.record = dict(record or {})
-        self.pred_key = pred_key
         self.affine_key = affine_key
-        self.threshold = threshold
         self.cases: dict[str, float] = {}
         self._start = self._iter_start = 0.0
 
@@ -196,7 +223,8 @@ class SamplingOutputWriter:
             meta = getattr(ref, "meta", {})
             case_id = str(item.get("id") or Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0])
             record = dict(self.record, seconds=seconds, image=str(meta.get("filename_or_obj", "")))
-            write_case_outputs(self.output_dir, case_id, item[self.pred_key], ref.affine, record, self.threshold)
+            maps = {k: item[k] for k in ("pred", "mean", "uncertainty", "variance", "samples")}
+            write_case_outputs(self.output_dir, case_id, maps, ref.affine, record)
             self.cases[case_id] = seconds
 
     def _write_run(self, _engine: Engine) -> None:
