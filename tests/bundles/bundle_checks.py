@@ -1,0 +1,205 @@
+"""What every bundle's tests check (BUNDLE_CONTRACT.md, "Tests each bundle has"), written once; each
+tests/bundles/test_<name>.py calls these with its bundle's name and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from ambisam.errors import find_input_error
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "schemas" / "meta_schema_20240725.json"
+OUTPUT_SUFFIXES = ("_mask", "_mean", "_uncertainty", "_variance", "_samples")
+
+
+def configs(bundle: str, *names: str) -> list[str]:
+    return [str(ROOT / "bundles" / bundle / "configs" / f"{n}.json") for n in names]
+
+
+def workflow(bundle: str, names: tuple[str, ...], workflow_type: str, **override) -> ConfigWorkflow:
+    """A bundle workflow as `python -m monai.bundle run` builds it, with overrides."""
+    cfg = ROOT / "bundles" / bundle / "configs"
+    return ConfigWorkflow(
+        config_file=configs(bundle, *names),
+        meta_file=str(cfg / "metadata.json"),
+        logging_file=str(cfg / "logging.conf"),
+        workflow_type=workflow_type,
+        **override,
+    )
+
+
+def run_workflow(bundle: str, names: tuple[str, ...], workflow_type: str, **override) -> ConfigWorkflow:
+    wf = workflow(bundle, names, workflow_type, **override)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def small_dataset(path: Path, cases: int = 4, raters: int = 4, seed: int = 3, split=(0.5, 0.25, 0.25)) -> Path:
+    """A small synthetic multi-rater data set of 64x64x10 volumes: by default 2 training, 1 validation, 1 test."""
+    from ambisam.data import synthesize
+
+    return synthesize(path, cases=cases, raters=raters, seed=seed, shape=(64, 64, 10), split=split)
+
+
+def train_overrides(tmp: Path, dataset_dir: Path, **extra) -> dict:
+    return {
+        "dataset_dir": str(dataset_dir),
+        "ckpt_dir": str(tmp / "models"),
+        "output_dir": str(tmp / "runs"),
+        "max_epochs": 1,
+        "val_interval": 1,
+        "num_samples": 4,
+        **extra,
+    }
+
+
+def check_properties(bundle: str, tmp: Path, dataset_dir: Path, ckpt_path: Path) -> None:
+    """``ConfigWorkflow.check_properties()`` for train and inference (properties resolve after ``initialize``)."""
+    for names, kind, override in (
+        (("train",), "train", train_overrides(tmp / "props", dataset_dir)),
+        (("inference",), "infer", {"dataset_dir": str(dataset_dir), "ckpt_path": str(ckpt_path),
+                                    "output_dir": str(tmp / "props" / "inference")}),
+    ):
+        wf = workflow(bundle, names, kind, **override)
+        wf.initialize()
+        missing = wf.check_properties()
+        assert not missing, f"{bundle} {names}: missing properties {missing}"
+
+
+def check_metadata(bundle: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+         str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "metadata is verified with no error" in done.stdout + done.stderr
+
+
+def check_inference_outputs(out_dir: Path, datalist: Path, split: str, num_samples: int, probabilistic: bool) -> None:
+    """Files present, in the input's shape and affine, probabilities in [0, 1], samples differ for a
+    probabilistic method, uncertainty zero where all samples agree."""
+    items = json.loads(datalist.read_text())[split]
+    assert items
+    for item in items:
+        src = nib.load(datalist.parent / item["image"])
+        for suffix in OUTPUT_SUFFIXES:
+            img = nib.load(out_dir / f"{item['id']}{suffix}.nii.gz")
+            expected = (*src.shape, num_samples) if suffix == "_samples" else src.shape
+            assert img.shape == expected, (suffix, img.shape, expected)
+            assert np.allclose(img.affine, src.affine)
+        mean = np.asarray(nib.load(out_dir / f"{item['id']}_mean.nii.gz").dataobj)
+        unc = np.asarray(nib.load(out_dir / f"{item['id']}_uncertainty.nii.gz").dataobj)
+        samples = np.asarray(nib.load(out_dir / f"{item['id']}_samples.nii.gz").dataobj)
+        mask = np.asarray(nib.load(out_dir / f"{item['id']}_mask.nii.gz").dataobj)
+        assert 0 <= mean.min() and mean.max() <= 1 and 0 <= unc.min() and unc.max() <= 1
+        assert set(np.unique(samples)) <= {0, 1} and set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(mask, (mean > 0.5).astype(mask.dtype))
+        agree = (samples == samples[..., :1]).all(-1)
+        assert np.all(unc[agree] == 0)
+        if probabilistic:
+            assert not agree.all(), "a probabilistic method's samples are all identical"
+            assert np.all(unc[~agree] > 0)
+        record = json.loads((out_dir / f"{item['id']}.json").read_text())
+        assert record["num_samples"] == num_samples and "bundle_version" in record and "seed" in record
+    run = json.loads((out_dir / "run.json").read_text())
+    assert "versions" in run and run["seed"] is not None
+    assert not list(out_dir.glob(".*")), "temporary files left behind"
+
+
+def check_torchrun(bundle: str, tmp: Path) -> None:
+    """multi_gpu_train.json under torchrun --nproc_per_node=2 with gloo on CPU (2 training, 2 validation cases,
+    so that each rank has one of each)."""
+    dataset_dir = small_dataset(tmp / "data", split=(0.5, 0.5, 0.0)).parent
+    overrides = train_overrides(tmp, dataset_dir)
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, "train", "multi_gpu_train")),
+         "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert (tmp / "models" / "model.pt").is_file()
+    assert (tmp / "models" / "checkpoint_epoch=1.pt").is_file()
+    run = json.loads((tmp / "runs" / "run.json").read_text())
+    assert run["world_size"] == 2
+
+
+def bad_inputs(tmp: Path, source_dir: Path) -> dict[str, tuple[dict, str]]:
+    """Each bad input of the contract: inference overrides -> the expected message. Built from a good case."""
+    items = json.loads((source_dir / "datalist.json").read_text())["test"]
+    image = source_dir / items[0]["image"]
+    labels = [source_dir / p for p in items[0]["label"]]
+    ref = nib.load(image)
+    bad = tmp / "bad"
+    bad.mkdir(exist_ok=True)
+
+    def save(name, array, affine=ref.affine):
+        path = bad / name
+        nib.save(nib.Nifti1Image(array, affine), str(path))
+        return str(path)
+
+    data = np.asarray(ref.dataobj).astype(np.float32)
+    label = np.asarray(nib.load(labels[0]).dataobj)
+    nan = data.copy()
+    nan[0, 0, 0] = np.nan
+    three = label.astype(np.uint8) * 3
+    garbage = bad / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image")
+    box_file = bad / "outside.json"
+    box_file.write_text(json.dumps({"box": [0, 0, 0, data.shape[0] + 5, 10, 2]}))
+    return {
+        "missing file": ({"image": str(bad / "nowhere.nii.gz"), "label": str(labels[0])}, "image file not found"),
+        "unreadable image": ({"image": str(garbage), "label": str(labels[0])}, "garbage.nii.gz"),
+        "wrong dimensionality": ({"image": save("flat.nii.gz", data[..., 0]), "label": str(labels[0])}, "flat.nii.gz"),
+        "box outside the image": ({"image": str(image), "box": str(box_file)}, "outside.json"),
+        "label not 0/1": ({"image": str(image), "label": save("three.nii.gz", three)}, "three.nii.gz"),
+        "fewer raters than declared": (
+            {"image": str(image), "label": [str(p) for p in labels[:2]], "num_raters": 4}, "rater"),
+        "NaN intensities": ({"image": save("nan.nii.gz", nan), "label": str(labels[0])}, "nan.nii.gz"),
+        "no prompt": ({"image": str(image)}, "no box prompt"),
+    }
+
+
+def check_bad_inputs(bundle: str, tmp: Path, source_dir: Path, ckpt_path: Path) -> None:
+    """Each bad input stops inference with an InputError naming the file, and writes nothing."""
+    for name, (override, expected) in bad_inputs(tmp, source_dir).items():
+        out = tmp / f"out_{name.replace(' ', '_')}"
+        wf = workflow(bundle, ("inference",), "infer", ckpt_path=str(ckpt_path), output_dir=str(out), **override)
+        with pytest.raises(Exception) as err:
+            wf.initialize()
+            wf.run()
+        found = find_input_error(err.value)
+        assert found is not None, f"{name}: not an InputError: {err.value!r}"
+        assert expected in str(found), f"{name}: {found}"
+        assert not out.exists(), f"{name}: output written"
+
+
+def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
+    """From the command line, a bad input ends in one line naming the file and the problem, exit status 2."""
+    missing = tmp / "no_such_scan.nii.gz"
+    out = tmp / "cli_out"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs(bundle, "inference")[0],
+         "--image", str(missing), "--ckpt_path", str(ckpt_path), "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"ambisam: error: {missing}: image file not found"
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
