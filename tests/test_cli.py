@@ -17,37 +17,26 @@ from ambisam.errors import InputError
 from conftest import dice, noisy_ellipse
 
 
-def test_demo_writes_outputs_in_input_geometry(tmp_path):
-    overall = run_demo(tmp_path, cases=4, num_samples=3, seed=1)
+def test_demo_trains_psam_and_compares_with_the_baseline(tmp_path):
+    comparison = run_demo(tmp_path, cases=4, max_epochs=1, num_samples=3, seed=1, shape=(64, 64, 10))
+    assert set(comparison) == {"psam", "baseline"}
+    assert set(comparison["psam"]) == {"ged3", "diversity3", "hm_iou3", "dice_max3"}
+    assert comparison["baseline"]["diversity3"] == 0.0  # the baseline's samples never differ
+    assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == comparison
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
     case = datalist["test"][0]
-    cid = case["id"]
     src = nib.load(tmp_path / "data" / case["image"])
-    out = tmp_path / "outputs"
+    out = tmp_path / "psam" / "inference"
     for suffix in ("_mask", "_mean", "_uncertainty", "_variance"):
-        img = nib.load(out / f"{cid}{suffix}.nii.gz")
-        assert img.shape == src.shape
-        assert np.allclose(img.affine, src.affine)
-    mask = np.asarray(nib.load(out / f"{cid}_mask.nii.gz").dataobj)
-    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1} and mask.any()
-    samples = nib.load(out / f"{cid}_samples.nii.gz")
-    assert samples.shape == (*src.shape, 3)
-    mean = np.asarray(nib.load(out / f"{cid}_mean.nii.gz").dataobj)
-    assert mean.min() >= 0 and mean.max() <= 1
-    assert np.array_equal(mask, (mean > 0.5).astype(np.uint8))
-    record = json.loads((out / f"{cid}.json").read_text())
-    assert record["num_samples"] == 3 and record["backbone"] == "litemedsam"
-    # the baseline finds the synthetic lesion: its mask overlaps the raters' union; its samples never differ
-    union = np.stack([np.asarray(nib.load(tmp_path / "data" / p).dataobj) for p in case["label"]]).any(0)
-    assert dice(mask, union) > 0.6
-    assert overall["diversity"] == 0.0 and 0 <= overall["ged"] <= 1
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["overall"]) == {"ged", "diversity", "hm_iou", "dice_max"} and metrics["num_samples"] == 3
+        img = nib.load(out / f"{case['id']}{suffix}.nii.gz")
+        assert img.shape == src.shape and np.allclose(img.affine, src.affine)
+    assert nib.load(out / f"{case['id']}_samples.nii.gz").shape == (*src.shape, 3)
+    assert (tmp_path / "psam" / "evaluate" / "metrics.csv").is_file()
+    assert (tmp_path / "baseline" / "evaluate" / "metrics.csv").is_file()
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["seed"] == 1 and "torch" in run["versions"] and "monai" in run["versions"]
+    assert run["seed"] == 1 and run["bundle"] == "psam" and "torch" in run["versions"]
     with Image.open(tmp_path / "overview.png") as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 50
-    assert not list(tmp_path.rglob(".*.nii.gz"))  # no temporary files left
 
 
 def test_segment_file_and_its_errors(tmp_path):

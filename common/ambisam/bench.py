@@ -1,5 +1,8 @@
 """Benchmarks: commands that print figures (speed and memory targets live here, never in timed tests).
 
+``python -m ambisam bench training`` measures the speed-up of a training step from cached image embeddings
+over the same step re-encoding its images (the frozen-encoder methods train this way).
+
 ``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
 encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
 included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
@@ -20,7 +23,7 @@ from ambisam.inferers import SlicewiseSamplingInferer
 from ambisam.networks import method_registry
 from ambisam.sam import DEFAULT_BACKBONE, build_backbone
 
-__all__ = ["bench_sampling", "format_sampling"]
+__all__ = ["bench_sampling", "format_sampling", "print_sampling", "bench_training", "format_training", "print_training"]
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -126,4 +129,82 @@ def format_sampling(r: dict) -> str:
 def print_sampling(as_json: bool = False, **kwargs) -> dict:
     result = bench_sampling(**kwargs)
     print(json.dumps(result, indent=2) if as_json else format_sampling(result))
+    return result
+
+
+def bench_training(
+    method: str = "psam",
+    backbone: str = DEFAULT_BACKBONE,
+    checkpoint: str | None = None,
+    batch_size: int = 4,
+    repeats: int = 3,
+    threads: int | None = None,
+) -> dict:
+    """Time one training step from cached embeddings against the same step re-encoding its images.
+
+    Args:
+        method: a trainable name in ``ambisam.networks.method_registry``.
+        backbone: backbone registry name.
+        checkpoint: backbone weights, where needed.
+        batch_size: slices per step.
+        repeats: timed repetitions (the best is kept).
+        threads: torch threads.
+
+    Returns:
+        The figures, with ``speedup`` = encoding step time / cached step time.
+    """
+    from ambisam.sam import EmbeddingCache
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    net = method_registry[method](backbone=build_backbone(backbone, checkpoint))
+    loss_fn = net.default_loss()
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-5)
+    bb = net.backbone
+    image, box = _ellipse_slice(bb.image_size)
+    images = torch.cat([image + 0.01 * i for i in range(batch_size)])
+    boxes = box.repeat(batch_size, 1)
+    masks = (images > 0.45).float()
+    targets = masks if net.training_target == "rater_mask" else masks.repeat(1, 4, 1, 1)
+    cache = EmbeddingCache(bb)
+
+    def step(embed):
+        optimizer.zero_grad()
+        with torch.no_grad():
+            embeddings = embed(images)
+        loss = loss_fn(net(embeddings, boxes, targets, training_outputs=True), targets)
+        loss.backward()
+        optimizer.step()
+
+    t_cached = _best_of(lambda: step(cache), repeats)
+    t_encode = _best_of(lambda: step(bb.encode), repeats)
+    return {
+        "method": method,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "step_ms_cached": 1000 * t_cached,
+        "step_ms_encoding": 1000 * t_encode,
+        "speedup": t_encode / t_cached,
+        "cache": cache.log_stats(),
+    }
+
+
+def format_training(r: dict) -> str:
+    """The training benchmark's figures as the lines it prints."""
+    return "\n".join(
+        [
+            f"method: {r['method']}  backbone: {r['backbone']}  batch: {r['batch_size']} slices  threads: {r['threads']}",
+            f"training step from cached embeddings: {r['step_ms_cached']:.0f} ms",
+            f"training step re-encoding the images: {r['step_ms_encoding']:.0f} ms",
+            f"speed-up from cached embeddings: {r['speedup']:.1f}x (target >= 10x)",
+        ]
+    )
+
+
+def print_training(as_json: bool = False, **kwargs) -> dict:
+    result = bench_training(**kwargs)
+    print(json.dumps(result, indent=2) if as_json else format_training(result))
     return result

@@ -58,6 +58,33 @@ class Bench:
         )
 
 
+    def training(
+        self,
+        method: str = "psam",
+        backbone: str = "litemedsam",
+        checkpoint: str | None = None,
+        batch_size: int = 4,
+        repeats: int = 3,
+        threads: int | None = None,
+        json: bool = False,
+    ) -> None:
+        """A training step's time from cached embeddings against re-encoding, and the speed-up.
+
+        Args:
+            method: a trainable method name.
+            backbone: backbone registry name.
+            checkpoint: backbone weights, where needed.
+            batch_size: slices per step.
+            repeats: timed repetitions (best kept).
+            threads: torch threads.
+            json: print JSON instead of lines.
+        """
+        from ambisam.bench import print_training
+
+        print_training(as_json=json, method=method, backbone=backbone, checkpoint=checkpoint,
+                       batch_size=batch_size, repeats=repeats, threads=threads)
+
+
 class Commands:
     """ambisam: ambiguity-aware segmentation with SAM, as MONAI bundles."""
 
@@ -93,11 +120,12 @@ class Commands:
 
         print(segment_file(image, box, out, backbone=backbone, checkpoint=checkpoint))
 
-    def demo(self, out: str = "runs/demo", cases: int = 6, num_samples: int = 8, seed: int = 0) -> None:
-        """The main job on the embedded default: synthetic data, the sampling inferer, NIfTI outputs, metrics, a PNG."""
+    def demo(self, out: str = "runs/demo", cases: int = 8, max_epochs: int = 6, num_samples: int = 16, seed: int = 0) -> None:
+        """The main job on the embedded default: synthetic data, pSAM trained briefly, evaluated against the
+        deterministic baseline with the same prompts, inference outputs (NIfTI) and a PNG overview."""
         from ambisam.demo import run_demo
 
-        run_demo(out, cases=cases, num_samples=num_samples, seed=seed)
+        run_demo(out, cases=cases, max_epochs=max_epochs, num_samples=num_samples, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

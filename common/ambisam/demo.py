@@ -1,107 +1,134 @@
 """The main job on the embedded default: no data or weights to fetch.
 
-``python -m ambisam demo --out runs/demo``: writes a synthetic multi-rater CT data set (if absent), runs the
-sampling inferer with the deterministic box-prompted baseline (LiteMedSAM, shipped weights) on its test cases
-with boxes from the raters' union, and writes per case the NIfTI outputs, then ``metrics.json`` (GED, HM-IoU,
-D_max per case and overall), ``overview.png`` and ``run.json`` (config, versions, seed, timings).
+``python -m ambisam demo --out runs/demo`` writes a synthetic multi-rater CT data set, then through the
+``psam`` bundle's own configs (as ``python -m monai.bundle run`` would run them): trains pSAM briefly from
+cached LiteMedSAM embeddings, evaluates it and the deterministic box-prompted baseline on the test split with
+the same prompts, runs pSAM's inference (NIfTI outputs per case), and writes ``overview.png`` (image, raters,
+8 samples, mean, uncertainty per test case), ``comparison.json`` and ``run.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from ambisam.data.datalist import load_datalist
-from ambisam.data.pipelines import volume_transforms
-from ambisam.data.synth import synthesize
-from ambisam.data.transforms import BoxesFromLabeld
+from ambisam.data.synth import ensure_dataset
 from ambisam.figures import lesion_slice, overview_png
-from ambisam.inferers import SlicewiseSamplingInferer, split_sampling_output
 from ambisam.io import run_record, write_json
-from ambisam.metrics import dice_max, ged, hm_iou, sample_diversity
-from ambisam.networks import BoxPromptedSam
-from ambisam.outputs import write_case_outputs
 from ambisam.sam import DEFAULT_BACKBONE, segment_with_box
 
-__all__ = ["run_demo", "segment_file", "case_metrics"]
+__all__ = ["run_demo", "segment_file", "bundle_dir", "run_bundle", "BASELINE_EVAL_OVERRIDES"]
 
 logger = logging.getLogger(__name__)
 
+#: overrides that turn a bundle's evaluate.json into an evaluation of the deterministic baseline with the same
+#: data, prompts, metrics and writers (no weights to load)
+BASELINE_EVAL_OVERRIDES = {
+    "network_def": {"_target_": "ambisam.networks.BoxPromptedSam", "backbone": "@backbone"},
+    "validate#handlers#0#_disabled_": True,
+    "initialize": ["$ambisam.errors.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+}
 
-def case_metrics(samples: np.ndarray, raters: np.ndarray) -> dict[str, float]:
-    """GED, sample diversity, HM-IoU and D_max (per rater) of one case; N is ``len(samples)``.
+
+def bundle_dir(name: str) -> Path:
+    """The folder of bundle ``name``: ``./bundles/<name>`` if it exists, else beside the installed package."""
+    local = Path("bundles") / name
+    if local.is_dir():
+        return local.resolve()
+    return Path(__file__).resolve().parents[2] / "bundles" / name
+
+
+def run_bundle(name: str, configs: list[str], **override) -> None:
+    """Run a bundle's configs in this process as ``python -m monai.bundle run`` does.
 
     Args:
-        samples: ``(N, ...)`` binary.
-        raters: ``(K, ...)`` binary.
+        name: the bundle.
+        configs: config names in order (``["train", "evaluate"]`` merges evaluate.json over train.json).
+        override: config overrides (``max_epochs=2``, ``"validate#handlers#0#_disabled_": True``, ...).
     """
-    return {
-        "ged": ged(samples, raters),
-        "diversity": sample_diversity(samples),
-        "hm_iou": hm_iou(samples, raters),
-        "dice_max": dice_max(samples, raters),
-    }
+    from monai.bundle import run
+
+    folder = bundle_dir(name) / "configs"
+    run(
+        config_file=[str(folder / f"{c}.json") for c in configs],
+        meta_file=str(folder / "metadata.json"),
+        logging_file=str(folder / "logging.conf"),
+        **override,
+    )
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", cases: int = 6, num_samples: int = 8, seed: int = 0) -> dict:
+def run_demo(
+    out: str | os.PathLike = "runs/demo",
+    cases: int = 8,
+    max_epochs: int = 6,
+    num_samples: int = 16,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (96, 96, 24),
+) -> dict:
     """Run the embedded-default job; see the module docstring.
 
     Args:
-        out: output folder (``data/``, ``outputs/``, ``metrics.json``, ``overview.png``, ``run.json``).
-        cases: synthetic cases to generate.
-        num_samples: N samples per slice.
-        seed: the data and sampling seed.
+        out: output folder.
+        cases: synthetic cases to generate (half train, a quarter validation, a quarter test).
+        max_epochs: pSAM training epochs.
+        num_samples: N samples per slice for evaluation and inference.
+        seed: data, training and sampling seed.
+        shape: the synthetic volumes' shape.
 
     Returns:
-        The overall metrics.
+        GED, HM-IoU and D_max of pSAM and of the baseline on the test split.
     """
-    torch.manual_seed(seed)
-    out = Path(out)
+    out = Path(out).resolve()
     started = time.time()
-    datalist = out / "data" / "datalist.json"
-    if not datalist.is_file():
-        synthesize(out / "data", cases=cases, raters=4, seed=seed)
-    items = load_datalist(datalist, "test")
-    preprocess = volume_transforms(modality="ct")
-    boxes = BoxesFromLabeld(label_key="label", box_key="box", jitter=0)
-    net = BoxPromptedSam(DEFAULT_BACKBONE).eval()
-    inferer = SlicewiseSamplingInferer(num_samples=num_samples)
-    per_case, rows = {}, []
-    for item in tqdm(items, desc="demo cases", unit="case"):
-        data = boxes(preprocess(item))
-        image, raters = data["image"], data["label"]
-        t0 = time.time()
-        output = inferer(image[None], net, box=data["box"][None])[0]
-        seconds = time.time() - t0
-        maps = split_sampling_output(output)
-        write_case_outputs(
-            out / "outputs", item["id"], maps, image.affine,
-            record={"method": "baseline", "backbone": DEFAULT_BACKBONE, "seed": seed, "seconds": seconds,
-                    "image": item["image"]},
-        )
-        samples, rater_np = maps["samples"].numpy() > 0.5, raters.numpy() > 0.5
-        per_case[item["id"]] = dict(case_metrics(samples, rater_np), seconds=seconds)
-        k = lesion_slice(rater_np)
+    datalist = ensure_dataset(out / "data", cases=cases, seed=seed, shape=shape)
+    common = {"dataset_dir": str(datalist.parent), "seed": seed, "num_samples": num_samples}
+    psam = out / "psam"
+    train = dict(common, ckpt_dir=str(psam / "models"), output_dir=str(psam / "train"), max_epochs=max_epochs,
+                 val_interval=max(1, max_epochs // 2))
+    run_bundle("psam", ["train"], **train)
+    run_bundle("psam", ["train", "evaluate"], **train, eval_dir=str(psam / "evaluate"))
+    run_bundle("psam", ["train", "evaluate"], **train, eval_dir=str(out / "baseline" / "evaluate"),
+               **BASELINE_EVAL_OVERRIDES)
+    run_bundle("psam", ["inference"], **common, ckpt_path=str(psam / "models" / "model.pt"),
+               output_dir=str(psam / "inference"))
+
+    reports = {m: json.loads((out / m / "evaluate" / "metrics.json").read_text()) for m in ("psam", "baseline")}
+    keys = [f"ged{num_samples}", f"diversity{num_samples}", f"hm_iou{num_samples}", f"dice_max{num_samples}"]
+    comparison = {m: {k: r["overall"][k] for k in keys} for m, r in reports.items()}
+    write_json(out / "comparison.json", {"num_samples": num_samples, "split": "test", "methods": comparison})
+    _overview(out, datalist, psam / "inference", num_samples)
+    write_json(out / "run.json", run_record(job="demo", bundle="psam", backbone=DEFAULT_BACKBONE, seed=seed,
+                                            cases=cases, max_epochs=max_epochs, num_samples=num_samples,
+                                            seconds=time.time() - started))
+    for m, values in comparison.items():
+        print(f"{m:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    print(f"outputs: {psam / 'inference'}  overview: {out / 'overview.png'}  comparison: {out / 'comparison.json'}")
+    return comparison
+
+
+def _overview(out: Path, datalist: Path, inference_dir: Path, num_samples: int) -> Path:
+    """The PNG: per test case, the slice where the raters' union is largest."""
+    rows = []
+    for item in json.loads(datalist.read_text())["test"]:
+        image = np.asarray(nib.load(datalist.parent / item["image"]).dataobj, dtype=np.float32)
+        raters = np.stack([np.asarray(nib.load(datalist.parent / p).dataobj) for p in item["label"]]) > 0
+        k = lesion_slice(raters)
+        load = lambda suffix: np.asarray(nib.load(inference_dir / f"{item['id']}_{suffix}.nii.gz").dataobj)  # noqa: E731
         rows.append({
-            "image": image[0, ..., k].numpy(), "raters": rater_np[..., k], "samples": samples[..., k],
-            "mean": maps["mean"][0, ..., k].numpy(), "uncertainty": maps["uncertainty"][0, ..., k].numpy(),
+            "image": np.clip((image[..., k] + 1000) / 1400, 0, 1),  # the lung window the bundle uses
+            "raters": raters[..., k],
+            "samples": np.moveaxis(load("samples")[..., k, :], -1, 0),
+            "mean": load("mean")[..., k],
+            "uncertainty": load("uncertainty")[..., k],
             "label": f"{item['id']} z={k}",
         })
-    overall = {m: float(np.mean([c[m] for c in per_case.values()])) for m in ("ged", "diversity", "hm_iou", "dice_max")}
-    write_json(out / "metrics.json", {"num_samples": num_samples, "overall": overall, "cases": per_case})
-    overview_png(out / "overview.png", rows, title=f"deterministic baseline (LiteMedSAM), N={num_samples}")
-    write_json(out / "run.json", run_record(job="demo", method="baseline", backbone=DEFAULT_BACKBONE, seed=seed,
-                                            cases=cases, num_samples=num_samples, seconds=time.time() - started))
-    print(f"GED{num_samples} {overall['ged']:.3f}  HM-IoU{num_samples} {overall['hm_iou']:.3f}  "
-          f"D_max {overall['dice_max']:.3f}  over {len(per_case)} test cases")
-    print(f"outputs: {out / 'outputs'}  overview: {out / 'overview.png'}  metrics: {out / 'metrics.json'}")
-    return overall
+    return overview_png(out / "overview.png", rows, max_samples=8, title=f"pSAM on synthetic test cases (N={num_samples}, 8 shown)")
 
 
 def segment_file(image: str, box: str, out: str, backbone: str = DEFAULT_BACKBONE, checkpoint: str | None = None) -> Path:

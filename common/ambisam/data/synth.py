@@ -235,7 +235,9 @@ def synthesize(
     return datalist
 
 
-def ensure_dataset(dataset_dir: str | os.PathLike, cases: int = 8, raters: int = 4, seed: int = 0) -> Path:
+def ensure_dataset(
+    dataset_dir: str | os.PathLike, cases: int = 8, raters: int = 4, seed: int = 0, shape: Sequence[int] = (96, 96, 24)
+) -> Path:
     """The datalist of ``dataset_dir``, writing the synthetic data set there first when the folder is new.
 
     This is how bundles run on the embedded default with no data to fetch: a missing or empty folder gets the
@@ -244,7 +246,7 @@ def ensure_dataset(dataset_dir: str | os.PathLike, cases: int = 8, raters: int =
 
     Args:
         dataset_dir: the data set folder.
-        cases, raters, seed: as :func:`synthesize`, used only when the data set is generated.
+        cases, raters, seed, shape: as :func:`synthesize`, used only when the data set is generated.
 
     Returns:
         The path of ``dataset_dir/datalist.json``.
@@ -258,4 +260,4 @@ def ensure_dataset(dataset_dir: str | os.PathLike, cases: int = 8, raters: int =
         return datalist
     if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
         raise InputError(dataset_dir, "has no datalist.json (see docs/datalist.md, or `python -m ambisam convert`)")
-    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed)
+    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed, shape=shape)

@@ -33,6 +33,8 @@ class MaskSamplingNetwork(nn.Module):
     """
 
     needs_box: bool = True
+    #: the batch key a training step's target comes from: one rater (``rater_mask``) or all of them (``label``)
+    training_target: str = "rater_mask"
 
     def __init__(
         self,
@@ -80,6 +82,10 @@ class MaskSamplingNetwork(nn.Module):
         Returns:
             A dict with at least ``logits``.
         """
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def default_loss(self) -> nn.Module:
+        """The loss this method trains with by default (bundles name theirs in train.json; benchmarks use this)."""
         raise NotImplementedError(f"{type(self).__name__} is not trainable")
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None, *args, training_outputs: bool = False):

@@ -171,6 +171,12 @@ class ProbabilisticSam(MaskSamplingNetwork):
             latents = prior.rsample((num_samples,)).transpose(0, 1)  # (B, N, L)
         return self.decode_latents(embeddings, boxes, latents)
 
+    def default_loss(self) -> nn.Module:
+        """BCE + soft Dice + 10 KL (METHODS.md, pSAM)."""
+        from ambisam.losses import LatentSegmentationLoss
+
+        return LatentSegmentationLoss(beta=10.0)
+
     def training_outputs(
         self, embeddings: torch.Tensor, boxes: torch.Tensor, rater_masks: torch.Tensor
     ) -> dict[str, torch.Tensor]:
