@@ -420,3 +420,19 @@ def test_handler_on_an_ignite_engine():
     assert engine.state.metrics["ged"] == pytest.approx(1.125)
     assert engine.state.metrics["dmax"] == pytest.approx(5 / 12)
     np.testing.assert_allclose(engine.state.metric_details["ged"].squeeze(1).numpy(), [0.5, 1.75])
+
+
+def test_aggregate_is_nan_when_every_value_is_undefined():
+    """NCC of a deterministic method (identical samples) is undefined on every image: NaN, not 0."""
+    import math
+
+    from ambisam.metrics import NCCMetric
+
+    metric = NCCMetric(get_not_nans=True)
+    samples = torch.zeros(2, 3, 4, 4)
+    samples[:, :, 1:3, 1:3] = 1  # the same mask three times: a constant cross-entropy map
+    raters = torch.zeros(2, 2, 4, 4)
+    raters[:, 0, 1:3, 1:3] = 1
+    metric(samples, raters)
+    value, not_nans = metric.aggregate()
+    assert math.isnan(float(value)) and int(not_nans) == 0

@@ -141,7 +141,11 @@ class MetricsReportWriter:
             if arr.size != len(self._ids):  # not one value per case (e.g. pooled ECE keeps bin counts)
                 continue
             per_case[self._name(name)] = [None if np.isnan(v) else float(v) for v in arr.reshape(-1)]
-        overall = {self._name(k): float(v) for k, v in engine.state.metrics.items() if np.ndim(v) == 0}
+        overall = {
+            self._name(k): None if np.isnan(float(v)) else float(v)  # undefined (NaN) is null in JSON
+            for k, v in engine.state.metrics.items()
+            if np.ndim(v) == 0
+        }
         report = dict(self.extra, num_samples=self.num_samples, overall=overall, cases=list(self._ids), per_case=per_case)
         write_json(self.save_dir / "metrics.json", report)
         names = list(overall)
@@ -149,7 +153,7 @@ class MetricsReportWriter:
         for i, case in enumerate(self._ids):
             row = [per_case[n][i] if n in per_case else None for n in names]
             lines.append(",".join([case, *("" if v is None else f"{v:.6g}" for v in row)]))
-        lines.append(",".join(["mean", *(f"{overall[n]:.6g}" for n in names)]))
+        lines.append(",".join(["mean", *("" if overall[n] is None else f"{overall[n]:.6g}" for n in names)]))
         with atomic_path(self.save_dir / "metrics.csv") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
 

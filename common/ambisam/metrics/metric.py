@@ -122,6 +122,8 @@ class DistributionMetric(CumulativeIterationMetric):
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"{type(self).__name__}: nothing to aggregate, call the metric on some data first.")
         f, not_nans = do_metric_reduction(self._per_image(data).clone(), reduction or self.reduction)
+        if not_nans.numel() == 1 and not_nans.item() == 0:  # every value undefined (e.g. NCC of identical samples)
+            f = torch.full_like(f, float("nan"))
         return (f, not_nans) if self.get_not_nans else f
 
 
