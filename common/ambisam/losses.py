@@ -3,6 +3,10 @@
 - :class:`LatentSegmentationLoss`: the conditional-VAE objective of latent-variable methods (pSAM and others):
   BCE + soft Dice of the posterior-sample prediction against the chosen rater, plus ``beta`` times the KL
   divergence between posterior and prior.
+- :class:`HungarianSetLoss`: a set of ``M`` predictions against the ``K`` raters of an image (SeqSAM): Hungarian
+  matching on a Dice-loss matrix, chunking when ``M > K``, empty raters masked out.
+- :class:`WinnerTakesAllLoss`: multiple choice learning (SAM's multimask heads): each rater trains the head
+  closest to it.
 
 Every loss here takes the ``dict`` a method's ``training_outputs`` returns and keeps its last components in
 ``last_components`` (detached scalars), so a trainer can log them.
@@ -10,12 +14,14 @@ Every loss here takes the ``dict`` a method's ``training_outputs`` returns and k
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-__all__ = ["LatentSegmentationLoss"]
+__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss"]
 
 
 class LatentSegmentationLoss(nn.Module):
@@ -110,3 +116,207 @@ class LatentSegmentationLoss(nn.Module):
 # ``outputs`` dict (``"logits" (B, M, h, w)``), a ``(B, K, H, W)`` target and a rater-validity mask, keep
 # ``last_components`` like the loss above, and are added to ``__all__``.
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class HungarianSetLoss(nn.Module):
+    """SeqSAM's set loss: the ``M`` predictions of an image are matched one-to-one to its ``K`` rater masks by
+    the Hungarian algorithm on a Dice-loss matrix, and the matched pairs' losses are averaged.
+
+    Per image (``outputs["logits"] (B, M, h, w)``, ``target (B, K, H, W)``):
+
+    1. :meth:`select` (paper Fig. 1C): when ``M > K`` the predictions, in step order, are split into ``K``
+       consecutive groups of near-equal size (``torch.tensor_split``) and one prediction per group, drawn at
+       random, is kept; ``M == K`` keeps all; ``M < K`` keeps all (at most ``M`` raters are then matched).
+    2. :meth:`pairwise_dice_loss`: the Dice loss of every (prediction, rater) pair, MONAI's
+       :class:`~monai.losses.DiceLoss` (``sigmoid=True``, ``squared_pred`` as the reference code, one value per
+       pair), the logits upsampled bilinearly to the target's size first.
+    3. :meth:`match`: ``scipy.optimize.linear_sum_assignment`` on that matrix restricted to the **valid**
+       raters (default: the non-empty ones), so an empty rater neither takes a prediction away from a real
+       mask nor contributes to the loss ("empty raters masked out"). Predictions left unmatched get no loss.
+    4. the loss: the mean over all matched pairs of the batch of ``dice + bce_weight * BCE``.
+
+    An image without a valid rater contributes nothing; a batch without any gives a zero loss that still has a
+    graph (so DDP and ``backward`` work).
+
+    Args:
+        bce_weight: weight of a pixel-mean BCE on the matched pairs (0 in the reference code). The matching
+            always uses the Dice loss alone.
+        squared_pred: square the predictions in the Dice denominator (``True`` in the reference code).
+        mask_empty_raters: treat empty rater masks as absent (``True``, SeqSAM); ``False`` matches them like
+            any other mask (the model is then also taught to predict "nothing").
+        smooth: ``smooth_nr`` and ``smooth_dr`` of the Dice loss.
+
+    Attributes:
+        last_components: after each call, detached scalars ``dice`` and ``bce`` (means over matched pairs),
+            ``matched`` (matched pairs per image) and ``total``.
+
+    Raises:
+        ValueError: on a negative ``bce_weight`` or ``smooth``.
+    """
+
+    def __init__(
+        self, bce_weight: float = 0.0, squared_pred: bool = True, mask_empty_raters: bool = True, smooth: float = 1e-5
+    ) -> None:
+        super().__init__()
+        if bce_weight < 0 or smooth < 0:
+            raise ValueError(f"bce_weight and smooth must be non-negative, got {bce_weight}, {smooth}")
+        self.bce_weight = float(bce_weight)
+        self.mask_empty_raters = bool(mask_empty_raters)
+        self.dice = DiceLoss(
+            sigmoid=True, squared_pred=squared_pred, reduction="none", smooth_nr=smooth, smooth_dr=smooth
+        )
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def select(self, logits: torch.Tensor, num_raters: int) -> torch.Tensor:
+        """Keep one prediction per group when there are more predictions than raters (paper Fig. 1C).
+
+        Args:
+            logits: ``(B, M, h, w)``, in step order.
+            num_raters: ``K``.
+
+        Returns:
+            ``(B, K, h, w)`` when ``M > K`` (group ``k``'s pick at position ``k``; each image draws its own
+            picks), else ``logits`` unchanged.
+        """
+        m = logits.shape[1]
+        if m <= num_raters:
+            return logits
+        groups = torch.tensor_split(torch.arange(m), num_raters)
+        starts = torch.tensor([int(g[0]) for g in groups])
+        sizes = torch.tensor([len(g) for g in groups])
+        picks = starts + (torch.rand(logits.shape[0], num_raters) * sizes).long().clamp_max(sizes - 1)  # (B, K)
+        index = picks.to(logits.device).view(*picks.shape, 1, 1).expand(-1, -1, *logits.shape[2:])
+        return logits.gather(1, index)
+
+    def pairwise_dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The Dice loss of every (prediction, rater) pair.
+
+        Args:
+            logits: ``(B, P, H, W)`` at the target's size.
+            target: ``(B, K, H, W)`` binary masks.
+
+        Returns:
+            ``(B, P, K)``: entry ``[b, i, k]`` is the Dice loss of prediction ``i`` against rater ``k``.
+        """
+        b, p = logits.shape[:2]
+        k = target.shape[1]
+        spatial = tuple(logits.shape[2:])
+        pairs_in = logits.unsqueeze(2).expand(b, p, k, *spatial).reshape(b, p * k, *spatial)
+        pairs_tg = target.unsqueeze(1).expand(b, p, k, *spatial).reshape(b, p * k, *spatial)
+        return self.dice(pairs_in, pairs_tg).view(b, p, k)
+
+    def match(self, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The matched (prediction, rater) pairs of one image.
+
+        Args:
+            cost: ``(P, V)`` Dice losses of the predictions against the image's valid raters.
+
+        Returns:
+            ``rows``, ``cols``: equal-length index arrays into ``cost`` (``min(P, V)`` one-to-one pairs with the
+            smallest total cost).
+        """
+        return linear_sum_assignment(cost)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self, outputs: dict[str, torch.Tensor], target: torch.Tensor, rater_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of one training step.
+
+        Args:
+            outputs: a method's ``training_outputs``: ``"logits" (B, M, h, w)``.
+            target: ``(B, K, H, W)`` every rater's mask, values in ``{0, 1}``.
+            rater_valid: ``(B, K)`` which raters count; default: the non-empty ones (with
+                ``mask_empty_raters``), else all.
+
+        Returns:
+            the scalar loss.
+
+        Raises:
+            ValueError: when ``outputs`` has no ``"logits"``, the shapes are not ``(B, M, h, w)`` /
+                ``(B, K, H, W)`` with one ``B``, or ``rater_valid`` is not ``(B, K)``.
+        """
+        if "logits" not in outputs:
+            raise ValueError(f"outputs must hold 'logits', got keys {sorted(outputs)}")
+        logits = outputs["logits"]
+        if logits.ndim != 4 or target.ndim != 4 or logits.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"expected logits (B, M, h, w) and target (B, K, H, W), got {tuple(logits.shape)} and "
+                f"{tuple(target.shape)}"
+            )
+        b, k = target.shape[:2]
+        target = target.to(logits.dtype)
+        if rater_valid is None:
+            rater_valid = target.flatten(2).amax(dim=2) > 0 if self.mask_empty_raters else target.new_ones((b, k))
+        elif tuple(rater_valid.shape) != (b, k):
+            raise ValueError(f"rater_valid must be ({b}, {k}), got {tuple(rater_valid.shape)}")
+        valid = rater_valid.bool().cpu().numpy()
+
+        logits = self.select(logits, k)
+        if logits.shape[2:] != target.shape[2:]:
+            logits = F.interpolate(logits, size=tuple(target.shape[2:]), mode="bilinear", align_corners=False)
+        pair_loss = self.pairwise_dice_loss(logits, target)  # (B, P, K)
+
+        cost = pair_loss.detach().float().cpu().numpy()
+        images, rows, cols = [], [], []
+        for i in range(b):
+            valid_cols = np.flatnonzero(valid[i])
+            if valid_cols.size == 0:
+                continue
+            r, c = self.match(cost[i][:, valid_cols])
+            images += [i] * len(r)
+            rows += list(r)
+            cols += list(valid_cols[c])
+        if not rows:  # nothing to learn from in this batch, but keep the graph
+            total = logits.sum() * 0.0
+            zero = total.detach()
+            self.last_components = {"dice": zero, "bce": zero, "matched": zero, "total": zero}
+            return total
+        bi = torch.as_tensor(images, device=logits.device)
+        ri = torch.as_tensor(rows, device=logits.device)
+        ci = torch.as_tensor(cols, device=logits.device)
+        dice = pair_loss[bi, ri, ci].mean()
+        if self.bce_weight > 0:
+            bce = F.binary_cross_entropy_with_logits(logits[bi, ri], target[bi, ci])
+        else:
+            bce = logits.new_zeros(())
+        total = dice + self.bce_weight * bce
+        self.last_components = {
+            "dice": dice.detach(),
+            "bce": bce.detach(),
+            "matched": torch.tensor(len(rows) / b),
+            "total": total.detach(),
+        }
+        return total
+
+    def components(self) -> dict[str, float]:
+        """The last call's components as Python floats (for logging); empty before the first call."""
+        return {name: float(value) for name, value in self.last_components.items()}
+
+
+class WinnerTakesAllLoss(HungarianSetLoss):
+    """Multiple choice learning: every valid rater's mask trains only the prediction (head) with the smallest
+    Dice loss against it; all predictions compete (no selection), and one prediction may win several raters.
+
+    This is the loss of the MCL baseline (SAM's multimask heads) SeqSAM is compared with. The reference
+    baseline draws one non-empty rater per image and takes the best head's loss; this loss takes every valid
+    rater of the image at once, which is that loss's expectation over the draw.
+
+    Args: as :class:`HungarianSetLoss`.
+    """
+
+    def select(self, logits: torch.Tensor, num_raters: int) -> torch.Tensor:
+        """Every prediction competes: ``logits`` unchanged."""
+        return logits
+
+    def match(self, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each valid rater with its best prediction.
+
+        Args:
+            cost: ``(P, V)``.
+
+        Returns:
+            ``rows`` (the winning prediction of each rater) and ``cols = 0 .. V - 1``.
+        """
+        return cost.argmin(axis=0), np.arange(cost.shape[1])

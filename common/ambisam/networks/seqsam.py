@@ -1,0 +1,209 @@
+"""SeqSAM (Towle, Chen & Zhou, 2025; reference code BenjaminTowle/SeqSAM): SAM made autoregressive. Each step
+decodes one mask from the same box, with the previous step's mask as SAM's mask prompt and a recurrent module
+between the prompt encoder and the mask decoder, so that one image embedding gives a sequence of different
+masks, as many as asked for."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
+
+__all__ = ["RecurrentPromptCell", "SequentialSam"]
+
+
+class RecurrentPromptCell(nn.Module):
+    """SeqSAM's recurrent module: ``[dense ; h_m] -> (dense'_m, h_{m+1})`` by two 3x3 convolutions.
+
+    Both convolutions read the ``2C`` channels of the step's dense prompt embedding concatenated with the hidden
+    state (``512 -> 256`` for the SAM family); one gives the dense prompt embedding the mask decoder uses at this
+    step, the other the next hidden state. As in the reference code there is no activation: the non-linearity
+    of the recurrence is SAM's own prompt encoder and mask decoder (the next step's mask prompt is this step's
+    mask). ``h_0 = 0``: a first step (``hidden=None``) reads only the dense half of the weights, which gives the
+    same result at half the cost.
+
+    Args:
+        channels: ``C``, the channels of the dense prompt embedding (``backbone.embedding_dim``, 256).
+        kernel_size: odd spatial size of both convolutions (3).
+        identity_init: initialise the dense output to pass the dense embedding through unchanged (centre tap
+            identity on the dense channels, zero on the hidden channels, zero bias), so that an untrained cell
+            leaves the pretrained SAM's behaviour intact; ``False`` keeps PyTorch's default initialisation (the
+            reference code's). The hidden-state convolution keeps PyTorch's default initialisation either way.
+
+    Raises:
+        ValueError: on a non-positive ``channels`` or an even ``kernel_size``.
+    """
+
+    def __init__(self, channels: int = 256, kernel_size: int = 3, identity_init: bool = True) -> None:
+        super().__init__()
+        if channels < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"channels must be positive and kernel_size odd, got {channels}, {kernel_size}")
+        self.channels = int(channels)
+        self.to_dense = nn.Conv2d(2 * self.channels, self.channels, kernel_size, padding=kernel_size // 2)
+        self.to_hidden = nn.Conv2d(2 * self.channels, self.channels, kernel_size, padding=kernel_size // 2)
+        if identity_init:
+            with torch.no_grad():
+                self.to_dense.weight.zero_()
+                self.to_dense.bias.zero_()
+                centre = kernel_size // 2
+                self.to_dense.weight[:, :, centre, centre][:, : self.channels] = torch.eye(self.channels)
+
+    @staticmethod
+    def _conv(conv: nn.Conv2d, dense: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        if hidden is None:  # h = 0: only the dense half of the input channels contributes
+            return F.conv2d(dense, conv.weight[:, : dense.shape[1]], conv.bias, padding=conv.padding)
+        return conv(torch.cat([dense, hidden], dim=1))
+
+    def forward(
+        self, dense: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step.
+
+        Args:
+            dense: ``(B, C, h, w)`` the step's dense prompt embedding (SAM's prompt encoder output).
+            hidden: ``(B, C, h, w)`` the hidden state ``h_m``, or ``None`` for ``h_0 = 0``.
+
+        Returns:
+            ``dense' (B, C, h, w)`` for the mask decoder and the next hidden state ``(B, C, h, w)``.
+
+        Raises:
+            ValueError: when ``dense`` does not have ``C`` channels or ``hidden`` does not match it.
+        """
+        if dense.ndim != 4 or dense.shape[1] != self.channels:
+            raise ValueError(f"expected dense of shape (B, {self.channels}, h, w), got {tuple(dense.shape)}")
+        if hidden is not None and hidden.shape != dense.shape:
+            raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of dense {tuple(dense.shape)}")
+        return self._conv(self.to_dense, dense, hidden), self._conv(self.to_hidden, dense, hidden)
+
+
+class SequentialSam(MaskSamplingNetwork):
+    """Box-prompted SAM that decodes a sequence of masks, step ``m`` conditioned on step ``m - 1``.
+
+    Step ``m = 1 .. M`` of :meth:`decode_steps`, for every image of the batch at once:
+
+    1. SAM's prompt encoder embeds the box (the same at every step) and the mask prompt: step ``m - 1``'s
+       low-resolution logits (``backbone.mask_size``; none at step 1, i.e. SAM's learned no-mask embedding);
+    2. the :class:`RecurrentPromptCell` maps ``[dense ; h_m]`` to this step's dense embedding and ``h_{m+1}``
+       (``h_1 = 0``);
+    3. one mask decoder call (``backbone.decode``, SAM's single-mask output) gives step ``m``'s logits.
+
+    The steps are deterministic given the embedding: the sequence itself is the set of hypotheses, and any
+    ``M`` can be asked for at inference without retraining. The image encoder is frozen (training runs from
+    cached embeddings); the prompt encoder, the mask decoder and the recurrent module are trained with a set loss
+    against all raters (:class:`~ambisam.losses.HungarianSetLoss`, ``M = max(K, num_train_steps)`` steps per
+    image, as SeqSAM trains with ``M = max(K, 4)``).
+
+    **Departure from the reference code: the recurrent module starts as the identity on the dense embedding**
+    (``identity_init``), so that training starts from the pretrained SAM rather than from a randomly projected
+    dense prompt; the architecture is the reference's. Gradients flow through the mask-prompt chain, as in the
+    reference (``detach_mask_prompt=True`` is its "stop gradients" ablation).
+
+    Args:
+        backbone: a built :class:`~ambisam.sam.SamBackbone` or a registry name.
+        checkpoint: backbone weights for a registry name that needs them.
+        num_train_steps: the minimum number of steps in training (4); ``max(K, num_train_steps)`` are decoded.
+        identity_init: see :class:`RecurrentPromptCell`.
+        detach_mask_prompt: stop gradients through the mask prompt from one step to the next.
+
+    Raises:
+        ValueError: on ``num_train_steps < 1``.
+    """
+
+    training_target = "label"
+
+    def __init__(
+        self,
+        backbone: SamBackbone | str = DEFAULT_BACKBONE,
+        checkpoint: str | os.PathLike | None = None,
+        num_train_steps: int = 4,
+        identity_init: bool = True,
+        detach_mask_prompt: bool = False,
+    ) -> None:
+        super().__init__(backbone, checkpoint, freeze_encoder=True)
+        if num_train_steps < 1:
+            raise ValueError(f"num_train_steps must be at least 1, got {num_train_steps}")
+        self.num_train_steps = int(num_train_steps)
+        self.detach_mask_prompt = bool(detach_mask_prompt)
+        self.recurrent = RecurrentPromptCell(self.backbone.embedding_dim, 3, identity_init=identity_init)
+
+    def decode_steps(self, embeddings: torch.Tensor, boxes: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """Decode ``num_steps`` masks per image, in order, one mask decoder call per step for the whole batch.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            num_steps: ``M >= 1``.
+
+        Returns:
+            ``(B, M, 4h, 4w)`` low-resolution mask logits, step 1 first.
+
+        Raises:
+            ValueError: when ``boxes`` is not ``(B, 4)`` or ``num_steps < 1``.
+        """
+        b = embeddings.shape[0]
+        if boxes is None or tuple(boxes.shape) != (b, 4):
+            raise ValueError(f"expected boxes of shape ({b}, 4), got {None if boxes is None else tuple(boxes.shape)}")
+        if num_steps < 1:
+            raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+        steps: list[torch.Tensor] = []
+        hidden = None
+        mask_prompt = None
+        for _ in range(num_steps):
+            sparse, dense = self.backbone.embed_prompts(boxes=boxes, masks=mask_prompt)  # (B, T, C), (B, C, h, w)
+            dense, hidden = self.recurrent(dense, hidden)
+            logits, _ = self.backbone.decode(embeddings, sparse, dense, multimask=False)  # (B, 1, 4h, 4w)
+            steps.append(logits)
+            mask_prompt = logits.detach() if self.detach_mask_prompt else logits
+        return torch.cat(steps, dim=1)
+
+    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+        """The first ``num_samples`` steps of the sequence (deterministic given the embedding and the box).
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings.
+            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            num_samples: ``M >= 1``.
+
+        Returns:
+            ``(B, M, 4h, 4w)`` low-resolution mask logits, step 1 first.
+
+        Raises:
+            ValueError: when ``boxes`` is ``None`` or ``num_samples < 1``.
+        """
+        if boxes is None:
+            raise ValueError("SequentialSam needs a box prompt")
+        return self.decode_steps(embeddings, boxes, num_samples)
+
+    def default_loss(self) -> nn.Module:
+        """The Hungarian set loss on Dice (METHODS.md, SeqSAM)."""
+        from ambisam.losses import HungarianSetLoss
+
+        return HungarianSetLoss()
+
+    def training_outputs(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``M = max(K, num_train_steps)`` steps per image for the set loss.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
+            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            targets: ``(B, K, S, S)`` every rater's mask (only ``K`` is read here).
+
+        Returns:
+            ``{"logits": (B, M, 4h, 4w)}``, step 1 first.
+
+        Raises:
+            ValueError: when ``targets`` is not ``(B, K, H, W)`` with the embeddings' ``B``, or on bad boxes.
+        """
+        if targets.ndim != 4 or targets.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"expected targets of shape ({embeddings.shape[0]}, K, H, W), got {tuple(targets.shape)}"
+            )
+        num_steps = max(int(targets.shape[1]), self.num_train_steps)
+        return {"logits": self.decode_steps(embeddings, boxes, num_steps)}
