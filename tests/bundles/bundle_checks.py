@@ -203,3 +203,26 @@ def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == f"ambisam: error: {missing}: image file not found"
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def check_torchrun_with(bundle: str, tmp: Path, raters: int = 4, config: tuple[str, ...] = ("train",), **extra) -> None:
+    """:func:`check_torchrun` with a number of raters for the generated data set and more overrides (e.g. a
+    bundle whose training step is costly trains a smaller problem): ``multi_gpu_train.json`` after ``config``
+    under torchrun --nproc_per_node=2 with gloo on CPU, 2 training and 2 validation cases."""
+    dataset_dir = small_dataset(tmp / "data", raters=raters, split=(0.5, 0.5, 0.0)).parent
+    overrides = train_overrides(tmp, dataset_dir, **extra)
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+         "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, *config, "multi_gpu_train")),
+         "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert (tmp / "models" / "model.pt").is_file()
+    assert (tmp / "models" / "checkpoint_epoch=1.pt").is_file()
+    run = json.loads((tmp / "runs" / "run.json").read_text())
+    assert run["world_size"] == 2
