@@ -127,6 +127,79 @@ class Commands:
 
         run_demo(out, cases=cases, max_epochs=max_epochs, num_samples=num_samples, seed=seed)
 
+    def export(
+        self,
+        bundle: str,
+        out: str = "dist",
+        weights: str | None = None,
+        no_weights: bool = False,
+        torchscript: bool = False,
+        weights_url: str | None = None,
+    ) -> None:
+        """Write a self-contained bundle zip OUT/<name>_v<version>.zip (configs, docs, LICENSE, models/model.pt if
+        trained) for `monai.bundle download` and the model zoo (see docs/distribution.md).
+
+        Args:
+            bundle: a bundle name under bundles/, or a bundle folder.
+            out: the output folder.
+            weights: trained weights to ship as models/model.pt (default: the bundle's own models/model.pt).
+            no_weights: leave the weights out (e.g. hosted elsewhere: see weights_url).
+            torchscript: also ship models/model.ts (scripted, else traced for the metadata's input shape).
+            weights_url: where models/model.pt will be hosted: adds large_files.yml with its md5.
+        """
+        from ambisam.export import export_bundle
+
+        print(export_bundle(bundle, out, weights=weights, include_weights=not no_weights, torchscript=torchscript,
+                            weights_url=weights_url))
+
+    def benchmark(
+        self,
+        data: str = "data/synthetic",
+        methods: str = "psam,baseline,multimask,jitter,mc_dropout,prob_unet",
+        samples: int = 16,
+        out: str = "runs/benchmark",
+        budget: float | None = 3.0,
+        seeds: int = 1,
+        max_epochs: int | None = None,
+        backbone: str = "litemedsam",
+        checkpoint: str | None = None,
+        modality: str = "ct",
+        window: str = "-1000,400",
+        num_raters: int | None = None,
+        figure_cases: int = 4,
+        threads: int | None = None,
+        isolate: bool = True,
+        rerun: bool = False,
+    ) -> None:
+        """Train (or reuse) and evaluate methods and baselines with the same data, prompts and metrics; writes
+        OUT/results.json, OUT/results.md and OUT/figures/*.png (see docs/benchmarks.md).
+
+        Args:
+            data: a datalist JSON, or a folder holding datalist.json (a new folder gets the synthetic default).
+            methods: comma-separated: psam, seqsam, mcl, p2sam, proseg, ursam, baseline, multimask, jitter,
+                mc_dropout, prob_unet (a method whose bundle does not exist yet is reported as unavailable).
+            samples: N samples per prompted slice.
+            out: the output folder.
+            budget: training minutes per method and seed.
+            seeds: seeds 0..seeds-1 (mean +/- std); deterministic methods run once.
+            max_epochs: every trained method's max_epochs (default: the bundle's own).
+            backbone: backbone registry name.
+            checkpoint: backbone weights, where needed.
+            modality: ct, mri or none (none for converted LIDC crops).
+            window: the CT window "low,high".
+            num_raters: raters per case (default: the bundles' 4).
+            figure_cases: test cases drawn in the per-case figures.
+            threads: torch threads per job.
+            isolate: one process per job, so that each job's peak memory is its own.
+            rerun: redo jobs already completed in OUT with the same settings.
+        """
+        from ambisam.benchmark import run_benchmark
+
+        run_benchmark(data=data, methods=methods, samples=samples, out=out, budget=budget, seeds=seeds,
+                      max_epochs=max_epochs, backbone=backbone, checkpoint=checkpoint, modality=modality,
+                      window=window, num_raters=num_raters, figure_cases=figure_cases, threads=threads,
+                      isolate=isolate, rerun=rerun)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ambisam`` console script and ``python -m ambisam``."""

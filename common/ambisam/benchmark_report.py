@@ -1,0 +1,302 @@
+"""The benchmark's report: ``results.json``, the Markdown table ``results.md`` and the PNG figures (per test
+case every method's samples, a reliability diagram, metric bars with their spread over seeds).
+
+Everything here reads the entries :func:`ambisam.benchmark.run_benchmark` builds (one per method, see
+:func:`ambisam.benchmark.summarize_jobs`) and the per-case arrays its jobs saved; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ambisam.io import atomic_path, write_json
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "results_markdown",
+    "reliability_png",
+    "metric_bars_png",
+    "case_pngs",
+    "write_report",
+]
+
+#: the columns of ``results.md`` (``{n}`` is N)
+TABLE_COLUMNS = (
+    "method",
+    "GED{n}",
+    "diversity",
+    "HM-IoU{n}",
+    "D_max (per rater)",
+    "D_mean",
+    "soft Dice",
+    "NCC",
+    "ECE",
+    "parameters trained",
+    "train time",
+    "ms per sample",
+    "peak memory",
+)
+
+#: metric key -> (label, higher is better)
+_METRICS = {
+    "ged": ("GED{n} (lower is better)", False),
+    "diversity": ("diversity{n} (sample spread)", None),
+    "hm_iou": ("HM-IoU{n}", True),
+    "dice_max": ("D_max{n} (per rater)", True),
+    "dice_mean": ("D_mean{n}", True),
+    "soft_dice": ("soft Dice", True),
+    "ncc": ("NCC", True),
+    "ece": ("ECE (lower is better)", False),
+}
+
+
+def _value(entry: Mapping, key: str) -> str:
+    value = entry.get(key)
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    if len(entry.get("seeds", [])) > 1 and not entry.get("deterministic"):
+        spread = entry.get("std", {}).get(key)
+        if spread is not None:
+            text += f" ± {spread:.3f}"
+    return text
+
+
+def _count(p: int | None) -> str:
+    if p is None:
+        return "n/a"
+    if p >= 1e6:
+        return f"{p / 1e6:.2f} M"
+    if p >= 1e3:
+        return f"{p / 1e3:.1f} k"
+    return str(p)
+
+
+def _duration(seconds: float | None, kind: str) -> str:
+    if kind == "training_free":
+        return "none"
+    if seconds is None:
+        return "n/a"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _encoder(entries: Sequence[Mapping]) -> str:
+    measured = [e["timings"].get("encoder_ms_per_slice") for e in entries if e["status"] == "ok"]
+    measured = [m for m in measured if m]
+    return f": {np.median(measured):.0f} ms per slice here" if measured else ""
+
+
+def _load(load: Mapping | None) -> str:
+    if not load or not load.get("start") or not load.get("end"):
+        return ""
+    return f"; load average (1 min) {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
+
+
+def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
+    """The Markdown report: settings, the table, what could not run, and the conventions.
+
+    Args:
+        entries: ``results.json``'s entries.
+        record: the run record (settings, machine, versions).
+
+    Returns:
+        The Markdown text.
+    """
+    n = record["num_samples"]
+    ok = [e for e in entries if e["status"] == "ok"]
+    budget = record.get("budget_minutes")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- data: `{record['datalist']}` ({record['counts']['training']} training, "
+        f"{record['counts']['validation']} validation, {record['counts']['test']} test cases); "
+        f"modality {record['modality']}" + (f", window {record['window']}" if record["modality"] == "ct" else ""),
+        f"- N = {n} samples per prompted slice; prompt: the box of the raters' union on every slice they mark "
+        "(no jitter), the same for every method",
+        f"- seeds: {record['seeds']} (mean ± std over seeds; deterministic methods run once); training budget: "
+        + (f"{budget:g} min per method and seed" if budget else "none (the bundles' max_epochs)")
+        + (f", max_epochs {record['max_epochs']}" if record.get("max_epochs") else ""),
+        f"- backbone: {record['backbone']}; machine: {record['machine']}, {record['cpu_count']} CPU cores, "
+        f"{record['threads']} torch threads, device {record['device']}; "
+        f"ambisam {record['versions']['ambisam']}, MONAI {record['versions']['monai']}, "
+        f"torch {record['versions']['torch']}" + _load(record.get("load_average")),
+        "",
+    ]
+    header = [c.format(n=n) for c in TABLE_COLUMNS]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for e in ok:
+        row = [e["method"]] + [_value(e, k) for k in ("ged", "diversity", "hm_iou", "dice_max", "dice_mean",
+                                                      "soft_dice", "ncc", "ece")]
+        row += [
+            _count(e.get("parameters_trained")),
+            _duration(e["timings"].get("train_budgeted_seconds"), e["kind"]),
+            "n/a" if e["timings"].get("ms_per_sample") is None else f"{e['timings']['ms_per_sample']:.1f}",
+            f"{e['memory']['peak_rss_mb'] / 1024:.2f} GiB",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    others = [e for e in entries if e["status"] != "ok"]
+    if others:
+        lines += ["", "Not in the table:", ""]
+        lines += [f"- `{e['method']}`: {e['status']}: {e['reason']}" for e in others]
+    lines += [
+        "",
+        "Methods:",
+        "",
+        *[f"- `{e['method']}`: {e['description']}" for e in entries],
+        "",
+        "Conventions: GED and diversity use d = 1 - IoU with all N^2 / K^2 pairs (two empty masks: distance 0); "
+        "HM-IoU matches samples and tiled raters (Hungarian); D_max is the mean over raters of the best Dice among "
+        "the samples; D_mean the mean Dice over all N x K pairs; soft Dice is QUBIQ's (thresholds 0.1 ... 0.9); "
+        "NCC is PHiSeg's S_NCC (n/a where every sample is identical: a deterministic method has none); ECE pools "
+        "all test pixels into 10 bins (confidence = fraction of samples, target = fraction of raters). Metrics are "
+        "means over test cases (whole volumes). 'train time' is the time the training budget counts: the trainer's "
+        "run with validation after each epoch, without data loading and without the one-time encoding of "
+        "slices into the embedding cache that every SAM method shares (results.json: train_seconds is the wall "
+        "time, train_encoding_seconds the encoding). 'ms per sample' is the sampling inferer's time on the test "
+        "set divided by (prompted slices x N), on cached image embeddings (the SAM encoder, once per slice"
+        + _encoder(entries) + ", is left out; the U-Net's whole forward pass is in); 'peak memory' is the peak "
+        "resident memory of the job's process (training and evaluation).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def reliability_png(path: str | os.PathLike, entries: Sequence[Mapping]) -> Path:
+    """The reliability diagram: per method, the mean raters' fraction against the mean confidence of each
+    confidence bin (pooled over test pixels and seeds), and the share of pixels per bin.
+
+    Args:
+        path: the PNG.
+        entries: ``results.json``'s entries with ``reliability_bins`` ``(3, n_bins)``: counts, summed
+            confidence, summed target.
+
+    Returns:
+        The written path.
+    """
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for e in entries:
+        counts, conf, target = np.asarray(e["reliability_bins"], dtype=float)
+        used = counts > 0
+        if not used.any():
+            continue
+        edges = np.linspace(0, 1, counts.size + 1)
+        label = f"{e['method']} (ECE {e['ece']:.3f})" if e.get("ece") is not None else e["method"]
+        ax.plot(conf[used] / counts[used], target[used] / counts[used], marker="o", markersize=3, label=label)
+        hist.stairs(counts / counts.sum(), edges, label=e["method"])
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (fraction of samples)", ylabel="fraction of raters",
+           title="reliability (test pixels pooled)")
+    ax.legend(fontsize=7)
+    hist.set(yscale="log", xlim=(0, 1), xlabel="confidence bin", ylabel="share of pixels", title="pixels per bin")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def metric_bars_png(path: str | os.PathLike, entries: Sequence[Mapping], num_samples: int) -> Path:
+    """One bar chart per metric, one bar per method, error bars = standard deviation over seeds.
+
+    Args:
+        path: the PNG.
+        entries: ``results.json``'s entries (``status`` ``"ok"``).
+        num_samples: N, for the labels.
+
+    Returns:
+        The written path.
+    """
+    plt = _pyplot()
+    names = [e["method"] for e in entries]
+    fig, axes = plt.subplots(2, 4, figsize=(3.2 * 4, 6.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, (label, _better)) in zip(axes.ravel(), _METRICS.items()):
+        means = [np.nan if e.get(key) is None else e[key] for e in entries]
+        spread = [0.0 if e.get("std", {}).get(key) is None else e["std"][key] for e in entries]
+        x = np.arange(len(names))
+        ax.bar(x, np.nan_to_num(means), yerr=spread, capsize=3,
+               color=[colours[i % len(colours)] for i in range(len(names))])
+        for i, m in enumerate(means):
+            if np.isnan(m):
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(label.format(n=num_samples), fontsize=9)
+    fig.suptitle("mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def case_pngs(out: str | os.PathLike, entries: Sequence[Mapping], num_samples: int, max_samples: int = 8) -> list[Path]:
+    """Per test case kept by the jobs: one overview (:func:`ambisam.figures.overview_png`) with a row per method
+    (image, raters, samples, mean, uncertainty on the slice where the raters' union is largest), first seed.
+
+    Args:
+        out: the benchmark folder (jobs under ``<out>/<method>/seed<s>``).
+        entries: ``results.json``'s entries (``status`` ``"ok"``).
+        num_samples: N, for the title.
+        max_samples: samples drawn per row.
+
+    Returns:
+        The written paths (``<out>/figures/case_<id>.png``).
+    """
+    from ambisam.figures import overview_png
+
+    out = Path(out)
+    by_case: dict[str, list[dict]] = {}
+    for e in entries:
+        folder = out / e["method"] / f"seed{e['seeds'][0]}" / "evaluate" / "cases"
+        for file in sorted(folder.glob("*.npz")):
+            with np.load(file) as arrays:
+                row = {k: arrays[k] for k in ("image", "raters", "samples", "mean", "uncertainty")}
+                row["label"] = f"{e['method']}"
+                row["slice"] = int(arrays["slice"])
+            by_case.setdefault(file.stem, []).append(row)
+    written = []
+    for case, rows in by_case.items():
+        title = f"{case}, slice {rows[0]['slice']}: every method's samples (N={num_samples}, {max_samples} shown)"
+        written.append(overview_png(out / "figures" / f"case_{case}.png", rows, max_samples=max_samples, title=title))
+    return written
+
+
+def write_report(out: str | os.PathLike, entries: Sequence[Mapping], record: Mapping) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and the figures into ``out``.
+
+    Args:
+        out: the benchmark folder.
+        entries: one entry per method (any status).
+        record: the run record (settings, machine, versions).
+
+    Returns:
+        The written paths by name.
+    """
+    out = Path(out)
+    ok = [e for e in entries if e["status"] == "ok"]
+    paths = {"results.json": write_json(out / "results.json", list(entries))}
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(results_markdown(entries, record))
+    paths["results.md"] = out / "results.md"
+    if ok:
+        paths["reliability"] = reliability_png(out / "figures" / "reliability.png", ok)
+        paths["metrics"] = metric_bars_png(out / "figures" / "metrics.png", ok, record["num_samples"])
+        for p in case_pngs(out, ok, record["num_samples"]):
+            paths[p.name] = p
+    return paths

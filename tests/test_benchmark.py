@@ -1,0 +1,328 @@
+"""The benchmark command end to end on a tiny generated data set, its report and figures, its handlers, and
+the baselines it adds (multimask, prompt jitter, MC dropout, Probabilistic U-Net)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+from ambisam.benchmark import METRIC_KEYS, TrainingBudget, run_benchmark
+from ambisam.benchmark_report import TABLE_COLUMNS
+from ambisam.errors import InputError
+from ambisam.networks import (
+    BoxPromptedSam,
+    McDropoutSam,
+    MultimaskSam,
+    ProbabilisticUNet,
+    PromptJitterSam,
+    method_registry,
+)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+@pytest.fixture(scope="module")
+def embedded(litemedsam):
+    """One real slice's embedding (a bright ellipse) and its box in backbone input coordinates."""
+    from conftest import noisy_ellipse
+
+    image, _, box = noisy_ellipse()
+    x = torch.from_numpy(image)[None, None]
+    with torch.no_grad():
+        embedding = litemedsam.encode(x)
+    prompt = litemedsam.boxes_to_input(torch.tensor([box], dtype=torch.float32), tuple(x.shape[-2:]))
+    return embedding, prompt
+
+
+def _count_decoder_calls(backbone):
+    calls = []
+    handle = backbone.mask_decoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_registry_names_the_sam_baselines():
+    assert method_registry["multimask"] is MultimaskSam
+    assert method_registry["jitter"] is PromptJitterSam
+    assert method_registry["mc_dropout"] is McDropoutSam
+
+
+@torch.no_grad()
+def test_multimask_gives_three_distinct_hypotheses_tiled(litemedsam, embedded):
+    embedding, prompt = embedded
+    net = MultimaskSam(litemedsam).eval()
+    logits = net.sample_logits(embedding.expand(2, -1, -1, -1), prompt.expand(2, -1), 7)
+    assert logits.shape == (2, 7, *litemedsam.mask_size)
+    first = logits[0]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    assert not torch.equal(first[0], first[2])
+    for i in range(3, 7):  # tiled: sample i is hypothesis i mod 3
+        assert torch.equal(first[i], first[i % 3])
+    _, scores = litemedsam.decode_boxes(embedding, prompt, multimask=True)
+    best = int(scores[0].argmax())
+    multimask, _ = litemedsam.decode_boxes(embedding, prompt, multimask=True)
+    assert torch.equal(net.sample_logits(embedding, prompt, 1)[0, 0], multimask[0, best])
+
+
+@torch.no_grad()
+def test_jitter_samples_differ_in_one_decoder_call(litemedsam, embedded):
+    embedding, prompt = embedded
+    net = PromptJitterSam(litemedsam).eval()
+    torch.manual_seed(0)
+    calls, handle = _count_decoder_calls(litemedsam)
+    try:
+        logits = net.sample_logits(embedding, prompt, 6)
+    finally:
+        handle.remove()
+    assert logits.shape == (1, 6, *litemedsam.mask_size)
+    assert len(calls) == 1
+    masks = logits[0] > 0
+    assert any(not torch.equal(masks[0], masks[i]) for i in range(1, 6))
+    boxes = net.jitter_boxes(prompt, 50)
+    assert boxes.shape == (1, 50, 4)
+    assert (boxes >= 0).all() and (boxes <= litemedsam.image_size - 1).all()
+    assert (boxes[..., 2] >= boxes[..., 0]).all() and (boxes[..., 3] >= boxes[..., 1]).all()
+    baseline = BoxPromptedSam(litemedsam).eval()
+    assert torch.equal(net.sample_logits(embedding, prompt, 1), baseline.sample_logits(embedding, prompt, 1))
+
+
+@torch.no_grad()
+def test_mc_dropout_samples_differ_and_equal_the_baseline_with_dropout_off(litemedsam, embedded):
+    embedding, prompt = embedded
+    net = McDropoutSam(litemedsam, dropout=0.2).eval()
+    torch.manual_seed(0)
+    calls, handle = _count_decoder_calls(litemedsam)
+    try:
+        logits = net.sample_logits(embedding, prompt, 4)
+    finally:
+        handle.remove()
+    assert logits.shape == (1, 4, *litemedsam.mask_size) and len(calls) == 1
+    assert not torch.allclose(logits[0, 0], logits[0, 1])
+    # the hooks live only during the sampling call: the shared backbone is left as it was
+    assert all(not m._forward_hooks for m in net.dropout_modules())
+    reference = BoxPromptedSam(litemedsam).eval().sample_logits(embedding, prompt, 1)
+    net.dropout_at_sampling = False
+    off = net.sample_logits(embedding, prompt, 4)
+    assert torch.allclose(off, reference.expand_as(off))
+    net.dropout_at_sampling = True
+    assert torch.allclose(net.sample_logits(embedding, prompt, 1), reference)  # forward stays deterministic
+    with pytest.raises(ValueError):
+        McDropoutSam(litemedsam, sites=("nowhere",))
+
+
+# ------------------------------------------------------------------------------------------ prob U-Net
+def _small_prob_unet(**kwargs):
+    return ProbabilisticUNet(image_size=32, features=(8, 8, 16, 16, 16, 8), prior_channels=(8, 16), fcomb_channels=8,
+                             **kwargs)
+
+
+def test_prob_unet_shapes():
+    torch.manual_seed(0)
+    net = _small_prob_unet().eval()
+    images = torch.rand(2, 1, 48, 40)
+    boxes = torch.tensor([[5.0, 6.0, 30.0, 25.0], [0.0, 0.0, 39.0, 47.0]])
+    with torch.no_grad():
+        grid = net.backbone.encode(images)
+        assert grid.shape == (2, 1, 32, 32)
+        prompt = net.backbone.boxes_to_input(boxes, (48, 40))
+        samples = net.sample_logits(grid, prompt, 5)
+        assert samples.shape == (2, 5, 32, 32)
+        assert not torch.allclose(samples[:, 0], samples[:, 1])
+        assert net(images, boxes).shape == (2, 1, 48, 40)  # the representative prediction: the prior mean
+        assert torch.equal(net(images, boxes), net(images, boxes))
+    outputs = net.train()(grid, prompt, torch.zeros(2, 1, 32, 32), training_outputs=True)
+    assert outputs["logits"].shape == (2, 1, 32, 32) and outputs["kl"].shape == (2,)
+    assert _small_prob_unet(use_box=False).needs_box is False
+
+
+def test_prob_unet_training_step_reduces_its_loss():
+    torch.manual_seed(0)
+    net = _small_prob_unet().train()
+    images = torch.rand(4, 1, 32, 32)
+    boxes = torch.tensor([[8.0, 8.0, 23.0, 23.0]]).repeat(4, 1)
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:, :, 10:22, 10:22] = 1
+    loss_fn = net.default_loss()
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+
+    def loss():
+        torch.manual_seed(1)  # the same posterior sample before and after the step
+        return loss_fn(net(images, boxes, masks, training_outputs=True), masks)
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert float(after) < float(before.detach())
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+def test_training_budget_stops_at_an_epoch_end(tmp_path):
+    engine = Engine(lambda e, b: time.sleep(0.05))
+    budget = TrainingBudget(seconds=0.4, record_path=tmp_path / "budget.json")
+    budget.attach(engine)
+    engine.run(range(3), max_epochs=20)  # ~0.15 s per epoch
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert record["stopped_by_budget"] and 1 <= record["epochs"] <= 3
+    assert engine.state.iteration == 3 * record["epochs"]  # whole epochs only
+
+    engine = Engine(lambda e, b: time.sleep(0.05))
+    TrainingBudget(seconds=0.12, record_path=tmp_path / "long.json").attach(engine)
+    engine.run(range(40), max_epochs=5)  # one epoch alone overruns: it is ended early, then training stops
+    record = json.loads((tmp_path / "long.json").read_text())
+    assert record["epochs"] == 1 and record["iterations"] < 40 and record["stopped_by_budget"]
+
+
+def test_training_budget_validates_a_last_epoch_the_bundle_skips(tmp_path):
+    class Validator:
+        epochs: list = []
+
+        def run(self, epoch):
+            self.epochs.append(epoch)
+
+    validator = Validator()
+    engine = Engine(lambda e, b: None)
+    TrainingBudget(None, tmp_path / "budget.json", validator=validator, val_interval=2).attach(engine)
+    engine.run(range(2), max_epochs=3)  # the bundle validates epoch 2; epoch 3 is the last
+    assert validator.epochs == [3]
+
+
+def test_training_budget_does_not_count_first_time_encoding(tmp_path):
+    class Clock:  # stands in for TimedEmbeddingCache: every iteration "encodes" for its whole duration
+        encoding_seconds = 0.0
+
+    clock = Clock()
+
+    def step(engine, batch):
+        time.sleep(0.05)
+        clock.encoding_seconds += 0.05
+
+    engine = Engine(step)
+    TrainingBudget(seconds=0.1, record_path=tmp_path / "budget.json", clock=clock).attach(engine)
+    engine.run(range(3), max_epochs=4)  # 0.6 s of wall time, but (almost) all of it encoding
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert record["epochs"] == 4 and not record["stopped_by_budget"]
+    assert record["encoding_seconds"] == pytest.approx(0.6) and record["seconds"] < 0.1
+
+
+def test_timed_embedding_cache_times_its_misses_only():
+    from ambisam.benchmark import TimedEmbeddingCache
+    from ambisam.networks import ImageGridBackbone
+
+    cache = TimedEmbeddingCache(ImageGridBackbone(16))
+    images = torch.rand(2, 1, 20, 20)
+    first = cache(images)
+    assert cache.misses == 2 and cache.encoding_seconds > 0
+    spent = cache.encoding_seconds
+    assert torch.equal(cache(images), first) and cache.hits == 2 and cache.encoding_seconds == spent
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory):
+    """psam (one epoch), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4."""
+    from ambisam.data import synthesize
+
+    tmp = tmp_path_factory.mktemp("benchmark")
+    datalist = synthesize(tmp / "data", cases=4, shape=(64, 64, 10), seed=3)
+    out = tmp / "out"
+    entries = run_benchmark(data=datalist, methods="psam,jitter,baseline,p2sam", samples=4, out=out, budget=2,
+                            max_epochs=1, figure_cases=1, isolate=False)
+    return out, entries, datalist
+
+
+def test_benchmark_results_json(benchmark_run):
+    out, entries, _ = benchmark_run
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results, list) and [r["method"] for r in results] == ["psam", "jitter", "baseline", "p2sam"]
+    assert results == json.loads(json.dumps(entries))
+    for r in results[:3]:
+        assert r["status"] == "ok", r
+        assert r["num_samples"] == 4 and r["seeds"] == [0]
+        for key in METRIC_KEYS:
+            assert key in r
+        for key in ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ece"):
+            assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, (r["method"], key)
+        assert r["timings"]["ms_per_sample"] > 0 and r["timings"]["sampled_slices"] > 0
+        assert r["memory"]["peak_rss_mb"] > 0
+        assert isinstance(r["parameters_trained"], int)
+        counts = r["reliability_bins"][0]
+        assert len(counts) == 10 and sum(counts) > 0
+    psam, jitter, baseline = results[:3]
+    assert psam["parameters_trained"] > 0 and psam["timings"]["train_seconds"] > 0
+    assert psam["training"][0]["epochs"] == 1
+    assert jitter["parameters_trained"] == 0 and baseline["parameters_trained"] == 0
+    assert baseline["diversity"] == 0.0 and baseline["ncc"] is None  # identical samples: NCC undefined
+    assert jitter["diversity"] > 0
+    assert results[3]["status"] == "unavailable" and "p2sam" in results[3]["reason"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["job"] == "benchmark" and record["num_samples"] == 4 and "torch" in record["versions"]
+
+
+def test_benchmark_markdown_table(benchmark_run):
+    out, _, _ = benchmark_run
+    lines = (out / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [c.format(n=4) for c in TABLE_COLUMNS]
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline"]
+    assert all(len(r.strip("|").split("|")) == len(TABLE_COLUMNS) for r in rows)
+    assert any("p2sam" in line and "unavailable" in line for line in lines)
+
+
+def test_benchmark_figures_are_valid_pngs(benchmark_run):
+    out, _, _ = benchmark_run
+    pngs = sorted((out / "figures").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"reliability.png", "metrics.png"} <= names and any(n.startswith("case_") for n in names)
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_benchmark_reuses_completed_jobs(benchmark_run):
+    out, entries, datalist = benchmark_run
+    before = (out / "psam" / "seed0" / "models" / "model.pt").stat().st_mtime_ns
+    again = run_benchmark(data=datalist, methods="psam,jitter,baseline,p2sam", samples=4, out=out, budget=2,
+                          max_epochs=1, figure_cases=1, isolate=False)
+    assert [e.get("ged") for e in again] == [e.get("ged") for e in entries]
+    assert (out / "psam" / "seed0" / "models" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_benchmark_job_in_its_own_process(benchmark_run, tmp_path):
+    """The default: each job runs as `python -m ambisam.benchmark JOB.json`, its peak memory its own."""
+    _, entries, datalist = benchmark_run
+    (entry,) = run_benchmark(data=datalist, methods="baseline", samples=4, out=tmp_path / "out", figure_cases=0)
+    assert entry["status"] == "ok" and entry["memory"]["scope"] == "job process"
+    assert entry["ged"] == pytest.approx(entries[2]["ged"])  # the same prompts and samples as in-process
+    assert (tmp_path / "out" / "baseline" / "seed0" / "job.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"methods": "psam,nonsense"}, "unknown method"),
+        ({"samples": 0}, "samples and seeds"),
+        ({"budget": -1}, "budget"),
+        ({"modality": "xray"}, "modality"),
+        ({"window": "400,-1000"}, "window"),
+    ],
+)
+def test_benchmark_bad_arguments_write_nothing(tmp_path, kwargs, message):
+    args = {"data": tmp_path / "missing.json", "methods": "baseline", "out": tmp_path / "out"} | kwargs
+    with pytest.raises(InputError, match=message):
+        run_benchmark(**args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_missing_datalist_writes_nothing(tmp_path):
+    with pytest.raises(InputError, match="datalist file not found"):
+        run_benchmark(data=tmp_path / "missing.json", methods="baseline", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

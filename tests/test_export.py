@@ -1,0 +1,164 @@
+"""Model-zoo packaging for every bundle in bundles/: the metadata against the kept schema (offline), the network's
+input and output (``verify_net_in_out``), TorchScript, and ``python -m ambisam export``'s zip running inference
+from an empty folder in a fresh process. Weights are each bundle's freshly initialised network (the test checks
+the packaging, not the accuracy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ambisam.errors import InputError
+from ambisam.export import check_metadata, check_network, export_bundle, network_test_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(
+    p.name
+    for p in (ROOT / "bundles").iterdir()
+    if (p / "configs" / "inference.json").is_file() and (p / "configs" / "metadata.json").is_file()
+)
+SHAPE = (48, 48, 3)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    from monai.bundle import ConfigParser
+
+    tmp = tmp_path_factory.mktemp("weights")
+    found = {}
+    for name in BUNDLES:
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / name / "configs" / "inference.json"))
+        torch.manual_seed(0)
+        found[name] = tmp / f"{name}.pt"
+        torch.save(parser.get_parsed_content("network_def").state_dict(), found[name])
+    return found
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (the checks must run offline)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_is_valid_against_the_kept_schema_offline(bundle, no_network):
+    check_metadata(ROOT / "bundles" / bundle)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_network_in_out_as_the_metadata_declares(bundle, no_network):
+    check_network(ROOT / "bundles" / bundle)
+
+
+def _case(folder: Path) -> tuple[Path, Path]:
+    """A 48 x 48 x 3 CT-like volume with a lesion, and a one-slice box file around it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    image = np.random.default_rng(1).normal(-800, 30, SHAPE)
+    image[..., 1][(yy - 22) ** 2 + (xx - 24) ** 2 < 64] = 40
+    nib.save(nib.Nifti1Image(image.astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), str(folder / "scan.nii.gz"))
+    (folder / "box.json").write_text(json.dumps({"box": [12, 12, 1, 34, 34, 1]}))
+    return folder / "scan.nii.gz", folder / "box.json"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_exported_zip_runs_inference_from_an_empty_folder_in_a_fresh_process(bundle, weights, tmp_path):
+    zip_path = export_bundle(bundle, tmp_path / "dist", weights=weights[bundle], torchscript=True)
+    version = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())["version"]
+    assert zip_path.name == f"{bundle}_v{version}.zip"  # the name monai.bundle download --source github asks for
+    with zipfile.ZipFile(zip_path) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "unzipped")
+    for required in ("configs/inference.json", "configs/metadata.json", "configs/train.json", "docs/README.md",
+                     "LICENSE", "models/model.pt", "models/model.ts"):
+        assert f"{bundle}/{required}" in names
+    assert not [n for n in names if "/runs/" in n or "checkpoint" in n or "__pycache__" in n]
+    unzipped = tmp_path / "unzipped" / bundle
+    assert sorted(p.name for p in (tmp_path / "unzipped").iterdir()) == [bundle]
+
+    image, box = _case(tmp_path / "inputs")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+         "--image", str(image), "--box", str(box), "--num_samples", "2"],
+        cwd=unzipped, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    out = unzipped / "runs" / "inference"  # bundle_root is the unzipped folder, not the repository's bundles/
+    ref = nib.load(image)
+    for suffix in ("_mask", "_mean", "_uncertainty", "_variance"):
+        img = nib.load(out / f"scan{suffix}.nii.gz")
+        assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    assert nib.load(out / "scan_samples.nii.gz").shape == (*ref.shape, 2)
+    record = json.loads((out / "scan.json").read_text())
+    assert Path(record["weights"]) == unzipped / "models" / "model.pt" and record["bundle_version"] == version
+
+    # the TorchScript model: loads on its own, carries the metadata, gives the network's prediction shape
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(unzipped / "models" / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == version and json.loads(extra["inference.json"])
+    test_image, test_args = network_test_inputs(unzipped)
+    with torch.no_grad():
+        prediction = scripted(test_image, *test_args.values())
+    channels = json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"]
+    assert prediction.shape == (1, channels, *test_image.shape[2:])
+
+
+def test_export_without_weights_and_with_a_hosting_url(weights, tmp_path):
+    bundle = BUNDLES[0]
+    zip_path = export_bundle(bundle, tmp_path, weights=weights[bundle], include_weights=False,
+                             weights_url="https://example.org/releases/model.pt")
+    with zipfile.ZipFile(zip_path) as archive:
+        assert f"{bundle}/models/model.pt" not in archive.namelist()
+        large_files = archive.read(f"{bundle}/large_files.yml").decode()
+    import hashlib
+
+    md5 = hashlib.md5(weights[bundle].read_bytes()).hexdigest()
+    assert 'path: "models/model.pt"' in large_files and md5 in large_files and "https://example.org" in large_files
+
+
+def test_export_refuses_incomplete_bundles(tmp_path, weights):
+    source = ROOT / "bundles" / BUNDLES[0]
+    with pytest.raises(InputError, match="not a bundle"):
+        export_bundle("no_such_bundle", tmp_path)
+    broken = tmp_path / "bundles" / BUNDLES[0]
+    shutil.copytree(source, broken, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    if not (broken / "LICENSE").exists():
+        shutil.copy(ROOT / "LICENSE", broken / "LICENSE")
+    (broken / "docs" / "README.md").unlink()
+    with pytest.raises(InputError, match=r"README.md: missing"):
+        export_bundle(broken, tmp_path / "dist")
+    shutil.copy(source / "docs" / "README.md", broken / "docs" / "README.md")
+    meta = json.loads((broken / "configs" / "metadata.json").read_text())
+    meta["required_packages_version"]["ambisam"] = "0.0.1"
+    (broken / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="must declare ambisam"):
+        export_bundle(broken, tmp_path / "dist")
+    with pytest.raises(InputError, match="weights file not found"):
+        export_bundle(source, tmp_path / "dist", weights=tmp_path / "none.pt")
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+
+
+def test_export_command_line_bad_input_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ambisam", "export", "no_such_bundle", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("ambisam: error: no_such_bundle: not a bundle")
