@@ -1,0 +1,111 @@
+"""Training a frozen-encoder bundle from MONAI Label: MONAI Label's own ``BundleTrainTask`` on the bundle's
+``train.json``, with the datastore's finished labels as the training and validation data.
+
+What differs from training from the command line, and why:
+
+- The datastore holds one finished label per image (an annotator's mask, or a multi-rater stack), so the bundle's
+  ``num_raters`` becomes 1 (at least one rater mask) unless the request sets it.
+- Each request is a new run in ``<working copy>/runs/monailabel/<time>/`` (fine-tuning from the served
+  ``models/model.pt``, which MONAI Label loads when ``pretrained`` is on) rather than resuming the bundle's own
+  checkpoints; when it completes, its best ``model.pt`` replaces the served one, and the infer task reloads it.
+- Validation runs every ``val_interval`` epochs (default 1) so that a short run still writes ``model.pt``; with
+  too few labelled images for a validation split, the training images are validated on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+__all__ = ["FrozenEncoderBundleTrainTask"]
+
+logger = logging.getLogger(__name__)
+
+
+class FrozenEncoderBundleTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` for a bundle whose image encoder is frozen (trained from cached embeddings).
+
+    Args:
+        path: the bundle's working copy.
+        conf: the app's ``--conf`` pairs.
+        kwargs: passed to ``BundleTrainTask``.
+    """
+
+    def __init__(self, path: str, conf: Mapping[str, str], **kwargs: Any) -> None:
+        kwargs.setdefault("load_strict", True)
+        super().__init__(path, dict(conf), **kwargs)
+        self._request: dict = {}
+        self._run_dir: Path | None = None
+
+    def _bundle_value(self, key: str, default: Any) -> Any:
+        value = self.bundle_config.get(key)
+        return default if value is None or isinstance(value, str) else value
+
+    def config(self) -> dict[str, Any]:
+        options = super().config()
+        options.update(
+            {
+                "max_epochs": self._bundle_value("max_epochs", 8),
+                "val_split": 0.2,
+                "val_interval": 1,
+                "num_samples": self._bundle_value("num_samples", 16),
+                "multi_gpu": False,
+            }
+        )
+        return options
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        # MONAI Label 0.8.5 calls os.path.exists(None) when pretrained is off (a TypeError)
+        if pretrained and model_pytorch and os.path.exists(model_pytorch):
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+
+    def _partition_datalist(self, datalist, request, shuffle=False):
+        train_ds, val_ds = super()._partition_datalist(datalist, request, shuffle)
+        if not train_ds:
+            raise ValueError("no labelled image in the datastore: save at least one finished label before training")
+        if not val_ds:  # never fall back to the bundle's default data set (it would be generated in the cwd)
+            logger.warning("too few labelled images for a validation split: validating on the training images")
+            val_ds = list(train_ds)
+        return train_ds, val_ds
+
+    def _update_overrides(self, overrides: dict) -> dict:
+        request = self._request
+        run_dir = self._run_dir
+        overrides.update(
+            {
+                "max_epochs": overrides.get(self.const.key_train_trainer_max_epochs(), 1),
+                "val_interval": int(request.get("val_interval", 1)),
+                # at least one rater mask per label (an annotator's, or a multi-rater stack); None would be dropped
+                # by monai.bundle.run, which ignores None overrides
+                "num_raters": int(request.get("num_raters") or 1),
+                "ckpt_dir": str(run_dir / "models"),
+                "output_dir": str(run_dir),
+            }
+        )
+        if request.get("num_samples"):
+            overrides["num_samples"] = int(request["num_samples"])
+        return overrides
+
+    def __call__(self, request, datastore):
+        self._request = dict(request)
+        self._run_dir = Path(self.bundle_path) / "runs" / "monailabel" / time.strftime("%Y%m%d-%H%M%S")
+        result = super().__call__(request, datastore)
+        trained = self._run_dir / "models" / "model.pt"
+        served = Path(self.bundle_path) / "models" / "model.pt"
+        if trained.is_file():
+            served.parent.mkdir(parents=True, exist_ok=True)
+            tmp = served.with_name(".model.pt.training")
+            shutil.copy2(trained, tmp)
+            os.replace(tmp, served)
+            os.utime(served)  # a new mtime: the infer task reloads the network
+            logger.info(f"new weights served: {served} (from {trained})")
+        else:
+            logger.warning(f"training wrote no model.pt in {trained.parent}: the served weights are unchanged")
+        return result or {}
