@@ -121,23 +121,7 @@ def check_inference_outputs(out_dir: Path, datalist: Path, split: str, num_sampl
 def check_torchrun(bundle: str, tmp: Path) -> None:
     """multi_gpu_train.json under torchrun --nproc_per_node=2 with gloo on CPU (2 training, 2 validation cases,
     so that each rank has one of each)."""
-    dataset_dir = small_dataset(tmp / "data", split=(0.5, 0.5, 0.0)).parent
-    overrides = train_overrides(tmp, dataset_dir)
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, "train", "multi_gpu_train")),
-         "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert (tmp / "models" / "model.pt").is_file()
-    assert (tmp / "models" / "checkpoint_epoch=1.pt").is_file()
-    run = json.loads((tmp / "runs" / "run.json").read_text())
-    assert run["world_size"] == 2
+    check_torchrun_with(bundle, tmp)
 
 
 def bad_inputs(tmp: Path, source_dir: Path) -> dict[str, tuple[dict, str]]:
