@@ -16,6 +16,16 @@ from typing import Any
 __all__ = ["atomic_path", "write_json", "run_record"]
 
 
+#: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
+_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block completes.
@@ -35,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
