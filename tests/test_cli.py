@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ambisam.bench import bench_sampling, format_sampling
+from ambisam.bench import bench_methods, bench_sampling, format_methods, format_sampling
 from ambisam.demo import run_demo, segment_file
 from ambisam.errors import InputError
 from conftest import dice, noisy_ellipse
@@ -96,3 +96,19 @@ def test_find_input_error_unwraps_monai_compose():
     found = find_input_error(err.value)
     assert isinstance(found, InputError) and found.path == "scan.nii.gz"
     assert find_input_error(RuntimeError("unrelated")) is None
+
+
+def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_where_trainable():
+    results = bench_methods("baseline,psam", num_samples=2, repeats=1, volume_slices=1, threads=2, batch_size=1)
+    assert [r["method"] for r in results] == ["baseline", "psam"]
+    assert not results[0]["trainable"] and "training_speedup" not in results[0]
+    assert results[1]["trainable"] and results[1]["training_speedup"] > 0
+    table = format_methods(results).splitlines()
+    assert table[0].startswith("| method |") and "ratio time(2)/time(1)" in table[0]
+    rows = [line for line in table if line.startswith("| baseline") or line.startswith("| psam")]
+    assert len(rows) == 2 and "training-free" in rows[0] and rows[1].rstrip("|").strip().endswith("x")
+
+
+def test_bench_methods_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_methods("psam,nonsense")

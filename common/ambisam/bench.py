@@ -6,7 +6,9 @@ over the same step re-encoding its images (the frozen-encoder methods train this
 ``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
 encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
 included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
-slicewise inferer's volume throughput.
+slicewise inferer's volume throughput. ``--method all`` (or a comma-separated list) measures every method in
+``ambisam.networks.method_registry`` and prints one Markdown table, with the training speed-up of the trainable
+ones beside their sampling figures.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +25,17 @@ from ambisam.inferers import SlicewiseSamplingInferer
 from ambisam.networks import method_registry
 from ambisam.sam import DEFAULT_BACKBONE, build_backbone
 
-__all__ = ["bench_sampling", "format_sampling", "print_sampling", "bench_training", "format_training", "print_training"]
+__all__ = [
+    "bench_sampling",
+    "format_sampling",
+    "print_sampling",
+    "bench_training",
+    "format_training",
+    "print_training",
+    "bench_methods",
+    "format_methods",
+    "print_methods",
+]
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -208,3 +220,91 @@ def print_training(as_json: bool = False, **kwargs) -> dict:
     result = bench_training(**kwargs)
     print(json.dumps(result, indent=2) if as_json else format_training(result))
     return result
+
+
+def is_trainable(method: str) -> bool:
+    """Whether a registered method has its own training step (the training-free baselines do not)."""
+    from ambisam.networks import MaskSamplingNetwork
+
+    return method_registry[method].training_outputs is not MaskSamplingNetwork.training_outputs
+
+
+def _method_names(methods: str | Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = list(method_registry) if methods.strip() == "all" else methods.split(",")
+    names = [m.strip() for m in methods if m and m.strip()]
+    unknown = [m for m in names if m not in method_registry]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(method_registry)} or 'all'")
+    return names
+
+
+def bench_methods(
+    methods: str | Sequence[str] = "all",
+    training: bool = True,
+    batch_size: int = 4,
+    **kwargs,
+) -> list[dict]:
+    """:func:`bench_sampling` for several methods, and :func:`bench_training` for the trainable ones.
+
+    Args:
+        methods: ``"all"`` (every name in ``method_registry``), a comma-separated string or a list of names.
+        training: also measure the cached-embedding training speed-up of the trainable methods.
+        batch_size: slices per training step.
+        kwargs: passed to :func:`bench_sampling` (``backbone``, ``checkpoint``, ``num_samples``, ``repeats``,
+            ``volume_slices``, ``threads``); ``backbone``, ``checkpoint``, ``repeats`` and ``threads`` also to
+            :func:`bench_training`.
+
+    Returns:
+        One dict per method: the sampling figures, ``trainable`` and, for a trainable method measured with
+        ``training``, ``training_speedup``, ``step_ms_cached`` and ``step_ms_encoding``.
+
+    Raises:
+        ValueError: on an unknown method name.
+    """
+    names = _method_names(methods)
+    shared = {k: kwargs[k] for k in ("backbone", "checkpoint", "repeats", "threads") if k in kwargs}
+    results = []
+    for name in names:
+        result = bench_sampling(method=name, **kwargs)
+        result["trainable"] = is_trainable(name)
+        if training and result["trainable"]:
+            t = bench_training(method=name, batch_size=batch_size, **shared)
+            result.update(training_speedup=t["speedup"], step_ms_cached=t["step_ms_cached"],
+                          step_ms_encoding=t["step_ms_encoding"], training_batch_size=batch_size)
+        results.append(result)
+    return results
+
+
+def format_methods(results: Sequence[dict]) -> str:
+    """A Markdown table of :func:`bench_methods`' figures, one row per method, and the settings under it."""
+    n = results[0]["num_samples"]
+    rows = [
+        f"| method | encoder ms / slice | ms per sample (N={n}) | one sample alone, ms | ratio time({n})/time(1) "
+        "| ratio limit | volume slices/s | training speed-up from cached embeddings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        speedup = f"{r['training_speedup']:.1f}x" if r.get("training_speedup") else (
+            "training-free" if not r.get("trainable") else "not measured")
+        rows.append(
+            f"| {r['method']} | {r['encoder_ms_per_slice']:.0f} | {r['decoder_ms_per_sample']:.1f} "
+            f"| {r['decoder_ms_one_sample']:.1f} | {r['ratio']:.2f} | {r['ratio_limit']:.2f} "
+            f"| {r['volume_slices_per_s']:.2f} | {speedup} |"
+        )
+    first = results[0]
+    rows.append("")
+    rows.append(
+        f"backbone {first['backbone']}, {first['threads']} threads, {first['device']} ({first['machine']}); ratio "
+        f"target <= 2.0, ratio limit = 1 + {n} x decoder/encoder (what encoding once can reach at best); "
+        f"volume: {first['volume_slices']} prompted slices"
+        + (f"; training step: {next((r['training_batch_size'] for r in results if 'training_batch_size' in r), '')} "
+           "slices" if any("training_batch_size" in r for r in results) else "")
+    )
+    return "\n".join(rows)
+
+
+def print_methods(as_json: bool = False, **kwargs) -> list[dict]:
+    results = bench_methods(**kwargs)
+    print(json.dumps(results, indent=2) if as_json else format_methods(results))
+    return results

@@ -23,40 +23,39 @@ class Bench:
 
     def sampling(
         self,
-        method: str = "baseline",
+        method: str = "all",
         backbone: str = "litemedsam",
         checkpoint: str | None = None,
         num_samples: int = 16,
         repeats: int = 3,
         volume_slices: int = 8,
         threads: int | None = None,
+        training: bool = True,
         json: bool = False,
     ) -> None:
         """Encoder ms per slice, decoder ms per sample, the ratio time(N)/time(1) and volume throughput.
 
         Args:
-            method: method name (``baseline`` until bundles register more).
+            method: a method name (printed as lines), or ``all`` / a comma-separated list (one Markdown table
+                with every method's figures and, for the trainable ones, the cached-embedding training speed-up).
             backbone: backbone registry name.
             checkpoint: backbone weights, where needed.
             num_samples: N.
             repeats: timed repetitions (best kept).
             volume_slices: prompted slices in the volume test.
             threads: torch threads.
+            training: in the table, also measure the training speed-up of the trainable methods.
             json: print JSON instead of lines.
         """
-        from ambisam.bench import print_sampling
+        from ambisam.bench import print_methods, print_sampling
 
-        print_sampling(
-            as_json=json,
-            method=method,
-            backbone=backbone,
-            checkpoint=checkpoint,
-            num_samples=num_samples,
-            repeats=repeats,
-            volume_slices=volume_slices,
-            threads=threads,
-        )
-
+        settings = dict(backbone=backbone, checkpoint=checkpoint, num_samples=num_samples, repeats=repeats,
+                        volume_slices=volume_slices, threads=threads)
+        if isinstance(method, str) and method != "all" and "," not in method:
+            print_sampling(as_json=json, method=method, **settings)
+        else:  # fire passes "a,b" as a tuple
+            print_methods(as_json=json, methods=method if isinstance(method, str) else list(method),
+                          training=training, **settings)
 
     def training(
         self,
