@@ -68,6 +68,24 @@ def test_decode_groups_prompts_by_image(litemedsam):
         litemedsam.decode_boxes(emb, boxes[:5])
 
 
+def test_decode_in_chunks_of_prompts_gives_the_same_masks(litemedsam):
+    """prompts_per_call only changes how many prompts go to the decoder at once (3 prompts per image here)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        emb = litemedsam.encode(torch.rand(2, 1, 64, 64))
+        boxes = torch.tensor([[10, 10, 100, 100], [50, 60, 200, 220], [0, 0, 255, 255]] * 2, dtype=torch.float32)
+        results = {}
+        for per_call in (1, 2, 3, None):
+            litemedsam.prompts_per_call = per_call
+            results[per_call] = litemedsam.decode_boxes(emb, boxes)[0]
+        litemedsam.prompts_per_call = None
+    for per_call in (1, 2, None):
+        assert torch.allclose(results[per_call], results[3], atol=1e-4), per_call
+    with pytest.raises(ValueError, match="prompts_per_call"):
+        type(litemedsam)("x", litemedsam.image_encoder, litemedsam.prompt_encoder, litemedsam.mask_decoder, 256,
+                         prompts_per_call=0)
+
+
 def test_unknown_backbone_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(InputError, match="unknown backbone 'vit_x'"):
         build_backbone("vit_x")

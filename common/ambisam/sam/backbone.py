@@ -38,7 +38,15 @@ class SamBackbone(nn.Module):
         pixel_mean: per-channel mean on the 0..255 scale, or ``None`` for encoders trained on ``[0, 1]`` input
             without normalisation (MedSAM, LiteMedSAM).
         pixel_std: per-channel standard deviation on the 0..255 scale (with ``pixel_mean``).
+        prompts_per_call: the most prompts of one image :meth:`decode` gives the mask decoder at once, or
+            ``None`` for :data:`CPU_PROMPTS_PER_CALL` on a CPU and all of them on a GPU. SAM's decoder copies the
+            image embedding once per prompt; on a CPU a call with many prompts runs out of cache and costs about
+            twice as much per prompt as calls with two (LiteMedSAM, 2 threads: 120 against 63 ms per prompt for
+            16 prompts), while a GPU wants them all at once. The result is the same either way.
     """
+
+    #: prompts per mask decoder call on a CPU when ``prompts_per_call`` is ``None``
+    CPU_PROMPTS_PER_CALL = 2
 
     def __init__(
         self,
@@ -49,8 +57,12 @@ class SamBackbone(nn.Module):
         image_size: int,
         pixel_mean: tuple[float, float, float] | None = None,
         pixel_std: tuple[float, float, float] | None = None,
+        prompts_per_call: int | None = None,
     ) -> None:
         super().__init__()
+        if prompts_per_call is not None and prompts_per_call < 1:
+            raise ValueError(f"prompts_per_call must be at least 1 or None, got {prompts_per_call}")
+        self.prompts_per_call = prompts_per_call
         self.name = name
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -158,7 +170,7 @@ class SamBackbone(nn.Module):
 
         Prompts are grouped by image: rows ``b * P`` to ``(b + 1) * P - 1`` of ``sparse``/``dense`` belong to
         ``embeddings[b]``. The image embedding is never recomputed or copied per prompt beyond what SAM's
-        decoder does itself.
+        decoder does itself; the prompts of an image go to the decoder ``prompts_per_call`` at a time.
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings.
@@ -178,19 +190,21 @@ class SamBackbone(nn.Module):
                 f"{sparse.shape[0]} sparse / {dense.shape[0]} dense prompts do not split evenly over {b} images"
             )
         p = sparse.shape[0] // b
+        chunk = self.prompts_per_call or (self.CPU_PROMPTS_PER_CALL if embeddings.device.type == "cpu" else p)
         image_pe = self.prompt_encoder.get_dense_pe()
         logits, ious = [], []
         for i in range(b):
-            rows = slice(i * p, (i + 1) * p)
-            lg, iou = self.mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse[rows],
-                dense_prompt_embeddings=dense[rows],
-                multimask_output=multimask,
-            )
-            logits.append(lg)
-            ious.append(iou)
+            for start in range(i * p, (i + 1) * p, chunk):
+                rows = slice(start, min(start + chunk, (i + 1) * p))
+                lg, iou = self.mask_decoder(
+                    image_embeddings=embeddings[i : i + 1],
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse[rows],
+                    dense_prompt_embeddings=dense[rows],
+                    multimask_output=multimask,
+                )
+                logits.append(lg)
+                ious.append(iou)
         return torch.cat(logits), torch.cat(ious)
 
     def decode_boxes(
