@@ -4,6 +4,7 @@ the baselines it adds (multimask, prompt jitter, MC dropout, Probabilistic U-Net
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -68,7 +69,12 @@ def test_multimask_gives_three_distinct_hypotheses_tiled(litemedsam, embedded):
 
 
 @torch.no_grad()
-def test_jitter_samples_differ_in_one_decoder_call(litemedsam, embedded):
+def _decoder_calls_for(backbone, num_prompts: int) -> int:
+    """Decoder calls for one image's prompts: ``prompts_per_call`` at a time (2 on a CPU by default)."""
+    return math.ceil(num_prompts / (backbone.prompts_per_call or backbone.CPU_PROMPTS_PER_CALL))
+
+
+def test_jitter_samples_differ_decoded_from_one_embedding(litemedsam, embedded):
     embedding, prompt = embedded
     net = PromptJitterSam(litemedsam).eval()
     torch.manual_seed(0)
@@ -78,7 +84,7 @@ def test_jitter_samples_differ_in_one_decoder_call(litemedsam, embedded):
     finally:
         handle.remove()
     assert logits.shape == (1, 6, *litemedsam.mask_size)
-    assert len(calls) == 1
+    assert len(calls) == _decoder_calls_for(litemedsam, 6)  # one batched decode of the 6 boxes, no per-sample call
     masks = logits[0] > 0
     assert any(not torch.equal(masks[0], masks[i]) for i in range(1, 6))
     boxes = net.jitter_boxes(prompt, 50)
@@ -99,7 +105,7 @@ def test_mc_dropout_samples_differ_and_equal_the_baseline_with_dropout_off(litem
         logits = net.sample_logits(embedding, prompt, 4)
     finally:
         handle.remove()
-    assert logits.shape == (1, 4, *litemedsam.mask_size) and len(calls) == 1
+    assert logits.shape == (1, 4, *litemedsam.mask_size) and len(calls) == _decoder_calls_for(litemedsam, 4)
     assert not torch.allclose(logits[0, 0], logits[0, 1])
     # the hooks live only during the sampling call: the shared backbone is left as it was
     assert all(not m._forward_hooks for m in net.dropout_modules())

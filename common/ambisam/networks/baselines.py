@@ -2,7 +2,7 @@
 of a deterministic model (the plain single-mask baseline is :class:`~ambisam.networks.BoxPromptedSam`):
 
 - :class:`MultimaskSam`: SAM's own three multimask outputs as three hypotheses, tiled to ``N``;
-- :class:`PromptJitterSam`: a prompt-jitter ensemble, ``N`` randomly perturbed boxes decoded in one call;
+- :class:`PromptJitterSam`: a prompt-jitter ensemble, ``N`` randomly perturbed boxes decoded from one embedding;
 - :class:`McDropoutSam`: Monte Carlo dropout in the mask decoder, switched on at sampling time only.
 
 Each draws all of its ``N`` samples from one image embedding in one mask decoder call per image, like every
@@ -73,7 +73,7 @@ class MultimaskSam(MaskSamplingNetwork):
 
 
 class PromptJitterSam(MaskSamplingNetwork):
-    """A prompt-jitter ensemble: ``N`` randomly perturbed copies of the box, all decoded in one call.
+    """A prompt-jitter ensemble: ``N`` randomly perturbed copies of the box, all decoded from one embedding.
 
     Each coordinate of each copy moves independently by a uniform random amount in ``[-r w, r w]`` (x) or
     ``[-r h, r h]`` (y), ``w, h`` the box's width and height and ``r = ratio``, with at least ``min_shift``
@@ -127,7 +127,7 @@ class PromptJitterSam(MaskSamplingNetwork):
         return torch.cat([low, high], dim=-1)
 
     def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-        """One mask per perturbed box, every box of an image decoded in one mask decoder call.
+        """One mask per perturbed box, every box of an image decoded from its one embedding.
 
         Args:
             embeddings: ``(B, C, h, w)``.
@@ -174,7 +174,7 @@ class McDropoutSam(MaskSamplingNetwork):
     SAM's decoder has no dropout layers; this network drops units of chosen decoder layers by forward hooks
     that apply :func:`torch.nn.functional.dropout` to those modules' outputs (:data:`DROPOUT_SITES`), so
     SAM's code and weights stay as they are. The hooks exist only during a sampling call and act only on it:
-    the box prompt is repeated ``N`` times, grouped by image, and decoded in one call per image; every copy gets
+    the box prompt is repeated ``N`` times, grouped by image, and decoded together per image; every copy gets
     its own dropout mask, hence its own mask sample.
 
     With ``dropout_at_sampling = False``, or in eval mode with ``N = 1`` (``forward``), no unit is dropped and
@@ -229,7 +229,7 @@ class McDropoutSam(MaskSamplingNetwork):
                 handle.remove()
 
     def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-        """``N`` decodings of the box under independent dropout masks, in one decoder call per image.
+        """``N`` decodings of the box under independent dropout masks, decoded together per image.
 
         Args:
             embeddings: ``(B, C, h, w)``.
