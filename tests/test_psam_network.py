@@ -96,7 +96,7 @@ def test_prior_samples_differ_and_eval_single_sample_is_deterministic(psam, exam
         assert torch.allclose(first, psam.decode_latents(embeddings, boxes, prior_mean))
 
 
-def test_one_decoder_call_per_image(psam, example, monkeypatch):
+def test_decoder_calls_carry_one_images_prompts_prompts_per_call_at_a_time(psam, example, monkeypatch):
     embeddings, boxes = _batch_of_two(example)
     decoder = psam.backbone.mask_decoder
     calls = []
@@ -109,8 +109,15 @@ def test_one_decoder_call_per_image(psam, example, monkeypatch):
     monkeypatch.setattr(decoder, "forward", counting_forward)
     psam.eval()
     with torch.no_grad():
-        psam.sample_logits(embeddings, boxes, 16)
+        torch.manual_seed(3)
+        chunked = psam.sample_logits(embeddings, boxes, 16)
+        assert calls == [psam.backbone.CPU_PROMPTS_PER_CALL] * (2 * 16 // psam.backbone.CPU_PROMPTS_PER_CALL)
+        calls.clear()
+        monkeypatch.setattr(psam.backbone, "prompts_per_call", 16)
+        torch.manual_seed(3)
+        whole = psam.sample_logits(embeddings, boxes, 16)
     assert calls == [16, 16]  # two images, one call each carrying all 16 prompts
+    assert torch.allclose(chunked, whole, atol=1e-4)
 
 
 def test_frozen_encoder_and_trainable_parts(psam):

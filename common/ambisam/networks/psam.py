@@ -31,8 +31,8 @@ class ProbabilisticSam(MaskSamplingNetwork):
 
     Training (:meth:`training_outputs`) decodes one posterior sample per image, and the loss is BCE + soft Dice
     against that rater plus ``beta * KL(q || p)`` (:class:`~ambisam.losses.LatentSegmentationLoss`).
-    Sampling (:meth:`sample_logits`) draws ``N`` codes from the prior and decodes all of them in one mask
-    decoder call per image, from the one image embedding.
+    Sampling (:meth:`sample_logits`) draws ``N`` codes from the prior and decodes all of them from the one
+    image embedding (``SamBackbone.decode``: all in one mask decoder call on a GPU, two at a time on a CPU).
 
     **Departure from the reference code: the prior and the posterior are conditioned on the image embedding,
     not on the raw image.** The reference prior and posterior nets read the ``(B, 3, H, W)`` image (and the
@@ -116,7 +116,7 @@ class ProbabilisticSam(MaskSamplingNetwork):
         return self.posterior_net(torch.cat([embeddings, masks], dim=1))
 
     def decode_latents(self, embeddings: torch.Tensor, boxes: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """Decode ``N`` latent codes per image with its box, in one mask decoder call per image.
+        """Decode ``N`` latent codes per image with its box, from the one embedding of each image (``SamBackbone.decode``).
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings.
