@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 torch.set_num_threads(2)
 
@@ -28,3 +29,23 @@ def noisy_ellipse(h=160, w=200, center=(80, 110), radii=(30, 45), noise=0.08, se
 def dice(a, b):
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="session")
+def example(litemedsam):
+    """One noisy ellipse: its embedding (computed once, no grad), box and mask in backbone input coordinates."""
+    image, mask, box = noisy_ellipse()
+    image = torch.from_numpy(image)[None, None]
+    size = tuple(image.shape[-2:])
+    litemedsam.eval()
+    with torch.no_grad():
+        embeddings = litemedsam.encode(image)
+    s = litemedsam.image_size
+    rater_mask = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(s, s), mode="nearest")
+    return {
+        "image": image,
+        "pixel_box": torch.tensor([box], dtype=torch.float32),
+        "embeddings": embeddings,  # (1, 256, 64, 64)
+        "boxes": litemedsam.boxes_to_input(torch.tensor([box]), size),  # (1, 4)
+        "rater_mask": rater_mask,  # (1, 1, 256, 256)
+    }

@@ -27,16 +27,9 @@ from ambisam.networks import (
 
 # ------------------------------------------------------------------------------------------------ baselines
 @pytest.fixture(scope="module")
-def embedded(litemedsam):
+def embedded(example):
     """One real slice's embedding (a bright ellipse) and its box in backbone input coordinates."""
-    from conftest import noisy_ellipse
-
-    image, _, box = noisy_ellipse()
-    x = torch.from_numpy(image)[None, None]
-    with torch.no_grad():
-        embedding = litemedsam.encode(x)
-    prompt = litemedsam.boxes_to_input(torch.tensor([box], dtype=torch.float32), tuple(x.shape[-2:]))
-    return embedding, prompt
+    return example["embeddings"], example["boxes"].float()
 
 
 def _count_decoder_calls(backbone):

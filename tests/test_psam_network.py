@@ -2,7 +2,7 @@
 trained, the posterior/prior KL, and the latent-variable loss (a real optimisation from a cached embedding).
 
 The backbone fixture is shared by the whole session: tests that train work on a deep copy, and every test leaves
-the backbone in eval mode. The image is encoded once for the module (plus once in the ``forward`` test)."""
+the backbone in eval mode. The image is encoded once per session (conftest's ``example``; plus once in the ``forward`` test)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import noisy_ellipse
 
 from ambisam.losses import LatentSegmentationLoss
 from ambisam.networks import (
@@ -22,26 +20,6 @@ from ambisam.networks import (
     latent_kl_divergence,
     method_registry,
 )
-
-
-@pytest.fixture(scope="module")
-def example(litemedsam):
-    """One noisy ellipse: its embedding (computed once, no grad), box and mask in backbone input coordinates."""
-    image, mask, box = noisy_ellipse()
-    image = torch.from_numpy(image)[None, None]
-    size = tuple(image.shape[-2:])
-    litemedsam.eval()
-    with torch.no_grad():
-        embeddings = litemedsam.encode(image)
-    s = litemedsam.image_size
-    rater_mask = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(s, s), mode="nearest")
-    return {
-        "image": image,
-        "pixel_box": torch.tensor([box], dtype=torch.float32),
-        "embeddings": embeddings,  # (1, 256, 64, 64)
-        "boxes": litemedsam.boxes_to_input(torch.tensor([box]), size),  # (1, 4)
-        "rater_mask": rater_mask,  # (1, 1, 256, 256)
-    }
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ trained. Set loss: cases whose optimal matching is known (a permutation, a brute
 chunking when M > K, empty raters masked out, and winner-takes-all against Hungarian.
 
 The backbone fixture is shared by the whole session: tests that train work on a deep copy, and every test leaves
-the backbone in eval mode. The image is encoded once for the module (plus once in the ``forward`` test)."""
+the backbone in eval mode. The image is encoded once per session (conftest's ``example``; plus once in the ``forward`` test)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import noisy_ellipse
 
 from ambisam.losses import HungarianSetLoss, WinnerTakesAllLoss
 from ambisam.networks import (
@@ -31,26 +30,6 @@ from ambisam.networks import (
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def example(litemedsam):
-    """One noisy ellipse: its embedding (computed once, no grad), box and mask in backbone input coordinates."""
-    image, mask, box = noisy_ellipse()
-    image = torch.from_numpy(image)[None, None]
-    size = tuple(image.shape[-2:])
-    litemedsam.eval()
-    with torch.no_grad():
-        embeddings = litemedsam.encode(image)
-    s = litemedsam.image_size
-    rater_mask = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(s, s), mode="nearest")
-    return {
-        "image": image,
-        "pixel_box": torch.tensor([box], dtype=torch.float32),
-        "embeddings": embeddings,  # (1, 256, 64, 64)
-        "boxes": litemedsam.boxes_to_input(torch.tensor([box]), size),  # (1, 4)
-        "rater_mask": rater_mask,  # (1, 1, 256, 256)
-    }
-
-
 @pytest.fixture
 def seqsam(litemedsam):
     torch.manual_seed(0)
