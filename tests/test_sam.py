@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,18 @@ def test_decode_in_chunks_of_prompts_gives_the_same_masks(litemedsam):
     with pytest.raises(ValueError, match="prompts_per_call"):
         type(litemedsam)("x", litemedsam.image_encoder, litemedsam.prompt_encoder, litemedsam.mask_decoder, 256,
                          prompts_per_call=0)
+
+
+def test_dense_pe_is_computed_once_and_follows_the_encoding_matrix(litemedsam):
+    backbone = copy.deepcopy(litemedsam)
+    first = backbone.dense_pe()
+    assert first.shape == (1, 256, 64, 64)
+    assert torch.equal(first, backbone.prompt_encoder.get_dense_pe())
+    assert backbone.dense_pe() is first  # kept between decoder calls
+    with torch.no_grad():
+        backbone.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2)  # new values, same tensor
+    changed = backbone.dense_pe()
+    assert not torch.equal(changed, first) and torch.equal(changed, backbone.prompt_encoder.get_dense_pe())
 
 
 def test_unknown_backbone_and_missing_checkpoint_are_clear_errors(tmp_path):

@@ -79,28 +79,105 @@ def test_any_number_of_steps_without_retraining(seqsam, example):
 def test_mask_prompt_is_previous_step_and_one_decoder_call_per_step(seqsam, example, monkeypatch):
     embeddings, boxes = _batch_of_two(example)
     backbone = seqsam.backbone
-    prompts, decodes = [], []
-    embed_prompts, decode = backbone.embed_prompts, backbone.decode
+    prompts, masks, decodes = [], [], []
+    embed_prompts, dense_prompt_factors, decode = backbone.embed_prompts, backbone.dense_prompt_factors, backbone.decode
 
     def spy_embed_prompts(boxes=None, masks=None, **kwargs):
-        prompts.append((boxes.clone(), None if masks is None else masks.clone()))
+        prompts.append((boxes.clone(), masks))
         return embed_prompts(boxes=boxes, masks=masks, **kwargs)
+
+    def spy_dense_prompt_factors(mask_prompt=None, batch_size=1):
+        masks.append(None if mask_prompt is None else mask_prompt.clone())
+        return dense_prompt_factors(mask_prompt, batch_size=batch_size)
 
     def spy_decode(embeddings, sparse, dense, multimask=False):
         decodes.append((embeddings.shape[0], sparse.shape[0], multimask))
         return decode(embeddings, sparse, dense, multimask=multimask)
 
     monkeypatch.setattr(backbone, "embed_prompts", spy_embed_prompts)
+    monkeypatch.setattr(backbone, "dense_prompt_factors", spy_dense_prompt_factors)
     monkeypatch.setattr(backbone, "decode", spy_decode)
     with torch.no_grad():
         logits = seqsam.sample_logits(embeddings, boxes, 3)
     assert decodes == [(2, 2, False)] * 3  # one call per step, both images in it, SAM's single-mask output
-    assert len(prompts) == 3
-    assert prompts[0][1] is None  # step 1: SAM's no-mask embedding
+    # the box is embedded once (its tokens are the same at every step) and the mask prompts step by step
+    assert len(prompts) == 1 and torch.equal(prompts[0][0], boxes) and prompts[0][1] is None
+    assert len(masks) == 3
+    assert masks[0] is None  # step 1: SAM's no-mask embedding
     for m in (1, 2):
-        assert torch.equal(prompts[m][0], boxes)  # the box stays the same
-        assert prompts[m][1].shape == (2, 1, *backbone.mask_size)
-        assert torch.equal(prompts[m][1], logits[:, m - 1 : m])  # step m's prompt: step m - 1's logits
+        assert masks[m].shape == (2, 1, *backbone.mask_size)
+        assert torch.equal(masks[m], logits[:, m - 1 : m])  # step m's prompt: step m - 1's logits
+
+
+def _literal_steps(model, embeddings, boxes, num_steps):
+    """The method as the paper writes it: SAM's prompt encoder on the box and the previous logits, the cell on
+    the materialised ``[dense ; h]``, the decoder; the factored path must give the same masks."""
+    backbone, steps, hidden, mask_prompt = model.backbone, [], None, None
+    for _ in range(num_steps):
+        sparse, dense = backbone.embed_prompts(boxes=boxes, masks=mask_prompt)
+        dense, hidden = model.recurrent(dense, hidden)
+        logits, _ = backbone.decode(embeddings, sparse, dense, multimask=False)
+        steps.append(logits)
+        mask_prompt = logits
+    return torch.cat(steps, dim=1)
+
+
+def test_factored_steps_equal_the_literal_recurrence(litemedsam, example):
+    """With random (not identity) cell weights, so that both halves of both convolutions matter: the same
+    logits, thresholded masks and gradients as the literal formulation, for a batch of two."""
+    torch.manual_seed(0)
+    model = SequentialSam(backbone=copy.deepcopy(litemedsam), identity_init=False).eval()
+    with torch.no_grad():
+        model.recurrent.to_dense.weight.mul_(0.2)  # keep the random recurrence from saturating every logit
+        model.recurrent.to_hidden.weight.mul_(0.2)
+    embeddings, boxes = _batch_of_two(example)
+    with torch.no_grad():
+        fast = model.sample_logits(embeddings, boxes, 5)
+        literal = _literal_steps(model, embeddings, boxes, 5)
+    scale = literal.abs().max()
+    assert (fast - literal).abs().max() <= 1e-5 * scale
+    assert torch.equal(fast > 0, literal > 0)
+    assert (literal[:, 1:] - literal[:, :-1]).abs().max() > 1e-2  # the steps differ: the comparison is not vacuous
+
+    params = [model.recurrent.to_dense.weight, model.recurrent.to_hidden.weight,
+              model.backbone.prompt_encoder.mask_downscaling[-1].weight,
+              model.backbone.prompt_encoder.no_mask_embed.weight]
+    grads = []
+    for run in (model.sample_logits, lambda e, b, m: _literal_steps(model, e, b, m)):
+        loss = run(embeddings[:1], boxes[:1], 3).sigmoid().mean()
+        grads.append(torch.autograd.grad(loss, params))
+    for fast_grad, literal_grad in zip(*grads):
+        assert fast_grad.abs().max() > 0
+        assert torch.allclose(fast_grad, literal_grad, rtol=1e-3, atol=1e-4 * literal_grad.abs().max())
+
+
+def test_factored_cell_on_any_prompt(litemedsam):
+    """forward_factored = forward on the materialised prompt: no mask, a mask, a prompt given unfactored (an
+    encoder whose mask stem ends otherwise), the first step (h = 0) and the last (no next hidden state)."""
+    torch.manual_seed(0)
+    cell = RecurrentPromptCell(256, identity_init=False)
+    masks = torch.randn(2, 1, *litemedsam.mask_size) * 4
+    no_mask = litemedsam.dense_prompt_factors(None, batch_size=2)
+    with_mask = litemedsam.dense_prompt_factors(masks)
+    dense = with_mask.materialize()
+    unfactored = type(with_mask)(dense, None, torch.zeros(256), 2, with_mask.size)
+    hidden = torch.randn(2, 256, *litemedsam.embedding_size)
+    with torch.no_grad():
+        assert torch.allclose(no_mask.materialize(), litemedsam.embed_prompts(batch_size=2)[1])
+        assert torch.allclose(dense, litemedsam.embed_prompts(boxes=torch.zeros(2, 4), masks=masks)[1], atol=1e-5)
+        for prompt in (no_mask, with_mask, unfactored):
+            for h in (None, hidden):
+                expected = cell(prompt.materialize(), h)
+                got = cell.forward_factored(prompt, h)
+                for e, g in zip(expected, got):
+                    assert g.shape == e.shape == (2, 256, 64, 64)
+                    assert (g - e).abs().max() <= 1e-5 * e.abs().max()
+        last_dense, no_hidden = cell.forward_factored(with_mask, hidden, next_hidden=False)
+        assert no_hidden is None and torch.allclose(last_dense, cell(dense, hidden)[0], atol=1e-4)
+    with pytest.raises(ValueError):
+        cell.forward_factored(with_mask, hidden[:1])
+    with pytest.raises(ValueError):
+        RecurrentPromptCell(128).forward_factored(with_mask)
 
 
 def test_recurrent_cell(example):

