@@ -8,7 +8,7 @@ from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_diverg
 from ambisam.networks.mcl import MultipleChoiceSam
 from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
 from ambisam.networks.psam import ProbabilisticSam
-from ambisam.networks.seqsam import RecurrentPromptCell, SequentialSam
+from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
 
 #: method name -> network class (built as ``cls(backbone=...)``)
 method_registry: dict[str, type[MaskSamplingNetwork]] = {
@@ -27,6 +27,7 @@ __all__ = [
     "ProbabilisticSam",
     "SequentialSam",
     "RecurrentPromptCell",
+    "FoldedPromptCell",
     "MultipleChoiceSam",
     "MultimaskSam",
     "PromptJitterSam",

@@ -6,6 +6,7 @@ masks, as many as asked for."""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,28 @@ from torch import nn
 from ambisam.networks.base import MaskSamplingNetwork
 from ambisam.sam import DEFAULT_BACKBONE, DensePromptFactors, SamBackbone
 
-__all__ = ["RecurrentPromptCell", "SequentialSam"]
+__all__ = ["RecurrentPromptCell", "FoldedPromptCell", "SequentialSam"]
+
+
+class FoldedPromptCell(NamedTuple):
+    """:class:`RecurrentPromptCell`'s two convolutions folded onto one kind of dense prompt
+    (:meth:`RecurrentPromptCell.fold`): ``2C`` outputs, ``to_dense``'s first.
+
+    The prompt's offset and the convolutions' biases give a constant map: one value per channel inside the
+    grid (``interior``), another within ``k // 2`` of its edges, where the zero padding cuts the offset off
+    (``interior + border``).
+
+    Attributes:
+        on_features: ``(2C, c, k, k)`` the weight on the prompt's features, or ``None`` for a prompt without any.
+        on_hidden: ``(2C, C, k, k)`` the weight on the hidden state.
+        interior: ``(2C,)`` the constant map away from the edges.
+        border: ``(1, 2C, h, w)`` the constant map minus ``interior`` (zero away from the edges).
+    """
+
+    on_features: torch.Tensor | None
+    on_hidden: torch.Tensor
+    interior: torch.Tensor
+    border: torch.Tensor
 
 
 class RecurrentPromptCell(nn.Module):
@@ -26,6 +48,9 @@ class RecurrentPromptCell(nn.Module):
     of the recurrence is SAM's own prompt encoder and mask decoder (the next step's mask prompt is this step's
     mask). ``h_0 = 0``: a first step (``hidden=None``) reads only the dense half of the weights, which gives the
     same result at half the cost.
+
+    :meth:`forward` takes the dense embedding itself (the paper's formulation); :meth:`forward_factored` takes it
+    in SAM's factored form and gives the same result at a fraction of the cost (what :class:`SequentialSam` runs).
 
     Args:
         channels: ``C``, the channels of the dense prompt embedding (``backbone.embedding_dim``, 256).
@@ -80,36 +105,76 @@ class RecurrentPromptCell(nn.Module):
             raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of dense {tuple(dense.shape)}")
         return self._conv(self.to_dense, dense, hidden), self._conv(self.to_hidden, dense, hidden)
 
-    def _conv_factored(self, conv: nn.Conv2d, prompt: DensePromptFactors, hidden: torch.Tensor | None) -> torch.Tensor:
-        c, padding = self.channels, conv.padding
-        on_dense, on_hidden = conv.weight[:, :c], conv.weight[:, c:]  # (C_out, C, k, k) each
-        # the offset, repeated over the grid and zero-padded: a convolution of the grid's indicator
-        inside = prompt.offset.new_ones(1, 1, *prompt.size)
-        out = F.conv2d(inside, torch.einsum("oikl,i->okl", on_dense, prompt.offset)[:, None], conv.bias, padding=padding)
-        if prompt.features is not None:
-            folded = on_dense if prompt.projection is None else torch.einsum("oikl,if->ofkl", on_dense, prompt.projection)
-            out = out + F.conv2d(prompt.features, folded, padding=padding)
-        if hidden is not None:
-            out = out + F.conv2d(hidden, on_hidden, padding=padding)
-        return out.expand(prompt.batch_size, -1, -1, -1)
+    def fold(self, prompt: DensePromptFactors) -> FoldedPromptCell:
+        """Both convolutions stacked (``to_dense`` then ``to_hidden``) and folded onto one kind of dense prompt.
+
+        The convolutions are linear, so their dense half can act on the factors of the embedding
+        (``projection @ features + offset``, see :class:`~ambisam.sam.DensePromptFactors`): its weight times the
+        ``1 x 1`` projection reads the ``c = 16`` feature channels instead of ``C = 256``, and the offset, repeated
+        over the grid and zero-padded like the embedding, becomes a constant map computed here once. The fold
+        depends on the prompt's projection and offset, not on its features, so one fold serves every step whose
+        mask prompt goes through the same layer (every step after the first).
+
+        Args:
+            prompt: a dense prompt of the kind to fold onto.
+
+        Returns:
+            :class:`FoldedPromptCell` for :meth:`forward_factored`.
+
+        Raises:
+            ValueError: when the prompt does not have ``C`` channels.
+        """
+        if prompt.offset.shape != (self.channels,):
+            raise ValueError(f"expected a dense prompt of {self.channels} channels, got {tuple(prompt.offset.shape)}")
+        weight = torch.cat([self.to_dense.weight, self.to_hidden.weight])  # (2C, 2C, k, k)
+        bias = torch.cat([self.to_dense.bias, self.to_hidden.bias])
+        on_dense, on_hidden = weight[:, : self.channels], weight[:, self.channels :].contiguous()
+        padding = self.to_dense.padding
+        inside = prompt.offset.new_ones(1, 1, *prompt.size)  # the grid's indicator: zero padding outside it
+        on_offset = torch.einsum("oikl,i->okl", on_dense, prompt.offset)  # (2C, k, k)
+        constant = F.conv2d(inside, on_offset[:, None], bias, padding=padding)
+        interior = bias + on_offset.sum(dim=(1, 2))
+        if prompt.features is None:
+            on_features = None
+        elif prompt.projection is None:
+            on_features = on_dense.contiguous()
+        else:
+            on_features = torch.einsum("oikl,if->ofkl", on_dense, prompt.projection)
+        return FoldedPromptCell(on_features, on_hidden, interior, constant - interior.view(1, -1, 1, 1))
+
+    @staticmethod
+    def _add_border(out: torch.Tensor, border: torch.Tensor, width: int) -> torch.Tensor:
+        """``out += border`` where ``border`` can be non-zero: the strips ``width`` wide along the grid's edges."""
+        h, w = out.shape[-2:]
+        if width == 0:
+            return out
+        if h <= 2 * width or w <= 2 * width:
+            return out.add_(border)
+        for rows, cols in ((slice(None, width), slice(None)), (slice(h - width, None), slice(None)),
+                           (slice(width, h - width), slice(None, width)), (slice(width, h - width), slice(w - width, None))):
+            out[..., rows, cols] += border[..., rows, cols]
+        return out
 
     def forward_factored(
-        self, prompt: DensePromptFactors, hidden: torch.Tensor | None = None, next_hidden: bool = True
+        self,
+        prompt: DensePromptFactors,
+        hidden: torch.Tensor | None = None,
+        next_hidden: bool = True,
+        folded: FoldedPromptCell | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step on SAM's dense prompt embedding in factored form: :meth:`forward`'s result at a fraction of
         its cost.
 
-        The convolutions are linear, so the dense half of each is applied to the factors of the embedding
-        (``projection @ features + offset``): its weight is folded into the ``1 x 1`` projection (``c = 16``
-        input channels instead of ``C = 256``) and the offset, repeated over the grid and zero-padded like the
-        embedding, costs one single-channel convolution. Only the hidden half runs on ``C`` channels, and not at
-        all at the first step (``h_1 = 0``). Equal to ``forward(prompt.materialize(), hidden)`` up to float
-        rounding, gradients included.
+        Only the hidden half of the convolutions runs on ``C`` channels (and not at all at the first step,
+        ``h_1 = 0``); the dense half runs on the prompt's thin features (:meth:`fold`). Equal to
+        ``forward(prompt.materialize(), hidden)`` up to float rounding, gradients included.
 
         Args:
             prompt: the step's dense prompt embedding, from :meth:`SamBackbone.dense_prompt_factors`.
             hidden: ``(B, C, h, w)`` the hidden state ``h_m``, or ``None`` for ``h_0 = 0``.
             next_hidden: compute ``h_{m+1}``; ``False`` at the last step, where it would go unused.
+            folded: ``fold(p)`` of a prompt ``p`` of the same kind (same projection and offset, features or none
+                alike), to reuse over steps; folded here when ``None``.
 
         Returns:
             ``dense' (B, C, h, w)`` and the next hidden state ``(B, C, h, w)`` (``None`` without ``next_hidden``).
@@ -117,13 +182,24 @@ class RecurrentPromptCell(nn.Module):
         Raises:
             ValueError: when the prompt does not have ``C`` channels or ``hidden`` does not match it.
         """
-        if prompt.offset.shape != (self.channels,):
-            raise ValueError(f"expected a dense prompt of {self.channels} channels, got {tuple(prompt.offset.shape)}")
+        folded = self.fold(prompt) if folded is None else folded
         shape = (prompt.batch_size, self.channels, *prompt.size)
         if hidden is not None and tuple(hidden.shape) != shape:
             raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of the dense prompt {shape}")
-        dense = self._conv_factored(self.to_dense, prompt, hidden)
-        return dense, (self._conv_factored(self.to_hidden, prompt, hidden) if next_hidden else None)
+        outputs = 2 * self.channels if next_hidden else self.channels
+        padding = self.to_dense.padding
+        interior = folded.interior[:outputs]
+        out = None  # the convolutions take the interior value as their bias; the edges are corrected after
+        if prompt.features is not None:
+            out = F.conv2d(prompt.features, folded.on_features[:outputs], interior, padding=padding)
+        if hidden is not None:
+            on_hidden = F.conv2d(hidden, folded.on_hidden[:outputs], interior if out is None else None, padding=padding)
+            out = on_hidden if out is None else out.add_(on_hidden)
+        if out is None:
+            out = (interior.view(1, -1, 1, 1) + folded.border[:, :outputs]).expand(prompt.batch_size, -1, -1, -1)
+        else:
+            out = self._add_border(out, folded.border[:, :outputs], padding[0])
+        return out[:, : self.channels], (out[:, self.channels :] if next_hidden else None)
 
 
 class SequentialSam(MaskSamplingNetwork):
@@ -203,9 +279,13 @@ class SequentialSam(MaskSamplingNetwork):
         steps: list[torch.Tensor] = []
         hidden = None
         mask_prompt = None
+        folds: dict[bool, FoldedPromptCell] = {}  # the cell folded onto "no mask" (step 1) and onto a mask prompt
         for m in range(num_steps):
             prompt = self.backbone.dense_prompt_factors(mask_prompt, batch_size=b)  # step m - 1's logits, or none
-            dense, hidden = self.recurrent.forward_factored(prompt, hidden, next_hidden=m < num_steps - 1)
+            kind = mask_prompt is not None
+            if kind not in folds:
+                folds[kind] = self.recurrent.fold(prompt)
+            dense, hidden = self.recurrent.forward_factored(prompt, hidden, m < num_steps - 1, folds[kind])
             logits, _ = self.backbone.decode(embeddings, sparse, dense, multimask=False)  # (B, 1, 4h, 4w)
             steps.append(logits)
             mask_prompt = logits.detach() if self.detach_mask_prompt else logits
