@@ -38,15 +38,24 @@ __all__ = [
 ]
 
 
-def _best_of(fn: Callable[[], object], repeats: int) -> float:
-    """Smallest wall time of ``repeats`` calls, in seconds (after one warm-up call)."""
-    fn()
-    times = []
+def _best_of(fn: Callable[[], object], repeats: int, *others: Callable[[], object]) -> float | tuple[float, ...]:
+    """Smallest wall time of ``repeats`` calls, in seconds (after one warm-up call).
+
+    With ``others``, every callable is timed in each round, in turn, and a tuple of their best times is returned:
+    a CPU whose speed drifts (a shared machine's does, within minutes) then slows them alike, and the ratios
+    of the results stay fair.
+    """
+    fns = (fn, *others)
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for f, t in zip(fns, times):
+            start = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - start)
+    best = tuple(min(t) for t in times)
+    return best if others else best[0]
 
 
 def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +84,7 @@ def bench_sampling(
         backbone: backbone registry name.
         checkpoint: backbone weights, where the backbone needs them.
         num_samples: ``N`` for the ratio and the volume.
-        repeats: timed repetitions (the best is kept).
+        repeats: timed rounds (the best is kept; encoder, samples and ratio are timed in turn in each round).
         volume_slices: prompted slices in the volume throughput test.
         threads: torch threads (default: torch's own setting).
 
@@ -93,11 +102,14 @@ def bench_sampling(
     prompt = bb.boxes_to_input(box, size)
     embedding = bb.encode(image)
 
-    t_encode = _best_of(lambda: bb.encode(image), repeats)
-    t_sample_1 = _best_of(lambda: net.sample_logits(embedding, prompt, 1), repeats)
-    t_sample_n = _best_of(lambda: net.sample_logits(embedding, prompt, num_samples), repeats)
-    t_1 = _best_of(lambda: net.sample_logits(bb.encode(image), prompt, 1), repeats)
-    t_n = _best_of(lambda: net.sample_logits(bb.encode(image), prompt, num_samples), repeats)
+    t_encode, t_sample_1, t_sample_n, t_1, t_n = _best_of(
+        lambda: bb.encode(image),
+        repeats,
+        lambda: net.sample_logits(embedding, prompt, 1),
+        lambda: net.sample_logits(embedding, prompt, num_samples),
+        lambda: net.sample_logits(bb.encode(image), prompt, 1),
+        lambda: net.sample_logits(bb.encode(image), prompt, num_samples),
+    )
 
     volume = image[..., None].repeat(1, 1, 1, 1, volume_slices)
     volume = volume + 0.01 * torch.arange(volume_slices).view(1, 1, 1, 1, -1)  # distinct slices
@@ -190,8 +202,7 @@ def bench_training(
         loss.backward()
         optimizer.step()
 
-    t_cached = _best_of(lambda: step(cache), repeats)
-    t_encode = _best_of(lambda: step(bb.encode), repeats)
+    t_cached, t_encode = _best_of(lambda: step(cache), repeats, lambda: step(bb.encode))
     return {
         "method": method,
         "backbone": backbone,

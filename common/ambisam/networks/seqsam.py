@@ -20,21 +20,20 @@ __all__ = ["RecurrentPromptCell", "FoldedPromptCell", "SequentialSam"]
 
 class FoldedPromptCell(NamedTuple):
     """:class:`RecurrentPromptCell`'s two convolutions folded onto one kind of dense prompt
-    (:meth:`RecurrentPromptCell.fold`): ``2C`` outputs, ``to_dense``'s first.
+    (:meth:`RecurrentPromptCell.fold`): ``2C`` outputs, ``to_dense``'s first, and ``C + c`` inputs, the hidden
+    state's first, then the prompt's ``c`` feature channels (``c = 0`` for a prompt without features).
 
     The prompt's offset and the convolutions' biases give a constant map: one value per channel inside the
     grid (``interior``), another within ``k // 2`` of its edges, where the zero padding cuts the offset off
     (``interior + border``).
 
     Attributes:
-        on_features: ``(2C, c, k, k)`` the weight on the prompt's features, or ``None`` for a prompt without any.
-        on_hidden: ``(2C, C, k, k)`` the weight on the hidden state.
+        weight: ``(2C, C + c, k, k)`` on ``[h_m ; features]``.
         interior: ``(2C,)`` the constant map away from the edges.
         border: ``(1, 2C, h, w)`` the constant map minus ``interior`` (zero away from the edges).
     """
 
-    on_features: torch.Tensor | None
-    on_hidden: torch.Tensor
+    weight: torch.Tensor
     interior: torch.Tensor
     border: torch.Tensor
 
@@ -126,21 +125,20 @@ class RecurrentPromptCell(nn.Module):
         """
         if prompt.offset.shape != (self.channels,):
             raise ValueError(f"expected a dense prompt of {self.channels} channels, got {tuple(prompt.offset.shape)}")
-        weight = torch.cat([self.to_dense.weight, self.to_hidden.weight])  # (2C, 2C, k, k)
+        weight = torch.cat([self.to_dense.weight, self.to_hidden.weight])  # (2C, 2C, k, k): [dense ; h] inputs
         bias = torch.cat([self.to_dense.bias, self.to_hidden.bias])
-        on_dense, on_hidden = weight[:, : self.channels], weight[:, self.channels :].contiguous()
-        padding = self.to_dense.padding
+        on_dense, on_hidden = weight[:, : self.channels], weight[:, self.channels :]
         inside = prompt.offset.new_ones(1, 1, *prompt.size)  # the grid's indicator: zero padding outside it
         on_offset = torch.einsum("oikl,i->okl", on_dense, prompt.offset)  # (2C, k, k)
-        constant = F.conv2d(inside, on_offset[:, None], bias, padding=padding)
+        constant = F.conv2d(inside, on_offset[:, None], bias, padding=self.to_dense.padding)
         interior = bias + on_offset.sum(dim=(1, 2))
         if prompt.features is None:
-            on_features = None
+            folded = on_hidden.contiguous()
         elif prompt.projection is None:
-            on_features = on_dense.contiguous()
+            folded = torch.cat([on_hidden, on_dense], dim=1)
         else:
-            on_features = torch.einsum("oikl,if->ofkl", on_dense, prompt.projection)
-        return FoldedPromptCell(on_features, on_hidden, interior, constant - interior.view(1, -1, 1, 1))
+            folded = torch.cat([on_hidden, torch.einsum("oikl,if->ofkl", on_dense, prompt.projection)], dim=1)
+        return FoldedPromptCell(folded, interior, constant - interior.view(1, -1, 1, 1))
 
     @staticmethod
     def _add_border(out: torch.Tensor, border: torch.Tensor, width: int) -> torch.Tensor:
@@ -187,18 +185,19 @@ class RecurrentPromptCell(nn.Module):
         if hidden is not None and tuple(hidden.shape) != shape:
             raise ValueError(f"hidden {tuple(hidden.shape)} must have the shape of the dense prompt {shape}")
         outputs = 2 * self.channels if next_hidden else self.channels
-        padding = self.to_dense.padding
-        interior = folded.interior[:outputs]
-        out = None  # the convolutions take the interior value as their bias; the edges are corrected after
-        if prompt.features is not None:
-            out = F.conv2d(prompt.features, folded.on_features[:outputs], interior, padding=padding)
-        if hidden is not None:
-            on_hidden = F.conv2d(hidden, folded.on_hidden[:outputs], interior if out is None else None, padding=padding)
-            out = on_hidden if out is None else out.add_(on_hidden)
-        if out is None:
+        weight, interior = folded.weight[:outputs], folded.interior[:outputs]
+        if hidden is None and prompt.features is None:
             out = (interior.view(1, -1, 1, 1) + folded.border[:, :outputs]).expand(prompt.batch_size, -1, -1, -1)
         else:
-            out = self._add_border(out, folded.border[:, :outputs], padding[0])
+            # one convolution over [h_m ; features] (or whichever there is), the interior value as its bias
+            if hidden is None:
+                inputs, weight = prompt.features, weight[:, self.channels :]
+            elif prompt.features is None:
+                inputs, weight = hidden, weight[:, : self.channels]
+            else:
+                inputs = torch.cat([hidden, prompt.features], dim=1)
+            out = F.conv2d(inputs, weight, interior, padding=self.to_dense.padding)
+            out = self._add_border(out, folded.border[:, :outputs], self.to_dense.padding[0])
         return out[:, : self.channels], (out[:, self.channels :] if next_hidden else None)
 
 
