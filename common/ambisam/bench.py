@@ -14,6 +14,7 @@ ones beside their sampling figures.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -250,13 +251,27 @@ def _method_names(methods: str | Sequence[str]) -> list[str]:
     return names
 
 
+def _in_fresh_process(fn: Callable[..., dict], **kwargs) -> dict:
+    """``fn(**kwargs)`` in a new Python process (``fn`` a module-level function), and its result.
+
+    Each measurement of :func:`bench_methods` starts from the state a single ``bench sampling --method NAME``
+    starts from. Within one process the encoder's time depends on what ran before it: glibc's allocator returns
+    large freed blocks to the system or keeps them, depending on the sizes freed so far, and LiteMedSAM's encoder
+    spends about half its time faulting fresh pages in (here: 950 ms per slice in a fresh process, 500 ms after
+    another method's training step in the same one), which moved one method's ratio from 1.8 to 2.6.
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (), kwargs)
+
+
 def bench_methods(
     methods: str | Sequence[str] = "all",
     training: bool = True,
     batch_size: int = 4,
     **kwargs,
 ) -> list[dict]:
-    """:func:`bench_sampling` for several methods, and :func:`bench_training` for the trainable ones.
+    """:func:`bench_sampling` for several methods, and :func:`bench_training` for the trainable ones, each in a
+    fresh process (see :func:`_in_fresh_process`), so that every row is measured as if alone.
 
     Args:
         methods: ``"all"`` (every name in ``method_registry``), a comma-separated string or a list of names.
@@ -277,10 +292,10 @@ def bench_methods(
     shared = {k: kwargs[k] for k in ("backbone", "checkpoint", "repeats", "threads") if k in kwargs}
     results = []
     for name in names:
-        result = bench_sampling(method=name, **kwargs)
+        result = _in_fresh_process(bench_sampling, method=name, **kwargs)
         result["trainable"] = is_trainable(name)
         if training and result["trainable"]:
-            t = bench_training(method=name, batch_size=batch_size, **shared)
+            t = _in_fresh_process(bench_training, method=name, batch_size=batch_size, **shared)
             result.update(training_speedup=t["speedup"], step_ms_cached=t["step_ms_cached"],
                           step_ms_encoding=t["step_ms_encoding"], training_batch_size=batch_size)
         results.append(result)

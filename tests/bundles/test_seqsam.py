@@ -22,8 +22,9 @@ from bundle_checks import (
 )
 
 BUNDLE = "seqsam"
-#: SeqSAM's recurrent module costs two 512 -> 256 3x3 convolutions on the 64 x 64 embedding per mask and step, so
-#: the generated data set has 2 raters and training decodes 2 steps (M = max(K, num_train_steps) = 2), not 4
+#: every SeqSAM step is a mask decoder call and a 3x3 convolution of 272 -> 512 channels on the 64 x 64 embedding, and
+#: training back-propagates through all of them, so the generated data set has 2 raters and training decodes 2 steps
+#: (M = max(K, num_train_steps) = 2), not 4
 SMALL = {"num_raters": 2, "num_train_steps": 2}
 
 
