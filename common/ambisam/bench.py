@@ -39,14 +39,12 @@ __all__ = [
 ]
 
 
-def _best_of(fn: Callable[[], object], repeats: int, *others: Callable[[], object]) -> float | tuple[float, ...]:
-    """Smallest wall time of ``repeats`` calls, in seconds (after one warm-up call).
+def _best_of(repeats: int, *fns: Callable[[], object]) -> tuple[float, ...]:
+    """Smallest wall time of each callable over ``repeats`` rounds, in seconds (after one warm-up call of each).
 
-    With ``others``, every callable is timed in each round, in turn, and a tuple of their best times is returned:
-    a CPU whose speed drifts (a shared machine's does, within minutes) then slows them alike, and the ratios
-    of the results stay fair.
+    Every callable is timed in each round, in turn: a CPU whose speed drifts (a shared machine's does, within
+    minutes) then slows them alike, and the ratios of the results stay fair.
     """
-    fns = (fn, *others)
     for f in fns:
         f()
     times: list[list[float]] = [[] for _ in fns]
@@ -55,8 +53,7 @@ def _best_of(fn: Callable[[], object], repeats: int, *others: Callable[[], objec
             start = time.perf_counter()
             f()
             t.append(time.perf_counter() - start)
-    best = tuple(min(t) for t in times)
-    return best if others else best[0]
+    return tuple(min(t) for t in times)
 
 
 def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +101,8 @@ def bench_sampling(
     embedding = bb.encode(image)
 
     t_encode, t_sample_1, t_sample_n, t_1, t_n = _best_of(
-        lambda: bb.encode(image),
         repeats,
+        lambda: bb.encode(image),
         lambda: net.sample_logits(embedding, prompt, 1),
         lambda: net.sample_logits(embedding, prompt, num_samples),
         lambda: net.sample_logits(bb.encode(image), prompt, 1),
@@ -116,7 +113,7 @@ def bench_sampling(
     volume = volume + 0.01 * torch.arange(volume_slices).view(1, 1, 1, 1, -1)  # distinct slices
     boxes = box.view(1, 1, 4).repeat(1, volume_slices, 1)
     inferer = SlicewiseSamplingInferer(num_samples=num_samples)
-    t_volume = _best_of(lambda: inferer(volume, net, box=boxes), max(1, repeats - 2))
+    (t_volume,) = _best_of(max(1, repeats - 2), lambda: inferer(volume, net, box=boxes))
 
     return {
         "method": method,
@@ -203,7 +200,7 @@ def bench_training(
         loss.backward()
         optimizer.step()
 
-    t_cached, t_encode = _best_of(lambda: step(cache), repeats, lambda: step(bb.encode))
+    t_cached, t_encode = _best_of(repeats, lambda: step(cache), lambda: step(bb.encode))
     return {
         "method": method,
         "backbone": backbone,

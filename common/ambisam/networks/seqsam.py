@@ -144,8 +144,6 @@ class RecurrentPromptCell(nn.Module):
     def _add_border(out: torch.Tensor, border: torch.Tensor, width: int) -> torch.Tensor:
         """``out += border`` where ``border`` can be non-zero: the strips ``width`` wide along the grid's edges."""
         h, w = out.shape[-2:]
-        if width == 0:
-            return out
         if h <= 2 * width or w <= 2 * width:
             return out.add_(border)
         for rows, cols in ((slice(None, width), slice(None)), (slice(h - width, None), slice(None)),
