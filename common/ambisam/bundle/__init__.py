@@ -1,0 +1,23 @@
+"""Bundles as the package sees them: where a bundle is (:mod:`~ambisam.bundle.locator`), its configs with the
+shared base resolved (:mod:`~ambisam.bundle.config`), and running them, stage by stage
+(:mod:`~ambisam.bundle.runner`)."""
+
+from ambisam.bundle.config import BASE_CONFIG_DIR, MACRO_ROOT, flatten_config, load_bundle_config, resolve_macros
+from ambisam.bundle.locator import BUNDLES_DIR, available_bundles, bundle_dir, config_path, find_bundle
+from ambisam.bundle.runner import bundle_workflow, run_bundle, run_stages
+
+__all__ = [
+    "BASE_CONFIG_DIR",
+    "MACRO_ROOT",
+    "BUNDLES_DIR",
+    "available_bundles",
+    "bundle_dir",
+    "config_path",
+    "find_bundle",
+    "flatten_config",
+    "load_bundle_config",
+    "resolve_macros",
+    "bundle_workflow",
+    "run_bundle",
+    "run_stages",
+]
