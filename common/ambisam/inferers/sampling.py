@@ -1,19 +1,18 @@
 """The one sampling inferer every method uses.
 
-For a volume and its per-slice box prompts, :class:`SlicewiseSamplingInferer` encodes each prompted slice once
-(through the embedding cache when one is given), asks the method for N samples from that embedding in one
-batched call, and stacks everything back into the volume. Slices without a prompt are background, not a model
-call.
+For a volume, its structures (organs; one for most methods) and their per-slice box prompts,
+:class:`SlicewiseSamplingInferer` encodes each slice that any structure prompts **once** (through the embedding
+cache when one is given), asks the method for N samples per structure from that one embedding, and stacks
+everything back into the volume. Slices a structure does not prompt are background for it, not a model call.
 
-Output layout, one tensor so that MONAI engines, post-transforms and MONAI Label handle it like any
-prediction: ``(B, 3 + N, H, W, D)`` with channels
+The method's conditions come from the batch (``rater_id``) and from the inferer (``mode``). For stochastic
+methods, **sample i of a volume is one 3D hypothesis**: the method's standard normal draws are seeded once per
+volume, structure and call (:attr:`~ambisam.networks.Conditions.noise_seeds`), so every slice of the volume
+decodes sample i from the same draw (a latent method's per-slice prior then shapes it); ``per_slice_draws=True``
+draws independently per slice instead. The seeds come from torch's global generator, so a run with the same
+seed gives the same samples.
 
-- 0: ``mean``: the fraction of samples marking each voxel (the mean prediction);
-- 1: ``uncertainty``: the binary entropy of the mean, in bits (0 where every sample agrees, 1 at a 50/50 split);
-- 2: ``variance``: the variance over samples of each sample's probability (a second, softer map);
-- 3 ... 3 + N - 1: the N binary samples, in the order the method drew them.
-
-The final mask is ``mean > threshold`` (:func:`split_sampling_output`).
+The output layout is :mod:`ambisam.inferers.layout`'s: ``(B, S * (3 + N), H, W, D)``.
 """
 
 from __future__ import annotations
@@ -22,55 +21,30 @@ import torch
 from monai.inferers import Inferer
 from monai.utils import optional_import
 
+from ambisam.inferers.layout import SAMPLING_CHANNELS, binary_entropy, sampling_maps, split_sampling_output
+from ambisam.networks.base import Conditions
 from ambisam.sam.cache import EmbeddingCache
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = ["SlicewiseSamplingInferer", "binary_entropy", "split_sampling_output", "SAMPLING_CHANNELS"]
 
-#: names of the leading channels of the inferer's output
-SAMPLING_CHANNELS = ("mean", "uncertainty", "variance")
-
-
-def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of a Bernoulli with probability ``p`` (0 where ``p`` is 0 or 1)."""
-    p = p.clamp(0.0, 1.0)
-    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0, device=p.device))
-
-
-def split_sampling_output(output: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
-    """Split one case's inferer output into named maps.
-
-    Args:
-        output: ``(3 + N, *spatial)``.
-        threshold: the final mask is ``mean > threshold``.
-
-    Returns:
-        ``pred (1, *spatial)`` (the final mask), ``mean``, ``uncertainty``, ``variance`` (each
-        ``(1, *spatial)``) and ``samples (N, *spatial)``.
-    """
-    return {
-        "pred": (output[0:1] > threshold).to(output.dtype),
-        "mean": output[0:1],
-        "uncertainty": output[1:2],
-        "variance": output[2:3],
-        "samples": output[3:],
-    }
-
 
 class SlicewiseSamplingInferer(Inferer):
-    """Sample N masks per prompted slice of a volume (or a 2D image) from one embedding per slice.
+    """Sample N masks per prompted slice and structure of a volume (or a 2D image) from one embedding per slice.
 
-    The network is a :class:`~ambisam.networks.MaskSamplingNetwork` (or wraps one as ``.module``, as DDP
-    does): it has ``backbone`` and ``sample_logits(embeddings, boxes, num_samples)``.
+    The network follows the method contract (:class:`~ambisam.networks.MaskSamplingNetwork`, or wraps one as
+    ``.module``, as DDP does).
 
     Args:
-        num_samples: ``N``, the samples drawn per slice.
+        num_samples: ``N``, the samples drawn per slice and structure.
         threshold: probability above which a sample's pixel is foreground.
         slice_batch_size: slices encoded and sampled per call.
-        cache: an :class:`~ambisam.sam.EmbeddingCache` for the (frozen) encoder, or ``None`` to encode
-            directly.
+        cache: an :class:`~ambisam.sam.EmbeddingCache` for the (frozen) encoder, or ``None`` to encode directly.
         progress: show a progress bar over slices.
+        mode: the method's inference mode (``Conditions.mode``), or ``None`` for its default.
+        per_slice_draws: draw a stochastic method's samples independently per slice (not one 3D hypothesis per
+            sample).
     """
 
     def __init__(
@@ -80,6 +54,8 @@ class SlicewiseSamplingInferer(Inferer):
         slice_batch_size: int = 4,
         cache: EmbeddingCache | None = None,
         progress: bool = False,
+        mode: str | None = None,
+        per_slice_draws: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -89,23 +65,45 @@ class SlicewiseSamplingInferer(Inferer):
         self.slice_batch_size = int(slice_batch_size)
         self.cache = cache
         self.progress = progress
+        self.mode = mode
+        self.per_slice_draws = bool(per_slice_draws)
+
+    def _boxes(self, box, net, b: int, d: int, device) -> torch.Tensor | None:
+        """``(B, S, D, 4)`` per-slice boxes of every structure, or ``None`` for a prompt-free call."""
+        if box is None:
+            if net.capabilities.needs_prompt:
+                raise ValueError(f"{type(net).__name__} needs a box prompt per slice, got none")
+            return None
+        boxes = torch.as_tensor(box, device=device).float()
+        if boxes.ndim <= 3:  # (B, D, 4), (B, 4) or (B, 1, 4): one structure
+            boxes = boxes.reshape(b, 1, -1, 4)
+        if boxes.ndim != 4 or boxes.shape[0] != b or boxes.shape[2] != d or boxes.shape[3] != 4:
+            raise ValueError(f"expected {d} per-slice boxes per case and structure, got box of shape {tuple(box.shape)}")
+        return boxes
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: torch.nn.Module, box: torch.Tensor | None = None, **kwargs
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        box: torch.Tensor | None = None,
+        rater_id: torch.Tensor | int | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         """Sample a batch of volumes.
 
         Args:
             inputs: ``(B, 1, H, W, D)`` volumes (or ``(B, 1, H, W)`` images) with intensities in ``[0, 1]``.
             network: the method network.
-            box: per-slice boxes ``(B, D, 4)`` (``(B, 4)`` or ``(B, 1, 4)`` for images) in pixels,
-                ``[x_min, y_min, x_max, y_max]`` with x along the second spatial axis; a row of ``-1`` marks a
-                slice without a prompt. ``None`` for prompt-free methods: every slice is sampled.
+            box: per-slice boxes ``(B, D, 4)`` for one structure or ``(B, S, D, 4)`` for ``S`` (``(B, 4)`` or
+                ``(B, 1, 4)`` for an image) in pixels, ``[x_min, y_min, x_max, y_max]`` with x along the second
+                spatial axis; a row of ``-1`` marks a slice without a prompt. ``None`` for prompt-free methods:
+                every slice is sampled.
+            rater_id: ``(B,)`` rater ids (or one int for the batch) for rater-conditioned methods.
             kwargs: ignored (engines may pass extra batch keys).
 
         Returns:
-            ``(B, 3 + N, H, W, D)`` (``(B, 3 + N, H, W)`` for images); see the module docstring.
+            ``(B, S * (3 + N), H, W, D)`` (``(B, S * (3 + N), H, W)`` for images); see the module docstring.
 
         Raises:
             ValueError: when a box prompt is needed but missing, or its shape does not match the input.
@@ -116,35 +114,43 @@ class SlicewiseSamplingInferer(Inferer):
         if volumes.ndim != 5:
             raise ValueError(f"expected (B, 1, H, W[, D]) inputs, got {tuple(inputs.shape)}")
         b, _, h, w, d = volumes.shape
-        boxes = None
-        if box is None:
-            if getattr(net, "needs_box", True):
-                raise ValueError(f"{type(net).__name__} needs a box prompt per slice, got none")
-        else:
-            boxes = torch.as_tensor(box, device=volumes.device).float().reshape(b, -1, 4)
-            if boxes.shape[1] != d:
-                raise ValueError(f"expected {d} per-slice boxes per case, got box of shape {tuple(box.shape)}")
-
+        boxes = self._boxes(box, net, b, d, volumes.device)
+        s = 1 if boxes is None else boxes.shape[1]
         n = self.num_samples
-        out = volumes.new_zeros((b, 3 + n, h, w, d), dtype=torch.float32)
+        block = 3 + n
+        rater_ids = None
+        if rater_id is not None:
+            rater_ids = torch.as_tensor(rater_id, device=volumes.device).long().reshape(-1).expand(b)
+        seeds = None if self.per_slice_draws else torch.randint(0, 2**62, (b, s))  # one draw per volume, structure
+
+        out = volumes.new_zeros((b, s * block, h, w, d), dtype=torch.float32)
         backbone = net.backbone
-        todo = [
-            (i, k) for i in range(b) for k in range(d) if boxes is None or bool((boxes[i, k] >= 0).all())
-        ]
-        batches = [todo[s : s + self.slice_batch_size] for s in range(0, len(todo), self.slice_batch_size)]
+        todo = [(i, k) for i in range(b) for k in range(d)
+                if boxes is None or bool((boxes[i, :, k] >= 0).all(dim=-1).any())]
+        batches = [todo[j : j + self.slice_batch_size] for j in range(0, len(todo), self.slice_batch_size)]
         if self.progress and _has_tqdm:
             batches = tqdm(batches, desc="sampling slices", unit="batch")
         for chunk in batches:
             images = torch.stack([volumes[i, :, :, :, k] for i, k in chunk])
             embeddings = self.cache(images) if self.cache is not None else backbone.encode(images)
-            prompt = None
-            if boxes is not None:
-                prompt = backbone.boxes_to_input(torch.stack([boxes[i, k] for i, k in chunk]), (h, w))
-            logits = net.sample_logits(embeddings, prompt, n)  # (S, N, s, s)
-            probs = torch.sigmoid(backbone.postprocess(logits.float(), (h, w)))  # (S, N, H, W)
-            samples = (probs > self.threshold).float()
-            mean = samples.mean(dim=1, keepdim=True)
-            maps = torch.cat([mean, binary_entropy(mean), probs.var(dim=1, unbiased=False, keepdim=True), samples], 1)
-            for j, (i, k) in enumerate(chunk):
-                out[i, :, :, :, k] = maps[j]
+            for t in range(s):  # every structure from the same embeddings
+                rows = [j for j, (i, k) in enumerate(chunk) if boxes is None or bool((boxes[i, t, k] >= 0).all())]
+                if not rows:
+                    continue
+                index = torch.as_tensor(rows, device=embeddings.device)
+                owners = [chunk[j][0] for j in rows]
+                conditions = Conditions(
+                    boxes=None if boxes is None else backbone.boxes_to_input(
+                        torch.stack([boxes[chunk[j][0], t, chunk[j][1]] for j in rows]), (h, w)),
+                    images=images[rows],
+                    rater_ids=None if rater_ids is None else rater_ids[owners],
+                    mode=self.mode,
+                    noise_seeds=None if seeds is None else seeds[owners, t],
+                )
+                logits = net.sample_logits(embeddings.index_select(0, index), conditions, n)  # (R, N, s, s)
+                probs = torch.sigmoid(backbone.postprocess(logits.float(), (h, w)))  # (R, N, H, W)
+                maps = sampling_maps(probs, self.threshold)
+                for j, row in enumerate(rows):
+                    i, k = chunk[row]
+                    out[i, t * block : (t + 1) * block, :, :, k] = maps[j]
         return out[..., 0] if is_2d else out

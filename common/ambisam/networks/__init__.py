@@ -1,7 +1,8 @@
-"""Method networks. Each subclasses :class:`MaskSamplingNetwork`; ``method_registry`` names them for the CLI,
-the benchmark and the inferer."""
+"""Method networks: the method contract (:mod:`~ambisam.networks.base`) and one module per method. The methods are
+named, with their bundles and stages, in the one registry, :mod:`ambisam.registry` (re-exported here as
+``method_registry``)."""
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.networks.baseline import BoxPromptedSam
 from ambisam.networks.baselines import McDropoutSam, MultimaskSam, PromptJitterSam
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
@@ -9,20 +10,13 @@ from ambisam.networks.mcl import MultipleChoiceSam
 from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
 from ambisam.networks.psam import ProbabilisticSam
 from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
-
-#: method name -> network class (built as ``cls(backbone=...)``)
-method_registry: dict[str, type[MaskSamplingNetwork]] = {
-    "baseline": BoxPromptedSam,
-    "psam": ProbabilisticSam,
-    "seqsam": SequentialSam,
-    "mcl": MultipleChoiceSam,
-    "multimask": MultimaskSam,
-    "jitter": PromptJitterSam,
-    "mc_dropout": McDropoutSam,
-}
+from ambisam.registry import get_method, method_registry
 
 __all__ = [
     "MaskSamplingNetwork",
+    "MethodCapabilities",
+    "Conditions",
+    "get_method",
     "BoxPromptedSam",
     "ProbabilisticSam",
     "SequentialSam",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 
 __all__ = ["BoxPromptedSam"]
 
@@ -15,21 +15,9 @@ class BoxPromptedSam(MaskSamplingNetwork):
     Args: as :class:`~ambisam.networks.base.MaskSamplingNetwork`.
     """
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-        """SAM's single-mask output, decoded once and repeated ``num_samples`` times.
+    capabilities = MethodCapabilities(training_target=None, stochastic=False)
 
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
-            num_samples: ``N``.
-
-        Returns:
-            ``(B, N, 4h, 4w)`` logits, identical along ``N``.
-
-        Raises:
-            ValueError: when ``boxes`` is ``None``.
-        """
-        if boxes is None:
-            raise ValueError("BoxPromptedSam needs a box prompt")
-        logits, _ = self.backbone.decode_boxes(embeddings, boxes)
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
+        """SAM's single-mask output for ``conditions.boxes``, decoded once: ``(B, N, 4h, 4w)``, identical along N."""
+        logits, _ = self.backbone.decode_boxes(embeddings, conditions.boxes)
         return logits.expand(-1, num_samples, -1, -1)

@@ -19,23 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
 
 __all__ = ["MultimaskSam", "PromptJitterSam", "McDropoutSam", "DROPOUT_SITES"]
-
-
-def _check_boxes(embeddings: torch.Tensor, boxes: torch.Tensor | None, name: str) -> None:
-    b = embeddings.shape[0]
-    if boxes is None:
-        raise ValueError(f"{name} needs a box prompt")
-    if tuple(boxes.shape) != (b, 4):
-        raise ValueError(f"expected boxes of shape ({b}, 4), got {tuple(boxes.shape)}")
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
 
 
 class MultimaskSam(MaskSamplingNetwork):
@@ -48,24 +35,22 @@ class MultimaskSam(MaskSamplingNetwork):
     Args: as :class:`~ambisam.networks.base.MaskSamplingNetwork`.
     """
 
+    capabilities = MethodCapabilities(training_target=None, stochastic=False)
     num_hypotheses: int = 3
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """The three multimask outputs, best predicted IoU first, tiled to ``num_samples``.
 
         Args:
             embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
             num_samples: ``N``.
 
         Returns:
             ``(B, N, 4h, 4w)`` logits; at most three distinct masks per image.
 
-        Raises:
-            ValueError: when ``boxes`` is missing or malformed, or ``num_samples < 1``.
         """
-        _check_boxes(embeddings, boxes, type(self).__name__)
-        _check_num_samples(num_samples)
+        boxes = conditions.boxes
         logits, scores = self.backbone.decode_boxes(embeddings, boxes, multimask=True)  # (B, 3, s, s), (B, 3)
         order = scores.argsort(dim=1, descending=True)  # (B, 3)
         pick = order[:, torch.arange(num_samples, device=order.device) % logits.shape[1]]  # (B, N)
@@ -93,6 +78,8 @@ class PromptJitterSam(MaskSamplingNetwork):
     Raises:
         ValueError: on a negative ``ratio`` or ``min_shift``.
     """
+
+    capabilities = MethodCapabilities(training_target=None)
 
     def __init__(
         self,
@@ -126,22 +113,19 @@ class PromptJitterSam(MaskSamplingNetwork):
         high = torch.maximum(moved[..., :2], moved[..., 2:])
         return torch.cat([low, high], dim=-1)
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """One mask per perturbed box, every box of an image decoded from its one embedding.
 
         Args:
             embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
             num_samples: ``N``.
 
         Returns:
             ``(B, N, 4h, 4w)`` logits.
 
-        Raises:
-            ValueError: when ``boxes`` is missing or malformed, or ``num_samples < 1``.
         """
-        _check_boxes(embeddings, boxes, type(self).__name__)
-        _check_num_samples(num_samples)
+        boxes = conditions.boxes
         if num_samples == 1 and not self.training:
             prompts = boxes.float()[:, None]
         else:
@@ -190,6 +174,8 @@ class McDropoutSam(MaskSamplingNetwork):
         ValueError: on ``dropout`` outside ``[0, 1)`` or an unknown site.
     """
 
+    capabilities = MethodCapabilities(training_target=None)
+
     def __init__(
         self,
         backbone: SamBackbone | str = DEFAULT_BACKBONE,
@@ -228,22 +214,19 @@ class McDropoutSam(MaskSamplingNetwork):
             for handle in handles:
                 handle.remove()
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """``N`` decodings of the box under independent dropout masks, decoded together per image.
 
         Args:
             embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
             num_samples: ``N``.
 
         Returns:
             ``(B, N, 4h, 4w)`` logits (identical along ``N`` when dropout is off).
 
-        Raises:
-            ValueError: when ``boxes`` is missing or malformed, or ``num_samples < 1``.
         """
-        _check_boxes(embeddings, boxes, type(self).__name__)
-        _check_num_samples(num_samples)
+        boxes = conditions.boxes
         b = embeddings.shape[0]
         stochastic = self.dropout_at_sampling and self.dropout > 0 and (num_samples > 1 or self.training)
         if not stochastic:

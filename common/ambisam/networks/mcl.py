@@ -4,8 +4,8 @@ winner-takes-all against the raters, each head one hypothesis."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ambisam.networks.base import Conditions, MethodCapabilities
 from ambisam.networks.baseline import BoxPromptedSam
 
 __all__ = ["MultipleChoiceSam"]
@@ -22,63 +22,22 @@ class MultipleChoiceSam(BoxPromptedSam):
     Args: as :class:`~ambisam.networks.baseline.BoxPromptedSam`.
     """
 
-    training_target = "label"
+    capabilities = MethodCapabilities(training_target="raters", stochastic=False)
 
-    def heads(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """SAM's multimask logits.
-
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
-
-        Returns:
-            ``(B, 3, 4h, 4w)`` logits, one channel per head.
-
-        Raises:
-            ValueError: when ``boxes`` is ``None``.
-        """
-        if boxes is None:
-            raise ValueError("MultipleChoiceSam needs a box prompt")
+    def heads(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """SAM's multimask logits ``(B, 3, 4h, 4w)``, one channel per head, for ``boxes (B, 4)``."""
         logits, _ = self.backbone.decode_boxes(embeddings, boxes, multimask=True)
         return logits
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-        """``num_samples`` masks cycling through the heads.
-
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            boxes: ``(B, 4)`` in backbone input coordinates.
-            num_samples: ``N >= 1``.
-
-        Returns:
-            ``(B, N, 4h, 4w)`` logits; sample ``i`` is head ``i mod 3``.
-
-        Raises:
-            ValueError: when ``boxes`` is ``None`` or ``num_samples < 1``.
-        """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        logits = self.heads(embeddings, boxes)
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
+        """``num_samples`` masks cycling through the heads: ``(B, N, 4h, 4w)``, sample ``i`` is head ``i mod 3``."""
+        logits = self.heads(embeddings, conditions.boxes)
         order = torch.arange(num_samples, device=logits.device) % logits.shape[1]
         return logits.index_select(1, order)
 
-    def default_loss(self) -> nn.Module:
-        """Winner-takes-all Dice over the heads."""
-        from ambisam.losses import WinnerTakesAllLoss
-
-        return WinnerTakesAllLoss()
-
-    def training_outputs(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor
+    def compute_training_outputs(
+        self, embeddings: torch.Tensor, conditions: Conditions, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Every head's logits for the winner-takes-all loss.
-
-        Args:
-            embeddings: ``(B, C, h, w)`` image embeddings.
-            boxes: ``(B, 4)`` in backbone input coordinates.
-            targets: ``(B, K, S, S)`` every rater's mask (not read: the loss compares).
-
-        Returns:
-            ``{"logits": (B, 3, 4h, 4w)}``.
-        """
-        return {"logits": self.heads(embeddings, boxes)}
+        """Every head's logits for the winner-takes-all loss: ``{"logits": (B, 3, 4h, 4w)}`` (``targets``, every
+        rater's ``(B, K, S, S)``, are compared by the loss)."""
+        return {"logits": self.heads(embeddings, conditions.boxes)}

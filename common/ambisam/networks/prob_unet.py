@@ -17,7 +17,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
 from ambisam.sam.backbone import SamBackbone
 
@@ -104,9 +104,9 @@ class ProbabilisticUNet(MaskSamplingNetwork):
       more input channel;
     - ``fcomb``: ``z`` tiled over the grid, concatenated with the features, three 1x1 convolutions with ReLU and
       a 1x1 convolution to one logit channel, as in the paper;
-    - loss (:meth:`default_loss`): the paper's pixel-summed cross-entropy plus ``beta * KL(q || p)``, both
-      divided by the number of pixels (the same minimiser; :class:`~ambisam.losses.LatentSegmentationLoss`
-      with a mean BCE, no Dice, and ``beta / S^2``).
+    - loss (stated in the method registry, ``ambisam.registry``): the paper's pixel-summed cross-entropy plus
+      ``beta * KL(q || p)``, both divided by the number of pixels (the same minimiser;
+      :class:`~ambisam.losses.LatentSegmentationLoss` with a mean BCE, no Dice, and ``beta / S^2``).
 
     **Departure from the paper: the box prompt is an input.** With ``use_box=True`` (the default) the network
     reads the image and the box as a binary mask (a second input channel), so that it gets the same prompt as
@@ -125,11 +125,12 @@ class ProbabilisticUNet(MaskSamplingNetwork):
         prior_channels: channels of the strided stages of the prior and posterior nets.
         fcomb_channels: channels of the three 1x1 convolutions of ``fcomb``.
         use_box: read the box prompt as an input channel.
-        beta: weight of the KL term relative to the pixel-summed cross-entropy (1 in the paper).
 
     Raises:
         ValueError: on a non-positive ``latent_dim`` or ``fcomb_channels``.
     """
+
+    capabilities = MethodCapabilities(training_target="rater")
 
     def __init__(
         self,
@@ -139,15 +140,13 @@ class ProbabilisticUNet(MaskSamplingNetwork):
         prior_channels: Sequence[int] = (32, 64, 128, 192),
         fcomb_channels: int = 32,
         use_box: bool = True,
-        beta: float = 1.0,
     ) -> None:
-        super().__init__(backbone=ImageGridBackbone(image_size), freeze_encoder=True)
+        super().__init__(backbone=ImageGridBackbone(image_size))
         if latent_dim < 1 or fcomb_channels < 1:
             raise ValueError(f"latent_dim and fcomb_channels must be positive, got {latent_dim}, {fcomb_channels}")
         self.latent_dim = int(latent_dim)
         self.use_box = bool(use_box)
-        self.needs_box = self.use_box
-        self.beta = float(beta)
+        self.capabilities = self.capabilities._replace(needs_prompt=self.use_box)
         in_channels = 2 if self.use_box else 1
         feature_channels = int(features[-1])
         self.unet = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=feature_channels, features=features)
@@ -201,38 +200,37 @@ class ProbabilisticUNet(MaskSamplingNetwork):
         logits = self.fcomb(torch.cat([stacked, tiled], dim=2).flatten(0, 1))  # (B * N, 1, S, S)
         return logits.view(b, n, *spatial)
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """``N`` masks per image from the prior.
 
         Args:
             embeddings: ``(B, 1, S, S)`` images on the grid (the backbone's "embeddings").
-            boxes: ``(B, 4)`` boxes on the grid (ignored without ``use_box``).
+            conditions: ``boxes (B, 4)`` on the grid (ignored without ``use_box``).
             num_samples: ``N >= 1``.
 
         Returns:
             ``(B, N, S, S)`` logits.
 
         Raises:
-            ValueError: on ``num_samples < 1`` or inputs of the wrong shape.
+            ValueError: on inputs of the wrong shape.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        x = self.network_inputs(embeddings, boxes)
+        x = self.network_inputs(embeddings, conditions.boxes)
         prior = self.prior_net(x)
         if num_samples == 1 and not self.training:
             latents = prior.mean.unsqueeze(1)
         else:
-            latents = prior.rsample((num_samples,)).transpose(0, 1)  # (B, N, L)
+            eps = conditions.standard_normal(x.shape[0], num_samples, self.latent_dim, device=x.device, dtype=x.dtype)
+            latents = prior.mean.unsqueeze(1) + prior.stddev.unsqueeze(1) * eps  # (B, N, L), as rsample
         return self.combine(self.unet(x), latents)
 
-    def training_outputs(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor | None, rater_masks: torch.Tensor
+    def compute_training_outputs(
+        self, embeddings: torch.Tensor, conditions: Conditions, rater_masks: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The prediction from a posterior sample and ``KL(q || p)``.
 
         Args:
             embeddings: ``(B, 1, S, S)`` images on the grid.
-            boxes: ``(B, 4)`` boxes on the grid.
+            conditions: ``boxes (B, 4)`` on the grid.
             rater_masks: ``(B, 1, H, W)`` one rater's mask per image (resized to the grid, nearest, if needed).
 
         Returns:
@@ -241,7 +239,7 @@ class ProbabilisticUNet(MaskSamplingNetwork):
         Raises:
             ValueError: on inputs of the wrong shape.
         """
-        x = self.network_inputs(embeddings, boxes)
+        x = self.network_inputs(embeddings, conditions.boxes)
         if rater_masks.ndim != 4 or rater_masks.shape[:2] != (x.shape[0], 1):
             raise ValueError(f"expected rater_masks of shape ({x.shape[0]}, 1, H, W), got {tuple(rater_masks.shape)}")
         masks = rater_masks.to(x.dtype)
@@ -251,10 +249,3 @@ class ProbabilisticUNet(MaskSamplingNetwork):
         posterior = self.posterior_net(torch.cat([x, masks], dim=1))
         logits = self.combine(self.unet(x), posterior.rsample().unsqueeze(1))
         return {"logits": logits, "kl": latent_kl_divergence(posterior, prior)}
-
-    def default_loss(self) -> nn.Module:
-        """Pixel-summed cross-entropy + ``beta`` KL, divided by the pixel count (see the class docstring)."""
-        from ambisam.losses import LatentSegmentationLoss
-
-        s = self.backbone.image_size
-        return LatentSegmentationLoss(beta=self.beta / (s * s), bce_weight=1.0, dice_weight=0.0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
 
@@ -41,14 +41,10 @@ class ProbabilisticSam(MaskSamplingNetwork):
     each embedding cell the rater marked, so a nodule of a few pixels is not lost), concatenated as channel
     ``C + 1``. Reasons:
 
-    - the method interface hands :meth:`sample_logits` the embeddings only (the inferer encodes once, through
-      the embedding cache), so a prior on the raw image would need the image threaded through every caller;
-    - training needs nothing but cached embeddings and masks, like every frozen-encoder method here;
+    - training needs nothing but cached embeddings and masks, like every frozen-encoder method here (the method
+      contract could hand the prior the image too, ``Conditions.images``; pSAM does not ask for it);
     - the embedding is a deterministic function of the image, so ``p(z | embedding)`` is still a prior on
       ``z`` given ``x``; it is also a richer and cheaper input (64 x 64) than the pixels.
-
-    The alternative, keeping the image-conditioned prior by overriding ``forward`` and adding an image argument
-    to the sampling call, would change the one interface every method shares; it was not taken.
 
     Args:
         backbone: a built :class:`~ambisam.sam.SamBackbone` or a registry name.
@@ -62,6 +58,8 @@ class ProbabilisticSam(MaskSamplingNetwork):
         ValueError: on a non-positive ``latent_dim`` or ``latent_hidden``.
     """
 
+    capabilities = MethodCapabilities(training_target="rater")
+
     def __init__(
         self,
         backbone: SamBackbone | str = DEFAULT_BACKBONE,
@@ -70,7 +68,7 @@ class ProbabilisticSam(MaskSamplingNetwork):
         prior_channels: Sequence[int] = (64, 128, 192),
         latent_hidden: int = 256,
     ) -> None:
-        super().__init__(backbone, checkpoint, freeze_encoder=True)
+        super().__init__(backbone, checkpoint)
         if latent_dim < 1 or latent_hidden < 1:
             raise ValueError(f"latent_dim and latent_hidden must be positive, got {latent_dim}, {latent_hidden}")
         self.latent_dim = int(latent_dim)
@@ -142,49 +140,41 @@ class ProbabilisticSam(MaskSamplingNetwork):
         logits, _ = self.backbone.decode(embeddings, sparse, dense, multimask=False)  # (B * N, 1, 4h, 4w)
         return logits.view(b, n, *logits.shape[-2:])
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-        """``num_samples`` masks per image, ``z_1..z_N`` drawn from the prior ``p(z | x)`` of that image.
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
+        """``num_samples`` masks per image, ``z_i = mu(x) + sigma(x) * eps_i`` from the prior ``p(z | x)``.
 
-        In eval mode with ``num_samples == 1`` the prior mean is decoded instead of a sample, so that
-        ``forward`` (the network's one representative prediction) is deterministic. Samples are reparameterised
-        (``rsample``), so gradients reach the prior net when this is called with autograd on.
+        The standard normal draws ``eps_i`` come from ``conditions.standard_normal``: with the inferer's per-volume
+        seeds, sample ``i`` of every slice of a volume shares ``eps_i`` (one 3D hypothesis, each slice through its
+        own prior). In eval mode with ``num_samples == 1`` the prior mean is decoded instead, so that ``forward``
+        (the network's one representative prediction) is deterministic. The samples are reparameterised, so
+        gradients reach the prior net when this is called with autograd on.
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings.
-            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
             num_samples: ``N >= 1``.
 
         Returns:
             ``(B, N, 4h, 4w)`` low-resolution mask logits.
-
-        Raises:
-            ValueError: when ``boxes`` is ``None`` or ``num_samples < 1``.
         """
-        if boxes is None:
-            raise ValueError("ProbabilisticSam needs a box prompt")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         prior = self.prior(embeddings)
         if num_samples == 1 and not self.training:
             latents = prior.mean.unsqueeze(1)  # (B, 1, L)
         else:
-            latents = prior.rsample((num_samples,)).transpose(0, 1)  # (B, N, L)
-        return self.decode_latents(embeddings, boxes, latents)
+            eps = conditions.standard_normal(
+                embeddings.shape[0], num_samples, self.latent_dim, device=prior.mean.device, dtype=prior.mean.dtype
+            )
+            latents = prior.mean.unsqueeze(1) + prior.stddev.unsqueeze(1) * eps  # (B, N, L)
+        return self.decode_latents(embeddings, conditions.boxes, latents)
 
-    def default_loss(self) -> nn.Module:
-        """BCE + soft Dice + 10 KL (METHODS.md, pSAM)."""
-        from ambisam.losses import LatentSegmentationLoss
-
-        return LatentSegmentationLoss(beta=10.0)
-
-    def training_outputs(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor, rater_masks: torch.Tensor
+    def compute_training_outputs(
+        self, embeddings: torch.Tensor, conditions: Conditions, rater_masks: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """What one training step needs: the prediction from a posterior sample and ``KL(q || p)``.
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
-            boxes: ``(B, 4)`` boxes in backbone input coordinates (the box of the chosen rater's mask).
+            conditions: ``boxes (B, 4)`` in backbone input coordinates (the box of the chosen rater's mask).
             rater_masks: ``(B, 1, S, S)`` the chosen rater's binary mask at backbone input size (any ``H, W`` is
                 accepted: the posterior pools it to the embedding grid).
 
@@ -198,5 +188,5 @@ class ProbabilisticSam(MaskSamplingNetwork):
         prior = self.prior(embeddings)
         posterior = self.posterior(embeddings, rater_masks)
         latents = posterior.rsample().unsqueeze(1)  # (B, 1, L)
-        logits = self.decode_latents(embeddings, boxes, latents)
+        logits = self.decode_latents(embeddings, conditions.boxes, latents)
         return {"logits": logits, "kl": latent_kl_divergence(posterior, prior)}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ambisam.networks.base import MaskSamplingNetwork
+from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.sam import DEFAULT_BACKBONE, DensePromptFactors, SamBackbone
 
 __all__ = ["RecurrentPromptCell", "FoldedPromptCell", "SequentialSam"]
@@ -236,7 +236,7 @@ class SequentialSam(MaskSamplingNetwork):
         ValueError: on ``num_train_steps < 1``.
     """
 
-    training_target = "label"
+    capabilities = MethodCapabilities(training_target="raters", stochastic=False)
 
     def __init__(
         self,
@@ -246,7 +246,7 @@ class SequentialSam(MaskSamplingNetwork):
         identity_init: bool = True,
         detach_mask_prompt: bool = False,
     ) -> None:
-        super().__init__(backbone, checkpoint, freeze_encoder=True)
+        super().__init__(backbone, checkpoint)
         if num_train_steps < 1:
             raise ValueError(f"num_train_steps must be at least 1, got {num_train_steps}")
         self.num_train_steps = int(num_train_steps)
@@ -288,49 +288,32 @@ class SequentialSam(MaskSamplingNetwork):
             mask_prompt = logits.detach() if self.detach_mask_prompt else logits
         return torch.cat(steps, dim=1)
 
-    def sample_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """The first ``num_samples`` steps of the sequence (deterministic given the embedding and the box).
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings.
-            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates.
             num_samples: ``M >= 1``.
 
         Returns:
             ``(B, M, 4h, 4w)`` low-resolution mask logits, step 1 first.
-
-        Raises:
-            ValueError: when ``boxes`` is ``None`` or ``num_samples < 1``.
         """
-        if boxes is None:
-            raise ValueError("SequentialSam needs a box prompt")
-        return self.decode_steps(embeddings, boxes, num_samples)
+        return self.decode_steps(embeddings, conditions.boxes, num_samples)
 
-    def default_loss(self) -> nn.Module:
-        """The Hungarian set loss on Dice (METHODS.md, SeqSAM)."""
-        from ambisam.losses import HungarianSetLoss
-
-        return HungarianSetLoss()
-
-    def training_outputs(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor
+    def compute_training_outputs(
+        self, embeddings: torch.Tensor, conditions: Conditions, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``M = max(K, num_train_steps)`` steps per image for the set loss.
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
-            boxes: ``(B, 4)`` boxes in backbone input coordinates.
+            conditions: ``boxes (B, 4)`` in backbone input coordinates.
             targets: ``(B, K, S, S)`` every rater's mask (only ``K`` is read here).
 
         Returns:
             ``{"logits": (B, M, 4h, 4w)}``, step 1 first.
 
-        Raises:
-            ValueError: when ``targets`` is not ``(B, K, H, W)`` with the embeddings' ``B``, or on bad boxes.
         """
-        if targets.ndim != 4 or targets.shape[0] != embeddings.shape[0]:
-            raise ValueError(
-                f"expected targets of shape ({embeddings.shape[0]}, K, H, W), got {tuple(targets.shape)}"
-            )
         num_steps = max(int(targets.shape[1]), self.num_train_steps)
-        return {"logits": self.decode_steps(embeddings, boxes, num_steps)}
+        return {"logits": self.decode_steps(embeddings, conditions.boxes, num_steps)}
