@@ -4,6 +4,7 @@ the embedding cache, and the box predictor."""
 from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
 from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
+from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 from ambisam.sam.lora import add_encoder_lora, lora_parameters
 from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
@@ -15,6 +16,8 @@ __all__ = [
     "backbone_registry",
     "build_backbone",
     "load_state_dict",
+    "expand_multimask_outputs",
+    "multimask_token_sources",
     "EmbeddingCache",
     "encoder_fingerprint",
     "add_encoder_lora",
