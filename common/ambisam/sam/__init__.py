@@ -1,14 +1,17 @@
-"""SAM-family backbones behind one interface (see :mod:`ambisam.sam.backbone`), their named builders, LoRA,
-the embedding cache, and the box predictor."""
+"""SAM-family backbones behind one interface (see :mod:`ambisam.sam.backbone`; what the rest of ambisam needs of
+any backbone is :class:`ImageBackbone`), their named builders, multimask outputs, LoRA, the embedding cache,
+and the box predictor."""
 
 from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
 from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 from ambisam.sam.lora import add_encoder_lora, lora_parameters
+from ambisam.sam.protocol import ImageBackbone
 from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
 __all__ = [
+    "ImageBackbone",
     "SamBackbone",
     "DensePromptFactors",
     "CHECKPOINT_SOURCES",
