@@ -6,7 +6,8 @@ from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
 from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
-from ambisam.sam.lora import add_encoder_lora, lora_parameters
+from ambisam.sam.lora import add_encoder_lora, lora_parameters, train_only_lora
+from ambisam.sam.qkv_lora import FusedQKVLoRA, add_qv_lora, merge_lora, qkv_rows
 from ambisam.sam.protocol import ImageBackbone
 from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
@@ -25,6 +26,11 @@ __all__ = [
     "encoder_fingerprint",
     "add_encoder_lora",
     "lora_parameters",
+    "train_only_lora",
+    "FusedQKVLoRA",
+    "add_qv_lora",
+    "merge_lora",
+    "qkv_rows",
     "BoxPredictor",
     "scale_to_unit",
     "segment_with_box",
