@@ -4,7 +4,7 @@ and the box predictor."""
 
 from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
-from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
+from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint, encoder_state_token
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 from ambisam.sam.lora import add_encoder_lora, lora_parameters, train_only_lora
 from ambisam.sam.qkv_lora import FusedQKVLoRA, add_qv_lora, merge_lora, qkv_rows
@@ -24,6 +24,7 @@ __all__ = [
     "multimask_token_sources",
     "EmbeddingCache",
     "encoder_fingerprint",
+    "encoder_state_token",
     "add_encoder_lora",
     "lora_parameters",
     "train_only_lora",
