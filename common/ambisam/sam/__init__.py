@@ -1,13 +1,18 @@
-"""SAM-family backbones behind one interface (see :mod:`ambisam.sam.backbone`), their named builders, LoRA,
-the embedding cache, and the box predictor."""
+"""SAM-family backbones behind one interface (see :mod:`ambisam.sam.backbone`; what the rest of ambisam needs of
+any backbone is :class:`ImageBackbone`), their named builders, multimask outputs, LoRA, the embedding cache,
+and the box predictor."""
 
 from ambisam.sam.backbone import DensePromptFactors, SamBackbone
 from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
-from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint
-from ambisam.sam.lora import add_encoder_lora, lora_parameters
+from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint, encoder_state_token
+from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
+from ambisam.sam.lora import add_encoder_lora, lora_parameters, train_only_lora
+from ambisam.sam.qkv_lora import FusedQKVLoRA, add_qv_lora, merge_lora, qkv_rows
+from ambisam.sam.protocol import ImageBackbone
 from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
 __all__ = [
+    "ImageBackbone",
     "SamBackbone",
     "DensePromptFactors",
     "CHECKPOINT_SOURCES",
@@ -15,10 +20,18 @@ __all__ = [
     "backbone_registry",
     "build_backbone",
     "load_state_dict",
+    "expand_multimask_outputs",
+    "multimask_token_sources",
     "EmbeddingCache",
     "encoder_fingerprint",
+    "encoder_state_token",
     "add_encoder_lora",
     "lora_parameters",
+    "train_only_lora",
+    "FusedQKVLoRA",
+    "add_qv_lora",
+    "merge_lora",
+    "qkv_rows",
     "BoxPredictor",
     "scale_to_unit",
     "segment_with_box",

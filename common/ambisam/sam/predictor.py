@@ -73,7 +73,7 @@ class BoxPredictor:
 
         Args:
             boxes: ``(4,)`` or ``(P, 4)`` ``[x_min, y_min, x_max, y_max]`` in image pixels (x = column).
-            multimask: return SAM's three multimask outputs.
+            multimask: return the decoder's multimask outputs (``backbone.num_multimask_outputs``, SAM: 3).
 
         Returns:
             ``logits (P, M, H, W)`` and ``iou (P, M)``.
