@@ -12,6 +12,7 @@ from ambisam.data.datalist import (
     write_datalist,
     write_nifti,
 )
+from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
 from ambisam.data.pipelines import training_slice_transforms, volume_transforms
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
@@ -42,6 +43,9 @@ __all__ = [
     "split_by_patient",
     "write_datalist",
     "write_nifti",
+    "IMAGE_EXTENSIONS",
+    "case_id",
+    "strip_image_extension",
     "check_inputs",
     "inference_items",
     "training_slice_transforms",

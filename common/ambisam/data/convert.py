@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ambisam.data.datalist import natural_key, parse_split, split_by_patient, write_datalist, write_nifti
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
@@ -59,7 +60,11 @@ class _Case:
 
 
 def _safe_id(text: str) -> str:
-    """A file-name-safe id: characters other than letters, digits, ``.``, ``_``, ``-`` become ``_``."""
+    """A file-name-safe id: characters other than letters, digits, ``.``, ``_``, ``-`` become ``_``.
+
+    Ids from a folder or file name are first derived with :func:`~ambisam.data.case_id` (the rule every part of
+    ambisam uses); this only makes the result usable as a file name (a pickle's slice keys may hold anything).
+    """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(text)).strip(".")
     return safe or "case"
 
@@ -125,7 +130,7 @@ def _lidc_folder_cases(src: Path, task: Any) -> list[_Case]:
                 masks.append((mask > JPEG_THRESHOLD).astype(np.uint8)[..., None])
             return image.astype(np.float32)[..., None], masks, np.eye(4)
 
-        cases.append(_Case(id=_safe_id(folder.name), patient=folder.name, where=folder, load=load))
+        cases.append(_Case(id=_safe_id(case_id(folder)), patient=folder.name, where=folder, load=load))
     return cases
 
 
@@ -257,7 +262,7 @@ def _qubiq_cases(src: Path, task: Any) -> list[_Case]:
         def load(image_path: Path = image_path, label_paths: list[Path] = label_paths) -> tuple:
             return _qubiq_arrays(image_path, label_paths)
 
-        cases.append(_Case(id=_safe_id(folder.name), patient=folder.name, where=folder, load=load))
+        cases.append(_Case(id=_safe_id(case_id(folder)), patient=folder.name, where=folder, load=load))
     return cases
 
 

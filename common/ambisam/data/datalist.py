@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
 
@@ -58,14 +59,6 @@ def natural_key(text: str) -> list:
         A list alternating text parts and integers, comparable between any two strings.
     """
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text)))]
-
-
-def _id_from_path(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
 
 
 def _header_shape(path: str) -> tuple[int, ...] | None:
@@ -163,7 +156,7 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
         item["image"] = str(res["image"])
         label = res["label"]
         item["label"] = [str(p) for p in ([label] if isinstance(label, str) else label)]
-        item["id"] = str(item["id"]) if "id" in item else _id_from_path(item["image"])
+        item["id"] = case_id(item)
         item["patient"] = str(item["patient"]) if "patient" in item else item["id"]
         if item["id"] in seen:
             raise InputError(path, f"{where} repeats the id {item['id']!r} of {split}[{seen[item['id']]}]")

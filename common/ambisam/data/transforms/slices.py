@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from monai.data import MetaTensor
 from monai.transforms import BorderPad, MapTransform, RandomizableTransform, SpatialCrop
 from monai.utils import ensure_tuple
 
+from ambisam.data.ids import case_id
 from ambisam.data.transforms._utils import _as_tensor, _filename
 
 __all__ = ["SelectSlicesd", "LesionCropd"]
@@ -57,8 +57,9 @@ class SelectSlicesd(RandomizableTransform, MapTransform):
         keys: the spatial keys to slice, each ``(C, H, W, D)`` -> ``(C, H, W)``; every other entry of the dict
             (``id``, file names, ...) is copied into each slice dict as is.
         slice_key: key of the new integer slice index in each slice dict.
-        id_key: key of the case id; when the dict has none, it is set to the image file's name without its
-            extension (so that embeddings can be cached per ``(id, slice_index)``).
+        id_key: key of the case id; when the dict has none, it is set to :func:`~ambisam.data.case_id` of the
+            image (its file name without the image extension), so that embeddings can be cached per
+            ``(id, slice_index)``.
         image_key: key whose file name gives the fallback id.
         allow_missing_keys: do not fail when one of ``keys`` is absent.
 
@@ -111,15 +112,8 @@ class SelectSlicesd(RandomizableTransform, MapTransform):
             raise ValueError(f"SelectSlicesd expects '{self.label_key}' as (K, H, W, D), got {tuple(label.shape)}.")
         marked = (label != 0).flatten(0, 2).any(dim=0).cpu().numpy()
         self.randomize(marked)
-        if self.id_key not in d:
-            name = _filename(d.get(self.image_key))
-            if name:
-                base = os.path.basename(str(name))
-                for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".npy", ".npz"):
-                    if base.lower().endswith(ext):
-                        base = base[: -len(ext)]
-                        break
-                d[self.id_key] = base
+        if self.id_key not in d and _filename(d.get(self.image_key)):
+            d[self.id_key] = case_id(d[self.image_key])
         keys = [key for key in self.key_iterator(d)]
         out = []
         for k in self._indices:
