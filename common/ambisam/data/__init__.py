@@ -1,7 +1,15 @@
-"""The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`), a synthetic CT-like data set
+"""The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`) and their top-level blocks (raters,
+class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), a synthetic CT-like data set
 (:mod:`ambisam.data.synth`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
 transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
 
+from ambisam.data.conventions import (
+    DEFAULT_INTENSITY,
+    IntensityConvention,
+    datalist_class_map,
+    datalist_intensity,
+    datalist_raters,
+)
 from ambisam.data.convert import FORMATS, convert
 from ambisam.data.datalist import (
     SPLITS,
@@ -22,10 +30,12 @@ from ambisam.data.transforms import (
     BoxFromRaterd,
     LesionCropd,
     LoadBoxd,
+    LoadRatersd,
     PromptBoxesd,
     ResizeBoxd,
     SelectSlicesd,
     SplitSamplingOutputd,
+    StructureMasksd,
     ValidateMultiRaterd,
     box_from_mask,
     boxes_from_mask,
@@ -34,6 +44,11 @@ from ambisam.data.transforms import (
 )
 
 __all__ = [
+    "DEFAULT_INTENSITY",
+    "IntensityConvention",
+    "datalist_class_map",
+    "datalist_intensity",
+    "datalist_raters",
     "FORMATS",
     "convert",
     "SPLITS",
@@ -58,10 +73,12 @@ __all__ = [
     "BoxFromRaterd",
     "LesionCropd",
     "LoadBoxd",
+    "LoadRatersd",
     "PromptBoxesd",
     "ResizeBoxd",
     "SelectSlicesd",
     "SplitSamplingOutputd",
+    "StructureMasksd",
     "ValidateMultiRaterd",
     "box_from_mask",
     "boxes_from_mask",

@@ -2,9 +2,11 @@
 
 Conventions (shared across ``ambisam``):
 
-- after ``LoadImaged(keys=["image", "label"], ensure_channel_first=True)`` a case is ``image (1, H, W, D)`` and
-  ``label (K, H, W, D)``: the ``K`` raters' 0/1 masks stacked as channels. A 2D image is a one-slice volume
-  (``D = 1``); slices run along the last axis and arrays are indexed ``a[c, i, j, k]``;
+- after ``LoadImaged(keys="image", ensure_channel_first=True)`` and :class:`LoadRatersd` (``LoadImaged`` for rater
+  masks) a case is ``image (1, H, W, D)``, ``label (K, H, W, D)``: the ``K`` raters' 0/1 masks stacked as channels
+  in the datalist's rater order (a zero channel for a rater who did not read the case), and ``rater_valid (K,)``
+  (1 = read); :class:`StructureMasksd` turns multi-label rater maps into ``(S * K, H, W, D)`` binary masks. A 2D
+  image is a one-slice volume (``D = 1``); slices run along the last axis and arrays are indexed ``a[c, i, j, k]``;
 - a 2D box for SAM is ``[x_min, y_min, x_max, y_max] = [j_min, i_min, j_max, i_max]`` (x along the columns ``j``,
   y along the rows ``i``), inclusive pixel indices, ``float32``;
 - per-slice boxes of a volume are a ``(D, 4)`` tensor whose row ``k`` is the box on slice ``k``, or
@@ -29,7 +31,9 @@ from ambisam.data.transforms.boxes import (
 )
 from ambisam.data.transforms.intensity import intensity_transform
 from ambisam.data.transforms.outputs import SplitSamplingOutputd
+from ambisam.data.transforms.raters import LoadRatersd
 from ambisam.data.transforms.slices import LesionCropd, SelectSlicesd
+from ambisam.data.transforms.structures import StructureMasksd
 from ambisam.data.transforms.validation import ValidateMultiRaterd
 
 __all__ = [
@@ -47,4 +51,6 @@ __all__ = [
     "LoadBoxd",
     "ResizeBoxd",
     "SplitSamplingOutputd",
+    "LoadRatersd",
+    "StructureMasksd",
 ]

@@ -113,9 +113,11 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
     """Pick one rater of a 2D slice and make the SAM box prompt and the training target from that rater's mask.
 
     Args:
-        label_key: key of the rater masks ``(K, H, W)``.
-        rater: ``"random"`` (uniform over the ``K`` raters), a fixed rater index, or ``"union"`` (all raters
-            together; ``rater_index`` is then ``-1``).
+        label_key: key of the rater masks ``(K, H, W)`` (or ``(S * K, H, W)`` structure-major from
+            :class:`~ambisam.data.StructureMasksd`).
+        rater: ``"random"`` (uniform over the raters who read the case: every channel, or those with
+            ``rater_valid`` 1), a fixed channel index, or ``"union"`` (all raters together; ``rater_index`` is then
+            ``-1``).
         jitter: box augmentation: each of the 4 coordinates moves by an independent uniform random whole number of
             pixels in ``[-jitter, jitter]``; the box is then clipped to the image and kept with ``min <= max``.
         empty: what box an empty rater mask gets: ``"other"``: the box of the union of the other raters (and
@@ -124,15 +126,22 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         box_key: output key of the box.
         rater_index_key: output key of the chosen rater index (int, ``-1`` for the union).
         rater_mask_key: output key of the chosen rater's mask ``(1, H, W)``, same type and metadata as the label.
+        valid_key: key of the per-rater flags ``rater_valid (K,)`` (1 = read the case, from
+            :class:`~ambisam.data.LoadRatersd`); where the dict has none every channel counts as read. With
+            ``S * K`` channels channel ``c`` is rater ``c % K``.
+        rater_id_key: output key of the chosen rater's index in the datalist's rater table (int, ``-1`` for the
+            union): ``rater_index % K``, equal to ``rater_index`` for a ``(K, H, W)`` label.
 
     Returns:
-        (from ``__call__``) the dict plus ``rater_index`` (int), ``box`` (``float32 (4,)`` ``[x_min, y_min, x_max,
-        y_max]``) and ``rater_mask (1, H, W)``.
+        (from ``__call__``) the dict plus ``rater_index`` (int, the channel), ``rater_id`` (int), ``box``
+        (``float32 (4,)`` ``[x_min, y_min, x_max, y_max]``) and ``rater_mask (1, H, W)``. An empty rater mask with
+        ``empty="other"`` gets the box of the same structure's other raters.
 
     Raises:
         ValueError: (from ``__init__``) bad ``rater``/``jitter``/``empty``; (from ``__call__``) a label that is not
             ``(K, H, W)``.
-        InputError: (from ``__call__``) a fixed rater index the label does not have, naming the label file.
+        InputError: (from ``__call__``) a fixed rater index the label does not have or whose rater did not read the
+            case, naming the label file.
     """
 
     def __init__(
@@ -145,6 +154,8 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         box_key: str = "box",
         rater_index_key: str = "rater_index",
         rater_mask_key: str = "rater_mask",
+        valid_key: str = "rater_valid",
+        rater_id_key: str = "rater_id",
     ) -> None:
         MapTransform.__init__(self, label_key)
         RandomizableTransform.__init__(self, prob=1.0)
@@ -165,16 +176,37 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         self.box_key = box_key
         self.rater_index_key = rater_index_key
         self.rater_mask_key = rater_mask_key
+        self.valid_key = valid_key
+        self.rater_id_key = rater_id_key
         self._rater_index = 0
 
-    def randomize(self, num_raters: int) -> None:
-        """Draw the rater index (``-1`` for the union)."""
+    def randomize(self, num_raters: int, valid: torch.Tensor | None = None) -> None:
+        """Draw the rater index (``-1`` for the union), among the channels with ``valid`` 1 where given."""
         if self.rater == "union":
             self._rater_index = -1
         elif self.rater == "random":
-            self._rater_index = int(self.R.randint(num_raters))
+            read = None if valid is None else torch.nonzero(valid).flatten()
+            if read is None or len(read) == num_raters:
+                self._rater_index = int(self.R.randint(num_raters))
+            else:
+                self._rater_index = int(read[self.R.randint(len(read))]) if len(read) else -1
         else:
             self._rater_index = int(self.rater)
+
+    def _channel_validity(self, d: Mapping[Hashable, Any], channels: int, label: Any) -> tuple[torch.Tensor | None, int]:
+        """Per-channel ``rater_valid`` (tiled over the structures) and the number of raters K."""
+        if self.valid_key not in d:
+            return None, channels
+        valid = torch.as_tensor(d[self.valid_key]).flatten() != 0
+        raters = int(valid.numel())
+        if raters == 0 or channels % raters:
+            raise ValueError(
+                f"BoxFromRaterd: '{self.label_key}' has {channels} channels, not a multiple of the {raters} raters of "
+                f"'{self.valid_key}'."
+            )
+        if not bool(valid.any()):
+            raise InputError(_filename(label), "no rater read this case (every 'rater_valid' entry is 0).")
+        return valid.repeat(channels // raters), raters
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -183,15 +215,21 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         if lab.ndim != 3:
             raise ValueError(f"BoxFromRaterd expects '{self.label_key}' as (K, H, W), got {tuple(lab.shape)}.")
         num_raters, height, width = lab.shape
-        self.randomize(num_raters)
+        valid, raters = self._channel_validity(d, num_raters, label)
+        self.randomize(num_raters, valid)
         r = self._rater_index
         if r >= num_raters:
             raise InputError(_filename(label), f"label has {num_raters} rater mask(s); rater index {r} requested.")
+        if r >= 0 and valid is not None and not bool(valid[r]):
+            raise InputError(
+                _filename(label), f"rater {r % raters} (label channel {r}) did not read this case; use rater='random'."
+            )
         fg = lab != 0
         mask = fg.any(dim=0) if r < 0 else fg[r]
         box = box_from_mask(mask)
         if box is None and self.empty == "other" and r >= 0:
-            others = torch.cat([fg[:r], fg[r + 1 :]], dim=0)
+            block = (r // raters) * raters  # the same structure's raters
+            others = torch.cat([fg[block:r], fg[r + 1 : block + raters]], dim=0)
             box = box_from_mask(others.any(dim=0)) if others.shape[0] else None
         if box is None:
             box = torch.tensor(
@@ -200,6 +238,7 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             )
         d[self.box_key] = _jitter_box(box, self.jitter, height, width, self.R)
         d[self.rater_index_key] = r
+        d[self.rater_id_key] = r % raters if r >= 0 else -1
         target = lab[r : r + 1].clone() if r >= 0 else fg.any(dim=0, keepdim=True).to(lab.dtype)
         if isinstance(label, MetaTensor):
             target = MetaTensor(

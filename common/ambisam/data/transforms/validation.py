@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,15 +17,21 @@ __all__ = ["ValidateMultiRaterd"]
 class ValidateMultiRaterd(MapTransform):
     """Check a loaded multi-rater case and raise one clear :class:`~ambisam.errors.InputError` naming the file.
 
-    Put it right after ``LoadImaged(keys=["image", "label"], ensure_channel_first=True)``, before any spatial
-    transform, so that shapes and the file names refer to what is stored on disk. The data pass through unchanged.
+    Put it right after loading (``LoadImaged`` of the image, :class:`~ambisam.data.LoadRatersd` of the label, or
+    ``LoadImaged(keys=["image", "label"], ensure_channel_first=True)``), before any spatial transform, so that shapes
+    and the file names refer to what is stored on disk. The data pass through unchanged.
 
     Args:
         image_key: key of the image, expected ``(C, H, W, D)`` (``C = 1`` for CT; a multi-channel image, e.g. MRI
             sequences stored channels-last ``(H, W, D, C)``, is accepted).
         label_key: key of the rater masks, expected ``(K, H, W, D)`` with values 0/1.
         num_raters: the number of raters the dataset declares; a label with fewer channels is an error (more is
-            accepted). ``None`` skips the check.
+            accepted). A rater who did not read the case (a zero channel from :class:`~ambisam.data.LoadRatersd`)
+            counts as a declared rater. ``None`` skips the check.
+        label_values: the structure values of multi-label rater maps (the datalist's class map values); the label
+            may then hold exactly ``{0} | label_values``. ``None``: binary masks, 0 and 1.
+        valid_key: key of the per-rater flags ``(K,)`` (from :class:`~ambisam.data.LoadRatersd`); where present
+            it must have one entry per label channel.
         allow_missing_keys: do not fail when the label is absent (inference); the image is always required.
 
     Returns:
@@ -34,9 +40,11 @@ class ValidateMultiRaterd(MapTransform):
     Raises:
         InputError: (from ``__call__``) naming the image or label file (``meta["filename_or_obj"]``) when the image
             is not ``(C, H, W, D)``, holds NaN or infinite values, the label is not ``(K, H, W, D)``, holds values
-            other than 0 and 1, has fewer raters than ``num_raters``, or its spatial shape differs from the image's;
-            or when the data item has no image at all.
-        ValueError: (from ``__init__``) when ``num_raters`` is not a positive integer.
+            other than 0 and 1 (or than 0 and ``label_values``), has fewer raters than ``num_raters`` or another
+            number than ``rater_valid`` has entries, or its spatial shape differs from the image's; or when the data
+            item has no image at all.
+        ValueError: (from ``__init__``) when ``num_raters`` is not a positive integer or ``label_values`` not
+            positive integers.
     """
 
     def __init__(
@@ -45,6 +53,8 @@ class ValidateMultiRaterd(MapTransform):
         label_key: str | None = "label",
         num_raters: int | None = None,
         allow_missing_keys: bool = False,
+        label_values: Sequence[int] | None = None,
+        valid_key: str = "rater_valid",
     ) -> None:
         keys = [image_key] + ([label_key] if label_key is not None else [])
         super().__init__(keys, allow_missing_keys)
@@ -53,6 +63,12 @@ class ValidateMultiRaterd(MapTransform):
         self.image_key = image_key
         self.label_key = label_key
         self.num_raters = None if num_raters is None else int(num_raters)
+        if label_values is not None and (
+            not label_values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in label_values)
+        ):
+            raise ValueError(f"label_values must be positive integers or None, got {label_values!r}.")
+        self.label_values = None if label_values is None else sorted({int(v) for v in label_values})
+        self.valid_key = valid_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -82,14 +98,24 @@ class ValidateMultiRaterd(MapTransform):
                     f"label has shape {_fmt_shape(lab.shape)} after adding the channel; expected (K, H, W, D): "
                     "K rater masks of a 3D volume (a 2D image is a one-slice volume).",
                 )
-            not_binary = (lab != 0) & (lab != 1)
-            if bool(not_binary.any()):
-                found = torch.unique(lab[not_binary])[:5].tolist()
-                raters = sorted({int(c) for c in torch.nonzero(not_binary.flatten(1).any(dim=1)).flatten()})
+            allowed = [0] + (self.label_values or [1])
+            not_allowed = ~torch.isin(lab, torch.tensor(allowed, dtype=lab.dtype))
+            if bool(not_allowed.any()):
+                found = torch.unique(lab[not_allowed])[:5].tolist()
+                raters = sorted({int(c) for c in torch.nonzero(not_allowed.flatten(1).any(dim=1)).flatten()})
+                values = "0 and 1" if self.label_values is None else ", ".join(map(str, allowed))
+                rule = "masks must be binary" if self.label_values is None else "the class map's values"
                 raise InputError(
                     label_file,
-                    f"label contains values other than 0 and 1 (found {', '.join(f'{v:g}' for v in found)}"
-                    f"{', ...' if len(found) == 5 else ''} in rater channel(s) {raters}); masks must be binary.",
+                    f"label contains values other than {values} (found {', '.join(f'{v:g}' for v in found)}"
+                    f"{', ...' if len(found) == 5 else ''} in rater channel(s) {raters}); {rule}.",
+                )
+            valid = d.get(self.valid_key)
+            if valid is not None and int(torch.as_tensor(valid).numel()) != lab.shape[0]:
+                raise InputError(
+                    label_file,
+                    f"label has {lab.shape[0]} rater channel(s) but '{self.valid_key}' has "
+                    f"{int(torch.as_tensor(valid).numel())} entries.",
                 )
             if self.num_raters is not None and lab.shape[0] < self.num_raters:
                 raise InputError(
