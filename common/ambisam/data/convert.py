@@ -22,6 +22,7 @@ written.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -34,6 +35,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ambisam.data.conventions import IntensityConvention, check_intensity
 from ambisam.data.datalist import natural_key, parse_split, split_by_patient, write_datalist, write_nifti
 from ambisam.data.ids import case_id
 from ambisam.errors import InputError
@@ -266,6 +268,34 @@ def _qubiq_cases(src: Path, task: Any) -> list[_Case]:
     return cases
 
 
+QUBIQ_CT_SETS: tuple[str, ...] = ("kidney", "pancreas", "pancreatic-lesion")
+"""QUBIQ data sets that are CT; the others (brain-growth, brain-tumor, prostate) are MRI."""
+
+QUBIQ_CT_WINDOW: tuple[float, float] = (-160.0, 240.0)
+"""The abdominal soft-tissue window written for QUBIQ CT stored in HU."""
+
+
+def _intensity_of(format: str, src: Path, low: float, high: float) -> IntensityConvention:
+    """The intensity convention of a converted data set, from its format and the images' value range.
+
+    ``lidc-folder``: 8-bit JPEG grey values, ``none`` in ``[0, 255]``. ``lidc-pickle``: ``none`` in ``[0, 1]`` or
+    ``[0, 255]`` where every image lies in that range, else ``none`` (per-image min-max). ``qubiq``: a CT data set
+    (:data:`QUBIQ_CT_SETS`, recognised by the folder name) whose values reach below -200 (HU) gets ``ct`` with
+    :data:`QUBIQ_CT_WINDOW`; every other QUBIQ set ``mri`` (per-image percentiles, which suits any scale).
+    """
+    if format == "lidc-folder":
+        return IntensityConvention("none", None, (0.0, 255.0))
+    if format == "lidc-pickle":
+        for top in (1.0, 255.0):
+            if low >= 0.0 and high <= top:
+                return IntensityConvention("none", None, (0.0, top))
+        return IntensityConvention("none")
+    names = {p.name.lower() for p in [src.absolute(), *src.absolute().parents][:3]}
+    if names & set(QUBIQ_CT_SETS) and low < -200.0:
+        return IntensityConvention("ct", QUBIQ_CT_WINDOW)
+    return IntensityConvention("mri")
+
+
 _READERS: dict[str, Callable[[Path, Any], list[_Case]]] = {
     "lidc-folder": _lidc_folder_cases,
     "lidc-pickle": _lidc_pickle_cases,
@@ -281,6 +311,7 @@ def convert(
     seed: int = 0,
     *,
     task: int | str | None = None,
+    intensity: IntensityConvention | dict | None = None,
 ) -> Path:
     """Convert a public multi-rater data set to NIfTI files plus ``out/datalist.json`` and ``out/convert.json``.
 
@@ -298,18 +329,26 @@ def convert(
         seed: the split seed.
         task: ``qubiq`` only: which label task (``2`` or ``"task02"``) when the data set has several (e.g.
             brain-tumor, prostate); may be left out when it has one.
+        intensity: the datalist's ``intensity`` block (an :class:`~ambisam.data.IntensityConvention` or
+            ``{"modality": ..., "window"/"range": ...}``) where the default for the format does not fit; by default
+            ``lidc-folder`` writes ``none`` in ``[0, 255]``, ``lidc-pickle`` ``none`` in ``[0, 1]`` or ``[0, 255]``
+            where the images lie in it, and ``qubiq`` ``mri``, or ``ct`` with the window ``[-160, 240]`` for its CT
+            sets stored in HU (see ``docs/datalist.md``).
 
     Returns:
         The path of ``out/datalist.json``.
 
     Raises:
-        InputError: unknown format, bad split, missing source, no cases found, an unreadable file, a rater
+        InputError: unknown format, bad split, a malformed ``intensity``, missing source, no cases found, an unreadable file, a rater
             count that differs between cases, or a mask whose shape differs from its image's. The message names
             the offending file; nothing has been written.
     """
     if format not in _READERS:
         raise InputError(None, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     fractions = parse_split(split)
+    if intensity is not None:
+        block = intensity.as_block() if isinstance(intensity, IntensityConvention) else intensity
+        intensity = check_intensity(block, None)
     if task is not None and format != "qubiq":
         raise InputError(None, f"task= applies to the qubiq format only, not {format!r}")
     src, out = Path(src), Path(out)
@@ -321,11 +360,14 @@ def convert(
     ids: dict[str, Path] = {}
     raters: int | None = None
     first: _Case | None = None
+    low, high = math.inf, -math.inf
     for case in cases:
         if case.id in ids:
             raise InputError(case.where, f"case id {case.id!r} repeats that of {ids[case.id]}")
         ids[case.id] = case.where
         image, masks, _ = case.load()
+        if image.size:
+            low, high = min(low, float(np.min(image))), max(high, float(np.max(image)))
         if raters is None:
             raters, first = len(masks), case
         elif len(masks) != raters:
@@ -342,7 +384,9 @@ def convert(
         ]
         items.append({"id": case.id, "patient": case.patient, "image": image_path, "label": label_paths})
     by_split = split_by_patient(items, fractions, seed)
-    datalist = write_datalist(out, by_split)
+    if intensity is None:
+        intensity = _intensity_of(format, src, low, high)
+    datalist = write_datalist(out, by_split, intensity=intensity)
     write_json(
         out / "convert.json",
         run_record(
@@ -356,6 +400,7 @@ def convert(
             cases=len(items),
             patients=len({it["patient"] for it in items}),
             raters=raters,
+            intensity=intensity.as_block(),
             counts={k: len(v) for k, v in by_split.items()},
         ),
     )
