@@ -17,7 +17,7 @@ Every case becomes ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>_rater<r>.nii.gz`
 one-slice volumes ``(H, W, 1)`` with rows = i and columns = j as the source stores them; a multi-channel 2D
 image (QUBIQ brain-tumor, ``(H, W, C)``) is written ``(H, W, 1, C)``, which ``LoadImaged`` with
 ``ensure_channel_first=True`` reads as ``(C, H, W, 1)``. The whole source is checked before anything is
-written.
+written. The datalist gets the ``intensity`` block that fits the format (see :func:`_intensity_of`).
 """
 
 from __future__ import annotations

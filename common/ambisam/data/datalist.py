@@ -9,8 +9,9 @@ A datalist is a JSON file with the lists ``training``, ``validation`` and ``test
 
 Paths are relative to the datalist's folder. ``label`` holds one binary mask file per rater; MONAI's
 ``LoadImaged(keys=["image", "label"], ensure_channel_first=True)`` stacks them as channels ``(K, H, W, D)``.
-``box`` is a 3D box of inclusive voxel indices in the array as stored (slices along the last axis).
-See ``docs/datalist.md``.
+``box`` is a 3D box of inclusive voxel indices in the array as stored (slices along the last axis). A ``null``
+label entry is a rater who did not read the case. The optional top-level blocks ``raters``, ``labels`` and
+``intensity`` are read and checked by :mod:`ambisam.data.conventions`. See ``docs/datalist.md``.
 """
 
 from __future__ import annotations
