@@ -57,8 +57,8 @@ def test_converted_lidc_jpegs_are_none_in_0_255(tmp_path):
 def test_converted_pickle_and_qubiq_say_what_their_values_are(tmp_path):
     rng = np.random.default_rng(0)
     masks = [(rng.random((8, 8)) > 0.5).astype(np.uint8) for _ in range(2)]
-    for top, expected in ((1.0, {"modality": "none", "range": [0, 1]}), (200.0, {"modality": "none", "range": [0, 255]}),
-                          (-5.0, {"modality": "none"})):
+    cases = [(1.0, {"modality": "none", "range": [0, 1]}), (200.0, {"modality": "none", "range": [0, 255]})]
+    for top, expected in cases + [(-5.0, {"modality": "none"})]:
         data = {f"s{n}": {"image": rng.random((8, 8)) * top, "masks": masks, "series_uid": f"u{n}"} for n in range(2)}
         src = tmp_path / f"lidc{top}.pickle"
         src.write_bytes(pickle.dumps(data))
@@ -77,7 +77,8 @@ def test_converted_pickle_and_qubiq_say_what_their_values_are(tmp_path):
         IntensityConvention("ct", (-160.0, 240.0), None, "datalist")
     )
     mri = rng.uniform(0, 900, (8, 8))
-    assert datalist_intensity(convert("qubiq", qubiq(tmp_path / "prostate", mri), tmp_path / "p", split="0,0,1")).modality == "mri"
+    path = convert("qubiq", qubiq(tmp_path / "prostate", mri), tmp_path / "p", split="0,0,1")
+    assert datalist_intensity(path).modality == "mri"
     override = {"modality": "ct", "window": [-100, 200]}
     path = convert("qubiq", tmp_path / "prostate", tmp_path / "o", split="0,0,1", intensity=override)
     assert datalist_intensity(path).window == (-100.0, 200.0)

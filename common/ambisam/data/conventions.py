@@ -117,7 +117,9 @@ def check_intensity(block: Any, where: Any = None) -> IntensityConvention:
             or a window/range that is not two finite numbers ``low < high``.
     """
     if not isinstance(block, Mapping) or "modality" not in block:
-        raise InputError(where, f"'intensity' must be an object with a 'modality' ({', '.join(MODALITIES)}), got {block!r}")
+        raise InputError(
+            where, f"'intensity' must be an object with a 'modality' ({', '.join(MODALITIES)}), got {block!r}"
+        )
     modality = block["modality"]
     if not isinstance(modality, str) or modality.lower() not in MODALITIES:
         raise InputError(where, f"'intensity': unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
@@ -125,10 +127,14 @@ def check_intensity(block: Any, where: Any = None) -> IntensityConvention:
     allowed = {"ct": {"modality", "window"}, "mri": {"modality"}, "none": {"modality", "range"}}[modality]
     unknown = sorted(set(map(str, block)) - allowed)
     if unknown:
-        raise InputError(where, f"'intensity': {unknown} do not apply to modality '{modality}' (it takes {sorted(allowed)})")
+        raise InputError(
+            where, f"'intensity': {unknown} do not apply to modality '{modality}' (it takes {sorted(allowed)})"
+        )
     if modality == "ct":
         if "window" not in block:
-            raise InputError(where, "'intensity': modality 'ct' needs its 'window': [low, high] in HU, e.g. [-1000, 400]")
+            raise InputError(
+                where, "'intensity': modality 'ct' needs its 'window': [low, high] in HU, e.g. [-1000, 400]"
+            )
         return IntensityConvention("ct", _pair(block["window"], "window", where), None, "datalist")
     if modality == "none" and "range" in block:
         return IntensityConvention("none", None, _pair(block["range"], "range", where), "datalist")
@@ -156,7 +162,9 @@ def check_class_map(block: Any, where: Any = None) -> dict[str, int]:
         if not isinstance(name, str) or not name.strip():
             raise InputError(where, f"'labels': structure names must be non-empty, got {name!r}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(where, f"'labels': {name!r} must map to a positive integer (0 is background), got {value!r}")
+            raise InputError(
+                where, f"'labels': {name!r} must map to a positive integer (0 is background), got {value!r}"
+            )
         if value in seen:
             raise InputError(where, f"'labels': {name!r} and {seen[value]!r} share the value {value}")
         seen[value] = name

@@ -339,7 +339,8 @@ def convert(
         The path of ``out/datalist.json``.
 
     Raises:
-        InputError: unknown format, bad split, a malformed ``intensity``, missing source, no cases found, an unreadable file, a rater
+        InputError: unknown format, bad split, a malformed ``intensity``, missing source, no cases found, an
+            unreadable file, a rater
             count that differs between cases, or a mask whose shape differs from its image's. The message names
             the offending file; nothing has been written.
     """

@@ -120,7 +120,9 @@ def _case_rater_order(
         raise InputError(datalist, f"{where} names {len(names)} raters for {len(labels)} 'label' entries")
     unknown = [r for r in names if r not in table]
     if unknown:
-        raise InputError(datalist, f"{where} ({item['image']}): unknown rater(s) {unknown}; the datalist's raters are {list(table)}")
+        raise InputError(
+            datalist, f"{where} ({item['image']}): unknown rater(s) {unknown}; the datalist's raters are {list(table)}"
+        )
     if len(set(names)) != len(names):
         raise InputError(datalist, f"{where}: 'raters' {names} names a rater more than once")
     return [table.index(r) for r in names]

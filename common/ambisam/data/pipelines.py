@@ -69,8 +69,9 @@ def volume_transforms(
     """Pre-processing of whole volumes for inference and evaluation.
 
     ``LoadImaged`` (image) and :class:`LoadRatersd` (label, when present) -> :class:`ValidateMultiRaterd` ->
-    intensity to ``[0, 1]`` -> optional :class:`StructureMasksd` -> optional :class:`LoadBoxd` -> optional ``Orientationd`` / ``Spacingd`` (label nearest). Every step is
-    invertible or metadata-free, so ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
+    intensity to ``[0, 1]`` -> optional :class:`StructureMasksd` -> optional :class:`LoadBoxd` -> optional
+    ``Orientationd`` / ``Spacingd`` (label nearest). Every step is invertible or metadata-free, so
+    ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
 
     Args:
         modality: ``"ct"``, ``"mri"`` or ``"none"`` (see :func:`intensity_transform`).

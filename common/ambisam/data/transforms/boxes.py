@@ -193,7 +193,9 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         else:
             self._rater_index = int(self.rater)
 
-    def _channel_validity(self, d: Mapping[Hashable, Any], channels: int, label: Any) -> tuple[torch.Tensor | None, int]:
+    def _channel_validity(
+        self, d: Mapping[Hashable, Any], channels: int, label: Any
+    ) -> tuple[torch.Tensor | None, int]:
         """Per-channel ``rater_valid`` (tiled over the structures) and the number of raters K."""
         if self.valid_key not in d:
             return None, channels

@@ -55,7 +55,9 @@ class LoadRatersd(LoadImaged):
         allow_missing_keys: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(keys, ensure_channel_first=ensure_channel_first, allow_missing_keys=allow_missing_keys, **kwargs)
+        super().__init__(
+            keys, ensure_channel_first=ensure_channel_first, allow_missing_keys=allow_missing_keys, **kwargs
+        )
         self.valid_key = valid_key
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:

@@ -54,7 +54,10 @@ class StructureMasksd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.class_map = check_class_map(class_map)
-        names = list(self.class_map) if structures is None else [structures] if isinstance(structures, str) else list(structures)
+        if structures is None:
+            names = list(self.class_map)
+        else:
+            names = [structures] if isinstance(structures, str) else list(structures)
         unknown = [s for s in names if s not in self.class_map]
         if unknown or not names:
             raise InputError(None, f"unknown structure(s) {unknown}; the class map has {list(self.class_map)}")
