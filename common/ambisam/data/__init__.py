@@ -1,7 +1,15 @@
-"""The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`), a synthetic CT-like data set
+"""The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`) and their top-level blocks (raters,
+class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), a synthetic CT-like data set
 (:mod:`ambisam.data.synth`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
 transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
 
+from ambisam.data.conventions import (
+    DEFAULT_INTENSITY,
+    IntensityConvention,
+    datalist_class_map,
+    datalist_intensity,
+    datalist_raters,
+)
 from ambisam.data.convert import FORMATS, convert
 from ambisam.data.datalist import (
     SPLITS,
@@ -12,6 +20,7 @@ from ambisam.data.datalist import (
     write_datalist,
     write_nifti,
 )
+from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
 from ambisam.data.pipelines import training_slice_transforms, volume_transforms
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
@@ -21,10 +30,12 @@ from ambisam.data.transforms import (
     BoxFromRaterd,
     LesionCropd,
     LoadBoxd,
+    LoadRatersd,
     PromptBoxesd,
     ResizeBoxd,
     SelectSlicesd,
     SplitSamplingOutputd,
+    StructureMasksd,
     ValidateMultiRaterd,
     box_from_mask,
     boxes_from_mask,
@@ -33,6 +44,11 @@ from ambisam.data.transforms import (
 )
 
 __all__ = [
+    "DEFAULT_INTENSITY",
+    "IntensityConvention",
+    "datalist_class_map",
+    "datalist_intensity",
+    "datalist_raters",
     "FORMATS",
     "convert",
     "SPLITS",
@@ -42,6 +58,9 @@ __all__ = [
     "split_by_patient",
     "write_datalist",
     "write_nifti",
+    "IMAGE_EXTENSIONS",
+    "case_id",
+    "strip_image_extension",
     "check_inputs",
     "inference_items",
     "training_slice_transforms",
@@ -54,10 +73,12 @@ __all__ = [
     "BoxFromRaterd",
     "LesionCropd",
     "LoadBoxd",
+    "LoadRatersd",
     "PromptBoxesd",
     "ResizeBoxd",
     "SelectSlicesd",
     "SplitSamplingOutputd",
+    "StructureMasksd",
     "ValidateMultiRaterd",
     "box_from_mask",
     "boxes_from_mask",

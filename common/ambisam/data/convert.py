@@ -17,11 +17,12 @@ Every case becomes ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>_rater<r>.nii.gz`
 one-slice volumes ``(H, W, 1)`` with rows = i and columns = j as the source stores them; a multi-channel 2D
 image (QUBIQ brain-tumor, ``(H, W, C)``) is written ``(H, W, 1, C)``, which ``LoadImaged`` with
 ``ensure_channel_first=True`` reads as ``(C, H, W, 1)``. The whole source is checked before anything is
-written.
+written. The datalist gets the ``intensity`` block that fits the format (see :func:`_intensity_of`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -34,7 +35,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ambisam.data.conventions import IntensityConvention, check_intensity
 from ambisam.data.datalist import natural_key, parse_split, split_by_patient, write_datalist, write_nifti
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
@@ -59,7 +62,11 @@ class _Case:
 
 
 def _safe_id(text: str) -> str:
-    """A file-name-safe id: characters other than letters, digits, ``.``, ``_``, ``-`` become ``_``."""
+    """A file-name-safe id: characters other than letters, digits, ``.``, ``_``, ``-`` become ``_``.
+
+    Ids from a folder or file name are first derived with :func:`~ambisam.data.case_id` (the rule every part of
+    ambisam uses); this only makes the result usable as a file name (a pickle's slice keys may hold anything).
+    """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(text)).strip(".")
     return safe or "case"
 
@@ -125,7 +132,7 @@ def _lidc_folder_cases(src: Path, task: Any) -> list[_Case]:
                 masks.append((mask > JPEG_THRESHOLD).astype(np.uint8)[..., None])
             return image.astype(np.float32)[..., None], masks, np.eye(4)
 
-        cases.append(_Case(id=_safe_id(folder.name), patient=folder.name, where=folder, load=load))
+        cases.append(_Case(id=_safe_id(case_id(folder)), patient=folder.name, where=folder, load=load))
     return cases
 
 
@@ -257,8 +264,36 @@ def _qubiq_cases(src: Path, task: Any) -> list[_Case]:
         def load(image_path: Path = image_path, label_paths: list[Path] = label_paths) -> tuple:
             return _qubiq_arrays(image_path, label_paths)
 
-        cases.append(_Case(id=_safe_id(folder.name), patient=folder.name, where=folder, load=load))
+        cases.append(_Case(id=_safe_id(case_id(folder)), patient=folder.name, where=folder, load=load))
     return cases
+
+
+QUBIQ_CT_SETS: tuple[str, ...] = ("kidney", "pancreas", "pancreatic-lesion")
+"""QUBIQ data sets that are CT; the others (brain-growth, brain-tumor, prostate) are MRI."""
+
+QUBIQ_CT_WINDOW: tuple[float, float] = (-160.0, 240.0)
+"""The abdominal soft-tissue window written for QUBIQ CT stored in HU."""
+
+
+def _intensity_of(format: str, src: Path, low: float, high: float) -> IntensityConvention:
+    """The intensity convention of a converted data set, from its format and the images' value range.
+
+    ``lidc-folder``: 8-bit JPEG grey values, ``none`` in ``[0, 255]``. ``lidc-pickle``: ``none`` in ``[0, 1]`` or
+    ``[0, 255]`` where every image lies in that range, else ``none`` (per-image min-max). ``qubiq``: a CT data set
+    (:data:`QUBIQ_CT_SETS`, recognised by the folder name) whose values reach below -200 (HU) gets ``ct`` with
+    :data:`QUBIQ_CT_WINDOW`; every other QUBIQ set ``mri`` (per-image percentiles, which suits any scale).
+    """
+    if format == "lidc-folder":
+        return IntensityConvention("none", None, (0.0, 255.0))
+    if format == "lidc-pickle":
+        for top in (1.0, 255.0):
+            if low >= 0.0 and high <= top:
+                return IntensityConvention("none", None, (0.0, top))
+        return IntensityConvention("none")
+    names = {p.name.lower() for p in [src.absolute(), *src.absolute().parents][:3]}
+    if names & set(QUBIQ_CT_SETS) and low < -200.0:
+        return IntensityConvention("ct", QUBIQ_CT_WINDOW)
+    return IntensityConvention("mri")
 
 
 _READERS: dict[str, Callable[[Path, Any], list[_Case]]] = {
@@ -276,6 +311,7 @@ def convert(
     seed: int = 0,
     *,
     task: int | str | None = None,
+    intensity: IntensityConvention | dict | None = None,
 ) -> Path:
     """Convert a public multi-rater data set to NIfTI files plus ``out/datalist.json`` and ``out/convert.json``.
 
@@ -293,18 +329,27 @@ def convert(
         seed: the split seed.
         task: ``qubiq`` only: which label task (``2`` or ``"task02"``) when the data set has several (e.g.
             brain-tumor, prostate); may be left out when it has one.
+        intensity: the datalist's ``intensity`` block (an :class:`~ambisam.data.IntensityConvention` or
+            ``{"modality": ..., "window"/"range": ...}``) where the default for the format does not fit; by default
+            ``lidc-folder`` writes ``none`` in ``[0, 255]``, ``lidc-pickle`` ``none`` in ``[0, 1]`` or ``[0, 255]``
+            where the images lie in it, and ``qubiq`` ``mri``, or ``ct`` with the window ``[-160, 240]`` for its CT
+            sets stored in HU (see ``docs/datalist.md``).
 
     Returns:
         The path of ``out/datalist.json``.
 
     Raises:
-        InputError: unknown format, bad split, missing source, no cases found, an unreadable file, a rater
+        InputError: unknown format, bad split, a malformed ``intensity``, missing source, no cases found, an
+            unreadable file, a rater
             count that differs between cases, or a mask whose shape differs from its image's. The message names
             the offending file; nothing has been written.
     """
     if format not in _READERS:
         raise InputError(None, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     fractions = parse_split(split)
+    if intensity is not None:
+        block = intensity.as_block() if isinstance(intensity, IntensityConvention) else intensity
+        intensity = check_intensity(block, None)
     if task is not None and format != "qubiq":
         raise InputError(None, f"task= applies to the qubiq format only, not {format!r}")
     src, out = Path(src), Path(out)
@@ -316,11 +361,14 @@ def convert(
     ids: dict[str, Path] = {}
     raters: int | None = None
     first: _Case | None = None
+    low, high = math.inf, -math.inf
     for case in cases:
         if case.id in ids:
             raise InputError(case.where, f"case id {case.id!r} repeats that of {ids[case.id]}")
         ids[case.id] = case.where
         image, masks, _ = case.load()
+        if image.size:
+            low, high = min(low, float(np.min(image))), max(high, float(np.max(image)))
         if raters is None:
             raters, first = len(masks), case
         elif len(masks) != raters:
@@ -337,7 +385,9 @@ def convert(
         ]
         items.append({"id": case.id, "patient": case.patient, "image": image_path, "label": label_paths})
     by_split = split_by_patient(items, fractions, seed)
-    datalist = write_datalist(out, by_split)
+    if intensity is None:
+        intensity = _intensity_of(format, src, low, high)
+    datalist = write_datalist(out, by_split, intensity=intensity)
     write_json(
         out / "convert.json",
         run_record(
@@ -351,6 +401,7 @@ def convert(
             cases=len(items),
             patients=len({it["patient"] for it in items}),
             raters=raters,
+            intensity=intensity.as_block(),
             counts={k: len(v) for k, v in by_split.items()},
         ),
     )

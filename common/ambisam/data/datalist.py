@@ -9,8 +9,9 @@ A datalist is a JSON file with the lists ``training``, ``validation`` and ``test
 
 Paths are relative to the datalist's folder. ``label`` holds one binary mask file per rater; MONAI's
 ``LoadImaged(keys=["image", "label"], ensure_channel_first=True)`` stacks them as channels ``(K, H, W, D)``.
-``box`` is a 3D box of inclusive voxel indices in the array as stored (slices along the last axis).
-See ``docs/datalist.md``.
+``box`` is a 3D box of inclusive voxel indices in the array as stored (slices along the last axis). A ``null``
+label entry is a rater who did not read the case. The optional top-level blocks ``raters``, ``labels`` and
+``intensity`` are read and checked by :mod:`ambisam.data.conventions`. See ``docs/datalist.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from ambisam.data.conventions import (
+    IntensityConvention,
+    check_class_map,
+    check_intensity,
+    check_raters,
+    datalist_raters,
+    read_datalist_file,
+)
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
 
@@ -60,14 +70,6 @@ def natural_key(text: str) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text)))]
 
 
-def _id_from_path(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
 def _header_shape(path: str) -> tuple[int, ...] | None:
     """The stored array shape of a NIfTI file from its header alone, or ``None`` for other formats."""
     if not path.lower().endswith(_NIFTI_SUFFIXES):
@@ -94,14 +96,62 @@ def _check_box(box: Any, where: str, datalist: Path, shape: tuple[int, ...] | No
             raise InputError(datalist, f"{where}: 'box' {list(box)} reaches outside the image shape {spatial}")
 
 
+def _case_rater_order(
+    item: dict, where: str, datalist: Path, table: tuple[str, ...], declared: bool
+) -> list[int] | None:
+    """The global rater index of each of an item's ``label`` entries, or ``None`` to keep them as written.
+
+    ``declared``: the datalist has a top-level ``raters`` table (else ``table`` holds positional names).
+    """
+    label = item["label"]
+    if "raters" not in item:
+        if declared and isinstance(label, list) and len(label) != len(table):
+            raise InputError(
+                datalist,
+                f"{where} has {len(label)} 'label' entries but the datalist names {len(table)} raters {list(table)}: "
+                "give one entry per rater (null for a rater who did not read the case) or the case's 'raters'",
+            )
+        return None
+    names = item["raters"]
+    if not isinstance(names, list) or not all(isinstance(r, str) for r in names):
+        raise InputError(datalist, f"{where}: 'raters' must be a list of rater names, got {names!r}")
+    labels = label if isinstance(label, list) else [label]
+    if len(names) != len(labels):
+        raise InputError(datalist, f"{where} names {len(names)} raters for {len(labels)} 'label' entries")
+    unknown = [r for r in names if r not in table]
+    if unknown:
+        raise InputError(
+            datalist, f"{where} ({item['image']}): unknown rater(s) {unknown}; the datalist's raters are {list(table)}"
+        )
+    if len(set(names)) != len(names):
+        raise InputError(datalist, f"{where}: 'raters' {names} names a rater more than once")
+    return [table.index(r) for r in names]
+
+
+def _check_top_level(raw: dict, path: Path) -> tuple[tuple[str, ...], bool]:
+    """Check the optional top-level blocks; return the rater table and whether the datalist declares it."""
+    if "labels" in raw:
+        check_class_map(raw["labels"], path)
+    if "intensity" in raw:
+        check_intensity(raw["intensity"], path)
+    return datalist_raters(path, raw=raw), "raters" in raw
+
+
 def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = True) -> list[dict]:
     """Read one list of a multi-rater datalist, with absolute paths, after checking it.
 
     Paths are resolved against the datalist's folder by :func:`monai.data.load_decathlon_datalist` (which keeps
     ``label`` as a list, so ``LoadImaged`` stacks the raters as channels). Every other key (``id``,
-    ``patient``, ``box``, ...) is returned exactly as written. An item without ``id`` gets its image's file
-    name (without extension); one without ``patient`` gets its ``id``. A ``label`` given as one string is
-    returned as a list of one.
+    ``patient``, ``box``, ...) is returned exactly as written. An item without ``id`` gets
+    :func:`~ambisam.data.case_id` of its image (the file name without its extension); one without ``patient``
+    gets its ``id``. A ``label`` given as one string is returned as a list of one.
+
+    Raters: a ``null`` label entry is a rater who did not read the case; it is returned as ``None`` (load the
+    item with :class:`~ambisam.data.LoadRatersd`, which gives that rater a zero channel and ``rater_valid`` 0).
+    Where the datalist names its raters (top-level ``raters``) or an item says whose its files are (its own
+    ``raters``), ``label`` is returned in the datalist's rater order, one entry per rater, ``None`` where the
+    item has no file for that rater, and the item's own ``raters`` key is dropped. Without either, ``label`` is
+    returned as written.
 
     Args:
         path: the datalist JSON file.
@@ -111,33 +161,30 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
             that a ``box`` lies inside the image (a few milliseconds per file; non-NIfTI files are skipped).
 
     Returns:
-        The items of that list: dicts with ``image`` (str), ``label`` (list of str), ``id``, ``patient`` and any
-        other keys of the item. An empty list gives ``[]``.
+        The items of that list: dicts with ``image`` (str), ``label`` (list of str, ``None`` for a rater who did
+        not read the case), ``id``, ``patient`` and any other keys of the item. An empty list gives ``[]``.
 
     Raises:
-        InputError: the datalist is missing or not valid JSON, has no list ``split``, an item is not a dict or
-            lacks ``image`` or ``label`` or has a malformed ``box``, two items share an ``id``, an image or
-            rater file does not exist, or (with ``check_headers``) a rater mask's shape differs from its
-            image's or a ``box`` lies outside it. The message names the offending file.
+        InputError: the datalist is missing or not valid JSON, has no list ``split``, a malformed top-level
+            ``raters``, ``labels`` or ``intensity`` block, an item is not a dict or lacks ``image`` or ``label``
+            or has no rater file at all or a malformed ``box``, an item's ``raters`` names a rater the datalist
+            does not have or does not match its ``label`` list, two items share an ``id``, an image or rater
+            file does not exist, or (with ``check_headers``) a rater mask's shape differs from its image's or a
+            ``box`` lies outside it. The message names the offending file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "datalist file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"not a readable JSON datalist ({e})") from e
-    if not isinstance(raw, dict):
-        raise InputError(path, "a datalist must be a JSON object with the lists 'training', 'validation', 'test'")
+    raw = read_datalist_file(path)
     if split not in raw:
-        present = [k for k in raw if isinstance(raw[k], list)]
+        present = [k for k in raw if isinstance(raw[k], list) and k != "raters"]
         raise InputError(path, f"has no list '{split}' (lists present: {present})")
     raw_items = raw[split]
     if not isinstance(raw_items, list):
         raise InputError(path, f"'{split}' must be a list of items, got {type(raw_items).__name__}")
+    table, declared = _check_top_level(raw, path)
     if not raw_items:
         return []
 
+    orders: list[list[int] | None] = []
     for n, item in enumerate(raw_items):
         where = f"{split}[{n}]"
         if not isinstance(item, dict):
@@ -149,21 +196,34 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
         label = item["label"]
         if isinstance(label, str):
             label = [label]
-        if not isinstance(label, list) or not label or not all(isinstance(p, str) and p for p in label):
-            raise InputError(path, f"{where}: 'label' must be a non-empty list of rater mask paths")
+        if not isinstance(label, list) or not label or not all(p is None or (isinstance(p, str) and p) for p in label):
+            raise InputError(path, f"{where}: 'label' must be a non-empty list of rater mask paths (null: not read)")
+        if all(p is None for p in label):
+            raise InputError(path, f"{where} (image {item['image']}): every 'label' entry is null; no rater read it")
+        orders.append(_case_rater_order(item, where, path, table, declared))
 
     # MONAI resolves 'image' and the 'label' list against the datalist folder; it modifies the items in place.
+    # A list holding null it leaves as written; those entries are resolved here by the same rule.
     resolved = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=path.parent)
 
     items: list[dict] = []
     seen: dict[str, int] = {}
-    for n, (orig, res) in enumerate(zip(raw_items, resolved)):
+    for n, (orig, res, order) in enumerate(zip(raw_items, resolved, orders)):
         where = f"{split}[{n}]"
         item = copy.deepcopy(orig)  # every key other than image/label exactly as written
         item["image"] = str(res["image"])
         label = res["label"]
-        item["label"] = [str(p) for p in ([label] if isinstance(label, str) else label)]
-        item["id"] = str(item["id"]) if "id" in item else _id_from_path(item["image"])
+        files = [None if p is None else str(p) for p in ([label] if isinstance(label, str) else label)]
+        if None in files:
+            files = [None if p is None else os.path.normpath(path.parent / p) for p in files]
+        if order is not None:
+            item.pop("raters")
+            placed: list[str | None] = [None] * len(table)
+            for r, p in zip(order, files):
+                placed[r] = p
+            files = placed
+        item["label"] = files
+        item["id"] = case_id(item)
         item["patient"] = str(item["patient"]) if "patient" in item else item["id"]
         if item["id"] in seen:
             raise InputError(path, f"{where} repeats the id {item['id']!r} of {split}[{seen[item['id']]}]")
@@ -171,16 +231,17 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
 
         if not os.path.isfile(item["image"]):
             raise InputError(item["image"], f"image listed in {path} ({where}) does not exist")
-        for r, p in enumerate(item["label"]):
-            if not os.path.isfile(p):
-                raise InputError(p, f"rater {r} mask listed in {path} ({where}) does not exist")
+        names = table if order is not None or declared else tuple(str(r) for r in range(len(files)))
+        for name, p in zip(names, files):
+            if p is not None and not os.path.isfile(p):
+                raise InputError(p, f"rater {name} mask listed in {path} ({where}) does not exist")
 
         image_shape = None
         if check_headers:
             image_shape = _header_shape(item["image"])
             if image_shape is not None:
-                for p in item["label"]:
-                    shape = _header_shape(p)
+                for p in files:
+                    shape = None if p is None else _header_shape(p)
                     if shape is not None and shape[:3] != image_shape[:3]:
                         raise InputError(p, f"rater mask shape {shape} differs from its image's {image_shape}")
         if "box" in item:
@@ -193,47 +254,69 @@ def _relative(p: str | os.PathLike, out_dir: Path) -> str:
     return Path(os.path.relpath(Path(p).absolute(), out_dir.absolute())).as_posix()
 
 
-def write_datalist(out_dir: str | os.PathLike, items_by_split: Mapping[str, Sequence[Mapping]]) -> Path:
+def write_datalist(
+    out_dir: str | os.PathLike,
+    items_by_split: Mapping[str, Sequence[Mapping]],
+    *,
+    raters: Sequence[str] | None = None,
+    labels: Mapping[str, int] | None = None,
+    intensity: IntensityConvention | Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``out_dir/datalist.json`` atomically, with paths relative to ``out_dir``.
 
-    All three lists are always written (empty where ``items_by_split`` has none). Item keys are written in the
-    order ``id``, ``patient``, ``image``, ``label``, then any others (``box``, ...).
+    The optional top-level blocks come first (``raters``, ``labels``, ``intensity``, each only when given), then
+    the three lists, always all three (empty where ``items_by_split`` has none). Item keys are written in the
+    order ``id``, ``patient``, ``image``, ``label``, then any others (``box``, ``raters``, ...). A ``None`` label
+    entry (a rater who did not read the case) is written as ``null``.
 
     Args:
         out_dir: the folder the datalist goes in (created if needed).
         items_by_split: ``{"training": [...], "validation": [...], "test": [...]}``; each item has ``image``
-            and ``label`` (list of rater paths), absolute or relative to the current directory.
+            and ``label`` (list of rater paths, ``None`` for not read), absolute or relative to the current
+            directory.
+        raters: the names of the raters, in label channel order (the ``raters`` block).
+        labels: the class map ``{structure name: label value}`` of multi-label rater files (the ``labels`` block).
+        intensity: the intensity convention, an :class:`~ambisam.data.IntensityConvention` or its block
+            ``{"modality": ..., "window"/"range": ...}`` (the ``intensity`` block).
 
     Returns:
         The path of the written ``datalist.json``.
 
     Raises:
         ValueError: a key other than the three lists, or an item without ``image`` or ``label``.
+        InputError: a malformed ``raters``, ``labels`` or ``intensity`` block (nothing is written).
     """
     out_dir = Path(out_dir)
+    target = out_dir / "datalist.json"
     unknown = set(items_by_split) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown datalist lists {sorted(unknown)}; use {list(SPLITS)}")
-    doc: dict[str, list[dict]] = {}
+    doc: dict[str, Any] = {}
+    if raters is not None:
+        doc["raters"] = list(check_raters(list(raters), target))
+    if labels is not None:
+        doc["labels"] = check_class_map(dict(labels), target)
+    if intensity is not None:
+        block = intensity.as_block() if isinstance(intensity, IntensityConvention) else intensity
+        doc["intensity"] = check_intensity(block, target).as_block()
     for split in SPLITS:
         out_items = []
         for item in items_by_split.get(split, []):
             if "image" not in item or "label" not in item:
                 raise ValueError(f"a {split} item needs 'image' and 'label': {dict(item)!r}")
-            labels = [item["label"]] if isinstance(item["label"], (str, os.PathLike)) else list(item["label"])
+            labels_ = [item["label"]] if isinstance(item["label"], (str, os.PathLike)) else list(item["label"])
             new: dict[str, Any] = {}
             if "id" in item:
                 new["id"] = str(item["id"])
             if "patient" in item:
                 new["patient"] = str(item["patient"])
             new["image"] = _relative(item["image"], out_dir)
-            new["label"] = [_relative(p, out_dir) for p in labels]
+            new["label"] = [None if p is None else _relative(p, out_dir) for p in labels_]
             for k, v in item.items():
                 if k not in new:
                     new[k] = v
             out_items.append(new)
         doc[split] = out_items
-    target = out_dir / "datalist.json"
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return target

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ambisam.data.datalist import load_datalist
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError, find_input_error
 
 __all__ = ["inference_items", "check_inputs"]
@@ -42,8 +43,7 @@ def inference_items(
     image = Path(image)
     if not image.is_file():
         raise InputError(image, "image file not found")
-    stem = image.name.split(".")[0]
-    item: dict = {"image": str(image), "id": stem}
+    item: dict = {"image": str(image), "id": case_id(image)}
     if box is not None:
         if isinstance(box, (str, os.PathLike)) and not Path(box).is_file():
             raise InputError(box, "box file not found")

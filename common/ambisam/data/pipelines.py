@@ -5,7 +5,7 @@ Bundle configs may use these factories or list the same transforms directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from monai.transforms import (
     Compose,
@@ -21,8 +21,10 @@ from ambisam.data.transforms import (
     BoxFromRaterd,
     LesionCropd,
     LoadBoxd,
+    LoadRatersd,
     ResizeBoxd,
     SelectSlicesd,
+    StructureMasksd,
     ValidateMultiRaterd,
     intensity_transform,
 )
@@ -30,15 +32,27 @@ from ambisam.data.transforms import (
 __all__ = ["volume_transforms", "training_slice_transforms"]
 
 
-def _load_and_check(modality: str, window: Sequence[float], num_raters: int | None, label_optional: bool) -> list:
-    """``LoadImaged`` + :class:`ValidateMultiRaterd` + intensity; the label may be absent when ``label_optional``."""
-    return [
-        LoadImaged(
-            keys=["image", "label"], ensure_channel_first=True, image_only=True, allow_missing_keys=label_optional
-        ),
-        ValidateMultiRaterd("image", "label", num_raters, allow_missing_keys=label_optional),
-        intensity_transform("image", modality, window),
+def _load_and_check(
+    modality: str,
+    window: Sequence[float],
+    num_raters: int | None,
+    label_optional: bool,
+    value_range: Sequence[float] | None,
+    class_map: Mapping[str, int] | None,
+    structures: Sequence[str] | None,
+) -> list:
+    """``LoadImaged`` + :class:`LoadRatersd` + :class:`ValidateMultiRaterd` + intensity (+ :class:`StructureMasksd`
+    with a class map); the label may be absent when ``label_optional``."""
+    values = None if class_map is None else list(class_map.values())
+    xs = [
+        LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
+        LoadRatersd("label", image_only=True, allow_missing_keys=label_optional),
+        ValidateMultiRaterd("image", "label", num_raters, allow_missing_keys=label_optional, label_values=values),
+        intensity_transform("image", modality, window, value_range=value_range),
     ]
+    if class_map is not None:
+        xs.append(StructureMasksd("label", class_map, structures, allow_missing_keys=label_optional))
+    return xs
 
 
 def volume_transforms(
@@ -48,12 +62,16 @@ def volume_transforms(
     orientation: str | None = None,
     spacing: Sequence[float] | None = None,
     box: bool = False,
+    value_range: Sequence[float] | None = None,
+    class_map: Mapping[str, int] | None = None,
+    structures: Sequence[str] | None = None,
 ) -> Compose:
     """Pre-processing of whole volumes for inference and evaluation.
 
-    ``LoadImaged`` (image and, when present, label) -> :class:`ValidateMultiRaterd` -> intensity to ``[0, 1]``
-    -> optional :class:`LoadBoxd` -> optional ``Orientationd`` / ``Spacingd`` (label nearest). Every step is
-    invertible or metadata-free, so ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
+    ``LoadImaged`` (image) and :class:`LoadRatersd` (label, when present) -> :class:`ValidateMultiRaterd` ->
+    intensity to ``[0, 1]`` -> optional :class:`StructureMasksd` -> optional :class:`LoadBoxd` -> optional
+    ``Orientationd`` / ``Spacingd`` (label nearest). Every step is invertible or metadata-free, so
+    ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
 
     Args:
         modality: ``"ct"``, ``"mri"`` or ``"none"`` (see :func:`intensity_transform`).
@@ -64,13 +82,19 @@ def volume_transforms(
         box: read the item's optional 3D ``"box"`` (JSON file or list) into per-slice boxes ``box (D, 4)``; with
             ``orientation``/``spacing`` the box travels as a mask through the resampling and the per-slice boxes
             are rebuilt afterwards, so they refer to the resampled slices.
+        value_range: with ``modality="none"``: the fixed ``(low, high)`` range scaled to ``[0, 1]`` (the datalist's
+            ``intensity.range``); ``None``: per-image min-max.
+        class_map: the datalist's ``labels`` (see :func:`~ambisam.data.datalist_class_map`): the label files hold
+            these integer values, and ``label`` becomes ``(S * K, H, W, D)`` binary masks (:class:`StructureMasksd`).
+        structures: with ``class_map``: the structures to keep, in order (``None``: all).
 
     Returns:
-        A ``Compose`` giving ``image (1, H, W, D)`` in ``[0, 1]``, ``label (K, H, W, D)`` when the item has one,
-        and ``box (D, 4)`` when ``box`` is set and the item has one.
+        A ``Compose`` giving ``image (1, H, W, D)`` in ``[0, 1]``, ``label (K, H, W, D)`` (``(S * K, H, W, D)``
+        with a class map, plus ``structures``) and ``rater_valid (K,)`` when the item has a label, and
+        ``box (D, 4)`` when ``box`` is set and the item has one.
     """
     resample = orientation is not None or spacing is not None
-    xs = _load_and_check(modality, window, num_raters, label_optional=True)
+    xs = _load_and_check(modality, window, num_raters, True, value_range, class_map, structures)
     spatial_keys = ["image", "label"]
     if box:
         xs.append(LoadBoxd("box", "image", mask_key="box_mask" if resample else None, allow_missing_keys=True))
@@ -96,10 +120,14 @@ def training_slice_transforms(
     rater: str | int = "random",
     jitter: int = 0,
     spatial_size: Sequence[int] | int = 256,
+    value_range: Sequence[float] | None = None,
+    class_map: Mapping[str, int] | None = None,
+    structures: Sequence[str] | None = None,
 ) -> Compose:
     """Training pipeline: one volume -> a list of 2D slice dicts ready for a SAM backbone.
 
-    ``LoadImaged`` -> :class:`ValidateMultiRaterd` -> intensity -> :class:`SelectSlicesd` -> optional
+    ``LoadImaged`` + :class:`LoadRatersd` -> :class:`ValidateMultiRaterd` -> intensity -> optional
+    :class:`StructureMasksd` -> :class:`SelectSlicesd` -> optional
     :class:`LesionCropd` -> :class:`BoxFromRaterd` -> :class:`ResizeBoxd` + ``Resized`` (image bilinear, masks
     nearest) to the backbone input.
 
@@ -109,18 +137,22 @@ def training_slice_transforms(
         num_raters: the number of raters the dataset declares.
         empty_share: expected share of empty slices among the selected ones (see :class:`SelectSlicesd`).
         crop_size: lesion-centred crop size (e.g. 128), or ``None`` for the whole slice.
-        rater: ``"random"``, a fixed index or ``"union"`` (see :class:`BoxFromRaterd`).
+        rater: ``"random"`` (among the raters who read the case), a fixed index or ``"union"`` (see
+            :class:`BoxFromRaterd`).
         jitter: box jitter in pixels (before resizing).
         spatial_size: the backbone's square input size (256 LiteMedSAM, 1024 SAM), or ``(H, W)``.
+        value_range, class_map, structures: as :func:`volume_transforms`.
 
     Returns:
-        A ``Compose`` whose output is a list of dicts with ``image (1, S, S)``, ``label (K, S, S)``,
-        ``rater_mask (1, S, S)``, ``box (4,)`` in input coordinates, ``rater_index``, ``id`` and ``slice_index``.
+        A ``Compose`` whose output is a list of dicts with ``image (1, S, S)``, ``label (K, S, S)`` (``S * K``
+        channels with a class map), ``rater_valid (K,)``, ``rater_mask (1, S, S)``, ``box (4,)`` in input
+        coordinates, ``rater_index`` (the label channel), ``rater_id`` (the rater's index in the datalist's rater
+        table, ``-1`` for the union), ``id`` and ``slice_index``.
         Use MONAI's ``list_data_collate`` (the default of ``monai.data.DataLoader``).
     """
     size = list(spatial_size) if isinstance(spatial_size, Sequence) else [int(spatial_size)] * 2
     masks = ["label", "rater_mask"]
-    xs = _load_and_check(modality, window, num_raters, label_optional=False)
+    xs = _load_and_check(modality, window, num_raters, False, value_range, class_map, structures)
     xs.append(SelectSlicesd("label", empty_share))
     if crop_size is not None:
         xs.append(LesionCropd(keys=["image", "label"], label_key="label", spatial_size=crop_size))

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ambisam.data.conventions import IntensityConvention
 from ambisam.data.datalist import parse_split, split_by_patient, write_datalist, write_nifti
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
-__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY", "ensure_dataset"]
+__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY", "INTENSITY", "ensure_dataset"]
 
 SPACING: tuple[float, float, float] = (0.8, 0.8, 2.0)
 """Voxel size in mm along i, j, k; the affine is ``diag(0.8, 0.8, 2.0, 1)`` (RAS)."""
@@ -35,6 +36,9 @@ SMALL_RADIUS: float = 6.0
 
 MISS_PROBABILITY: float = 0.4
 """Probability that a rater misses a small lesion."""
+
+INTENSITY = IntensityConvention("ct", (-1000.0, 400.0))
+"""The intensity convention written to the datalist: CT in HU, the lung window."""
 
 _BIAS_SD_MM, _BIAS_MAX_MM = 0.5, 1.2  # systematic per-rater offset of the outline
 _FIELD_SD_MM, _FIELD_MAX_SD = 0.6, 3.0  # smooth per-rater outline perturbation (clipped at 3 SD)
@@ -169,7 +173,8 @@ def synthesize(
 
     Writes ``imagesTr/<id>.nii.gz`` (``int16`` HU), ``labelsTr/<id>_rater<r>.nii.gz`` (``uint8`` 0/1, ``r``
     from 0), ``datalist.json`` (patient = id, split by :func:`~ambisam.data.datalist.split_by_patient`) and
-    ``synth.json`` (the parameters, each case's lesion and the versions). Affine ``diag(0.8, 0.8, 2.0)``.
+    ``synth.json`` (the parameters, each case's lesion and the versions). The datalist's ``intensity`` block is
+    :data:`INTENSITY` (CT, window ``[-1000, 400]``). Affine ``diag(0.8, 0.8, 2.0)``.
     Case ``n`` (id ``case<nnn>``) is drawn from ``numpy.random.default_rng([seed, n])``, so the arrays are the
     same for the same seed, and a case does not change when ``cases`` grows.
 
@@ -213,7 +218,7 @@ def synthesize(
         items.append({"id": case_id, "patient": case_id, "image": image_path, "label": label_paths})
         lesions[case_id] = info
     by_split = split_by_patient(items, fractions, seed)
-    datalist = write_datalist(out_dir, by_split)
+    datalist = write_datalist(out_dir, by_split, intensity=INTENSITY)
     write_json(
         out_dir / "synth.json",
         run_record(

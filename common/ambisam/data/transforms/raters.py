@@ -1,0 +1,95 @@
+"""Loading a case's rater masks in the datalist's rater order, with raters who did not read the case.
+
+A datalist ``label`` entry ``null`` (``None`` after :func:`~ambisam.data.load_datalist`) is a rater who did not
+read the case: that is not the same as an all-zero mask ("read it and saw nothing"). :class:`LoadRatersd` loads the
+files that are there with MONAI's own ``LoadImaged`` (stacked as channels, as always), puts a zero channel where a
+rater did not read the case, and says which channels are real in ``rater_valid``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged
+
+from ambisam.errors import InputError
+
+__all__ = ["LoadRatersd"]
+
+
+class LoadRatersd(LoadImaged):
+    """``LoadImaged`` for rater masks: ``None`` entries (not read) become zero channels, and ``rater_valid`` says
+    which channels were read.
+
+    A label with no ``None`` entry is loaded exactly as ``LoadImaged(keys, ensure_channel_first=True)`` loads it
+    (one file per rater stacked as channels, or one multi-channel file) and gets ``rater_valid`` all ones. A label
+    already loaded (a tensor or array ``(K, ...)``) is kept and gets ``rater_valid`` all ones unless the item has
+    one.
+
+    Args:
+        keys: key(s) of the rater file lists.
+        valid_key: output key of the per-rater flags.
+        ensure_channel_first: as ``LoadImaged`` (default ``True`` here: the raters are the channels).
+        allow_missing_keys: do not fail when the label is absent (inference).
+        kwargs: any other ``LoadImaged`` argument (``reader``, ``dtype``, ``image_only``, ...).
+
+    Returns:
+        (from ``__call__``) the dict with ``label (K, H, W, D)`` (a MetaTensor with the loaded files' metadata; zero
+        channels where not read) and ``rater_valid``: ``float32 (K,)``, 1 = the rater read the case, 0 = not.
+
+    Raises:
+        InputError: (from ``__call__``) every entry is ``None``, or, with ``None`` entries, the present files do not
+            hold one rater mask each (naming the first file).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        valid_key: str = "rater_valid",
+        ensure_channel_first: bool = True,
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            keys, ensure_channel_first=ensure_channel_first, allow_missing_keys=allow_missing_keys, **kwargs
+        )
+        self.valid_key = valid_key
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if not isinstance(value, (str, os.PathLike, list, tuple)):  # already loaded
+                d.setdefault(self.valid_key, torch.ones(int(value.shape[0]), dtype=torch.float32))
+                continue
+            entries = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+            present = [r for r, p in enumerate(entries) if p is not None]
+            if not present:
+                raise InputError(None, f"'{key}': every rater entry is None: no rater read this case")
+            if len(present) == len(entries):
+                d.update(super().__call__({key: value}, reader))
+                d[self.valid_key] = torch.ones(int(d[key].shape[0]), dtype=torch.float32)
+                continue
+            d.update(super().__call__({key: [entries[r] for r in present]}, reader))
+            loaded = d[key]
+            if int(loaded.shape[0]) != len(present):
+                raise InputError(
+                    entries[present[0]],
+                    f"the {len(present)} rater files of this case hold {int(loaded.shape[0])} channels; where a rater "
+                    "entry is null each file must hold one rater's mask",
+                )
+            plain = loaded.as_tensor() if isinstance(loaded, MetaTensor) else torch.as_tensor(loaded)
+            full = torch.zeros((len(entries), *plain.shape[1:]), dtype=plain.dtype)
+            full[present] = plain
+            if isinstance(loaded, MetaTensor):
+                full = MetaTensor(full, meta=loaded.meta, applied_operations=loaded.applied_operations)
+            d[key] = full
+            valid = torch.zeros(len(entries), dtype=torch.float32)
+            valid[present] = 1.0
+            d[self.valid_key] = valid
+        return d
