@@ -227,8 +227,8 @@ class HungarianSetLoss(nn.Module):
         Args:
             outputs: a method's ``training_outputs``: ``"logits" (B, M, h, w)``.
             target: ``(B, K, H, W)`` every rater's mask, values in ``{0, 1}``.
-            rater_valid: ``(B, K)`` which raters count; default: the non-empty ones (with
-                ``mask_empty_raters``), else all.
+            rater_valid: ``(B, K)`` which raters read the image (the data's ``rater_valid``); a rater counts when
+                it read the image and, with ``mask_empty_raters``, drew something. ``None``: every rater read it.
 
         Returns:
             the scalar loss.
@@ -247,11 +247,12 @@ class HungarianSetLoss(nn.Module):
             )
         b, k = target.shape[:2]
         target = target.to(logits.dtype)
-        if rater_valid is None:
-            rater_valid = target.flatten(2).amax(dim=2) > 0 if self.mask_empty_raters else target.new_ones((b, k))
-        elif tuple(rater_valid.shape) != (b, k):
-            raise ValueError(f"rater_valid must be ({b}, {k}), got {tuple(rater_valid.shape)}")
-        valid = rater_valid.bool().cpu().numpy()
+        valid = target.flatten(2).amax(dim=2) > 0 if self.mask_empty_raters else target.new_ones((b, k)).bool()
+        if rater_valid is not None:
+            if tuple(rater_valid.shape) != (b, k):
+                raise ValueError(f"rater_valid must be ({b}, {k}), got {tuple(rater_valid.shape)}")
+            valid = valid & rater_valid.bool()
+        valid = valid.cpu().numpy()
 
         logits = self.select(logits, k)
         if logits.shape[2:] != target.shape[2:]:

@@ -26,7 +26,15 @@ def configs(bundle: str, *names: str) -> list[str]:
 
 
 def workflow(bundle: str, names: tuple[str, ...], workflow_type: str, **override) -> ConfigWorkflow:
-    """A bundle workflow as `python -m monai.bundle run` builds it, with overrides."""
+    """A bundle workflow as the package's runner builds it (the shared base resolved, so overrides may be nested)."""
+    from ambisam.bundle import bundle_workflow
+
+    return bundle_workflow(bundle, names, workflow_type, **override)
+
+
+def plain_workflow(bundle: str, names: tuple[str, ...], workflow_type: str, **override) -> ConfigWorkflow:
+    """The bundle workflow exactly as ``python -m monai.bundle run`` builds it (MONAI resolves the macros;
+    ``override`` top-level ids only)."""
     cfg = ROOT / "bundles" / bundle / "configs"
     return ConfigWorkflow(
         config_file=configs(bundle, *names),
@@ -71,7 +79,7 @@ def check_properties(bundle: str, tmp: Path, dataset_dir: Path, ckpt_path: Path)
         (("inference",), "infer", {"dataset_dir": str(dataset_dir), "ckpt_path": str(ckpt_path),
                                     "output_dir": str(tmp / "props" / "inference")}),
     ):
-        wf = workflow(bundle, names, kind, **override)
+        wf = plain_workflow(bundle, names, kind, **override)
         wf.initialize()
         missing = wf.check_properties()
         assert not missing, f"{bundle} {names}: missing properties {missing}"

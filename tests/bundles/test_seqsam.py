@@ -15,6 +15,7 @@ from bundle_checks import (
     check_inference_outputs,
     check_metadata,
     check_torchrun_with,
+    plain_workflow,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -49,7 +50,7 @@ def test_properties(trained):
         (("inference",), "infer", {"dataset_dir": str(datalist.parent), "ckpt_path": str(tmp / "models" / "model.pt"),
                                     "output_dir": str(tmp / "props" / "inference")}),
     ):
-        wf = workflow(BUNDLE, names, kind, **override)
+        wf = plain_workflow(BUNDLE, names, kind, **override)
         wf.initialize()
         assert not wf.check_properties(), names
 
@@ -61,7 +62,7 @@ def test_metadata_is_valid_offline():
 def test_train_writes_weights_and_resumes(trained):
     tmp, datalist, wf = trained
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert type(trainer).__name__ == "SetTrainer" and trainer.target_key == "label"
+    assert type(trainer).__name__ == "MultiRaterTrainer" and trainer.target_key == "label"  # SeqSAM declares the set
     assert trainer.state.epoch == 1
     first_iterations = trainer.state.iteration
     assert (tmp / "models" / "model.pt").is_file() and (tmp / "models" / "checkpoint_epoch=1.pt").is_file()

@@ -30,6 +30,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.utils.others.class_utils import unload_module
 
 from ambisam.errors import InputError
+from ambisam.inferers.layout import OUTPUT_NAMES
 from ambisam.outputs import write_case_outputs
 
 from lib.prompts import BoxPromptFromRequestd
@@ -181,7 +182,7 @@ class SamplingBundleInferTask(BundleInferTask):
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         """Write the final mask (returned as the label), the uncertainty map and the samples, in the input's
         geometry; return the mask's path and the summary JSON (the extra files under ``OUTPUT_FILES_KEY``)."""
-        maps = {k: data[k] for k in ("pred", "mean", "uncertainty", "variance", "samples")}
+        maps = {k: data[k] for k in OUTPUT_NAMES}
         image = data[self.input_key]
         num_samples, seed = self._request_settings(data)
         case_id = f"ambisam_{self.bundle_name}_{uuid.uuid4().hex[:12]}"

@@ -18,7 +18,6 @@ from ambisam.data.datalist import (
     parse_split,
     split_by_patient,
     write_datalist,
-    write_nifti,
 )
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
@@ -31,6 +30,7 @@ from ambisam.data.transforms import (
     LesionCropd,
     LoadBoxd,
     LoadRatersd,
+    SelectReadRatersd,
     PromptBoxesd,
     ResizeBoxd,
     SelectSlicesd,
@@ -42,6 +42,8 @@ from ambisam.data.transforms import (
     intensity_transform,
     slice_boxes_from_box3d,
 )
+
+from ambisam.outputs import write_nifti  # the writer, re-exported for data-set scripts
 
 __all__ = [
     "DEFAULT_INTENSITY",
@@ -74,6 +76,7 @@ __all__ = [
     "LesionCropd",
     "LoadBoxd",
     "LoadRatersd",
+    "SelectReadRatersd",
     "PromptBoxesd",
     "ResizeBoxd",
     "SelectSlicesd",

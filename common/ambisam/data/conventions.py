@@ -236,14 +236,15 @@ def datalist_class_map(path: str | os.PathLike) -> dict[str, int] | None:
     return check_class_map(raw["labels"], path) if "labels" in raw else None
 
 
-def datalist_intensity(path: str | os.PathLike) -> IntensityConvention:
+def datalist_intensity(path: str | os.PathLike | None) -> IntensityConvention:
     """The intensity convention a datalist declares (its ``intensity`` block).
 
     A datalist without the block is assumed to hold CT in HU (:data:`DEFAULT_INTENSITY`, the lung window
-    ``[-1000, 400]``); one warning line on the ``ambisam.data`` logger says so.
+    ``[-1000, 400]``); one warning line on the ``ambisam.data`` logger says so. Without a datalist (``None``: an
+    image given on its own) the default applies silently: the bundle's ``modality`` / ``window`` say what is used.
 
     Args:
-        path: the datalist JSON file.
+        path: the datalist JSON file, or ``None``.
 
     Returns:
         The :class:`IntensityConvention`; ``source`` is ``"datalist"`` or ``"default"``.
@@ -251,6 +252,8 @@ def datalist_intensity(path: str | os.PathLike) -> IntensityConvention:
     Raises:
         InputError: an unreadable datalist or a malformed ``intensity`` block, naming the datalist.
     """
+    if path is None:
+        return DEFAULT_INTENSITY
     raw = read_datalist_file(path)
     if "intensity" in raw:
         return check_intensity(raw["intensity"], path)

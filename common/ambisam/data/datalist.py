@@ -47,7 +47,6 @@ __all__ = [
     "write_datalist",
     "parse_split",
     "split_by_patient",
-    "write_nifti",
     "natural_key",
 ]
 
@@ -390,27 +389,3 @@ def split_by_patient(
     for it, patient in zip(items, patient_of):
         out[split_of[patient]].append(dict(it))
     return out
-
-
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write an array as NIfTI atomically, exactly as given (no reorientation, no scaling).
-
-    The affine goes in both the qform and sform (code 1, scanner), units are millimetres, and the file's data
-    type is the array's (``uint8`` for masks, ``int16``/``float32`` for images).
-
-    Args:
-        path: the ``.nii.gz`` (or ``.nii``) file to write.
-        array: the voxel array, indexed ``a[i, j, k]`` (a 2D image is ``(H, W, 1)``; channels go last:
-            ``(H, W, D, C)``).
-        affine: the 4x4 voxel-to-world (RAS) matrix.
-
-    Returns:
-        The final path.
-    """
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return Path(path)

@@ -22,6 +22,7 @@ backbone input coordinates, ``rater_index (B,)`` and, from datalists with rater 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,7 +110,10 @@ class MultiRaterTrainer(SupervisedTrainer):
         )
 
     def compute_loss(self, outputs: dict, batch: Mapping) -> torch.Tensor:
-        """The scalar loss of one step."""
+        """The scalar loss of one step; a loss that takes ``rater_valid`` (set losses) is told which raters read
+        each image, so a rater who did not read it is not trained as one who saw nothing."""
+        if "rater_valid" in batch and "rater_valid" in inspect.signature(self.loss_function.forward).parameters:
+            return self.loss_function(outputs, self.target(batch), rater_valid=batch["rater_valid"])
         return self.loss_function(outputs, self.target(batch))
 
     # ------------------------------------------------------------------------------------------------ loop

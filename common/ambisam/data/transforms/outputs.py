@@ -6,7 +6,6 @@ from collections.abc import Hashable, Mapping
 from copy import deepcopy
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
@@ -17,8 +16,9 @@ __all__ = ["SplitSamplingOutputd"]
 class SplitSamplingOutputd(MapTransform):
     """Split the sampling inferer's output into the final mask, the mean, the uncertainty maps and the samples.
 
-    The inferer returns one tensor per case ``(3 + N, H, W, D)``: channels ``[mean probability, entropy of the mean,
-    variance, N binary samples ...]``. Each output keeps the input's MetaTensor metadata (affine, file name) and
+    The inferer returns one tensor per case ``(S * (3 + N), H, W, D)`` in the layout of
+    :mod:`ambisam.inferers.layout` (one structure: ``[mean probability, entropy of the mean, variance, N binary
+    samples ...]``), which also does the split. Each output keeps the input's MetaTensor metadata (affine, file name) and
     transform trace, so ``Invertd(keys=[...], orig_keys="image")`` maps each back through
     ``Orientationd``/``Spacingd`` and ``SaveImaged`` writes each in the input's geometry (invert ``pred`` and
     ``samples`` with ``nearest_interp=True``, the continuous maps with ``False``).
@@ -27,17 +27,17 @@ class SplitSamplingOutputd(MapTransform):
         key: key of the inferer's output; it is replaced by the final mask.
         num_samples: the expected ``N``; ``None`` accepts any ``N >= 0``.
         threshold: the final mask is ``mean > threshold``.
-        mean_key: output key of the mean probability ``(1, H, W, D)``.
-        uncertainty_key: output key of the entropy of the mean ``(1, H, W, D)``.
-        variance_key: output key of the variance ``(1, H, W, D)``.
-        samples_key: output key of the samples ``(N, H, W, D)``.
+        mean_key: output key of the mean probability ``(S, H, W, D)``.
+        uncertainty_key: output key of the entropy of the mean ``(S, H, W, D)``.
+        variance_key: output key of the variance ``(S, H, W, D)``.
+        samples_key: output key of the samples ``(S * N, H, W, D)``.
 
     Returns:
-        (from ``__call__``) the dict with ``pred`` ``(1, H, W, D)`` (0/1, the mean's dtype), ``mean``,
+        (from ``__call__``) the dict with ``pred`` ``(S, H, W, D)`` (0/1, the mean's dtype), ``mean``,
         ``uncertainty``, ``variance`` and ``samples``.
 
     Raises:
-        ValueError: when the output has fewer than 3 channels or not ``3 + num_samples``.
+        ValueError: when the channels are not ``S * (3 + num_samples)``.
     """
 
     def __init__(
@@ -60,34 +60,24 @@ class SplitSamplingOutputd(MapTransform):
         self.samples_key = samples_key
 
     @staticmethod
-    def _part(x: Any, start: int, stop: int) -> Any:
+    def _like(x: Any, values: torch.Tensor) -> Any:
+        """``values`` with ``x``'s MetaTensor metadata and transform trace (or as ``x``'s array type)."""
         if isinstance(x, MetaTensor):
-            return MetaTensor(
-                x.as_tensor()[start:stop].clone(),
-                meta=deepcopy(x.meta),
-                applied_operations=deepcopy(x.applied_operations),
-            )
-        return x[start:stop].clone() if torch.is_tensor(x) else np.array(x[start:stop])
+            return MetaTensor(values.clone(), meta=deepcopy(x.meta), applied_operations=deepcopy(x.applied_operations))
+        return values.clone() if torch.is_tensor(x) else values.numpy().copy()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from ambisam.inferers.layout import split_sampling_output
+
         d = dict(data)
         out = d[self.key]
-        channels = int(out.shape[0])
-        if channels < 3:
-            raise ValueError(
-                f"'{self.key}' has {channels} channels; expected 3 + N (mean, entropy, variance, samples)."
-            )
-        if self.num_samples is not None and channels != 3 + self.num_samples:
-            raise ValueError(f"'{self.key}' has {channels} channels; expected 3 + {self.num_samples} samples.")
-        mean = self._part(out, 0, 1)
-        pred = self._part(out, 0, 1)
-        if torch.is_tensor(pred):
-            pred.copy_((mean > self.threshold).to(pred.dtype))
-        else:
-            pred = (mean > self.threshold).astype(mean.dtype)
-        d[self.mean_key] = mean
-        d[self.uncertainty_key] = self._part(out, 1, 2)
-        d[self.variance_key] = self._part(out, 2, 3)
-        d[self.samples_key] = self._part(out, 3, channels)
-        d[self.key] = pred
+        values = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        try:
+            maps = split_sampling_output(values, self.threshold, self.num_samples)
+        except ValueError as e:
+            raise ValueError(f"'{self.key}': {e}") from None
+        keys = {"pred": self.key, "mean": self.mean_key, "uncertainty": self.uncertainty_key,
+                "variance": self.variance_key, "samples": self.samples_key}
+        for name, value in maps.items():
+            d[keys[name]] = self._like(out, value)
         return d

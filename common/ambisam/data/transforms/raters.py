@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged
+from monai.transforms import LoadImaged, MapTransform
 
 from ambisam.errors import InputError
 
-__all__ = ["LoadRatersd"]
+__all__ = ["LoadRatersd", "SelectReadRatersd"]
 
 
 class LoadRatersd(LoadImaged):
@@ -92,4 +92,37 @@ class LoadRatersd(LoadImaged):
             valid = torch.zeros(len(entries), dtype=torch.float32)
             valid[present] = 1.0
             d[self.valid_key] = valid
+        return d
+
+
+class SelectReadRatersd(MapTransform):
+    """Keep only the rater channels of raters who read the case, so that a metric compares the samples with the
+    raters who drew something or saw nothing, never with a rater who did not look (for the evaluation's
+    post-processing, one case at a time).
+
+    Args:
+        keys: the rater masks ``(K, ...)`` (default ``label``).
+        valid_key: the flags ``rater_valid (K,)``; an item without them keeps every channel.
+        allow_missing_keys: do not fail when a key is absent.
+
+    Returns:
+        (from ``__call__``) the dict with ``label (K', ...)``, ``K'`` the raters who read the case.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", valid_key: str = "rater_valid", allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.valid_key = valid_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        valid = d.get(self.valid_key)
+        if valid is None:
+            return d
+        read = torch.as_tensor(valid).reshape(-1) > 0
+        if bool(read.all()):
+            return d
+        for key in self.key_iterator(d):
+            if d[key].shape[0] != read.numel():
+                raise ValueError(f"'{key}' has {d[key].shape[0]} channels for {read.numel()} rater flags")
+            d[key] = d[key][torch.nonzero(read).flatten().tolist()]
         return d

@@ -1,0 +1,68 @@
+"""The bundles share one base: each bundle's configs state what makes its method and take the rest by macro, the
+base holds no macros, override files set top-level ids only (so plain ``python -m monai.bundle run`` config lists
+work), and every macro resolves."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from ambisam.bundle import BASE_CONFIG_DIR, available_bundles, flatten_config
+from ambisam.bundle.config import MACRO
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLES = available_bundles(ROOT / "bundles")
+#: at most this many identical settings between two bundles' same config, macros to the base aside (the network's
+#: backbone arguments, the optimizer's parameter list, a common learning rate)
+SHARED_LIMIT = 6
+
+
+def _leaves(config, prefix=""):
+    """``(id, value)`` of every leaf that is not a macro to the base."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            yield from _leaves(v, f"{prefix}#{k}" if prefix else k)
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            yield from _leaves(v, f"{prefix}#{i}")
+    elif not (isinstance(config, str) and config.startswith(MACRO)):
+        yield prefix, json.dumps(config)
+
+
+def _config_files(bundle: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((bundle / "configs").glob("*.json")) if p.name != "metadata.json"}
+
+
+def test_there_are_bundles_to_compare():
+    assert {"psam", "seqsam"} <= set(BUNDLES)
+
+
+@pytest.mark.parametrize("first,second", list(itertools.combinations(sorted(BUNDLES), 2)))
+def test_no_bundle_config_repeats_another(first, second):
+    a, b = _config_files(BUNDLES[first]), _config_files(BUNDLES[second])
+    for name in sorted(set(a) & set(b)):
+        shared = set(_leaves(a[name])) & set(_leaves(b[name]))
+        assert len(shared) <= SHARED_LIMIT, f"{first} and {second} both state in {name}: {sorted(shared)}"
+
+
+def test_the_base_holds_no_macros_and_bundles_set_top_level_ids_only():
+    for base in BASE_CONFIG_DIR.glob("*.json"):
+        text = base.read_text()
+        assert f'"{MACRO}' not in text, f"{base.name} holds a macro (MONAI resolves one level)"
+    for name, bundle in BUNDLES.items():
+        for file, config in _config_files(bundle).items():
+            nested = [k for k in config if "#" in k or "::" in k]
+            assert not nested, f"{name}/{file} sets nested ids {nested}: MONAI merges them before the macros resolve"
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_macro_resolves(bundle):
+    files = [p for p in (BUNDLES[bundle] / "configs").glob("*.json") if p.name != "metadata.json"]
+    for file in files:
+        flat = flatten_config(file)
+        assert MACRO + "common/" not in json.dumps(flat), file
+    merged = flatten_config([BUNDLES[bundle] / "configs" / "train.json", BUNDLES[bundle] / "configs" / "evaluate.json"])
+    assert merged["validate_split"] == "@eval_split" and merged["train"]["trainer"]["_target_"] == "ambisam.engines.MultiRaterTrainer"
