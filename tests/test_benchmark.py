@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 from ambisam.benchmark import METRIC_KEYS, TrainingBudget, run_benchmark
-from ambisam.benchmark_report import TABLE_COLUMNS
+from ambisam.benchmark.report import TABLE_COLUMNS
 from ambisam.errors import InputError
 from ambisam.networks import (
     BoxPromptedSam,
@@ -21,8 +24,8 @@ from ambisam.networks import (
     MultimaskSam,
     ProbabilisticUNet,
     PromptJitterSam,
-    method_registry,
 )
+from ambisam.registry import get_method
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -39,9 +42,9 @@ def _count_decoder_calls(backbone):
 
 
 def test_registry_names_the_sam_baselines():
-    assert method_registry["multimask"] is MultimaskSam
-    assert method_registry["jitter"] is PromptJitterSam
-    assert method_registry["mc_dropout"] is McDropoutSam
+    assert get_method("multimask").network_class is MultimaskSam
+    assert get_method("jitter").network_class is PromptJitterSam
+    assert get_method("mc_dropout").network_class is McDropoutSam
 
 
 @torch.no_grad()
@@ -259,8 +262,13 @@ def test_benchmark_results_json(benchmark_run):
     assert baseline["diversity"] == 0.0 and baseline["ncc"] is None  # identical samples: NCC undefined
     assert jitter["diversity"] > 0
     assert results[3]["status"] == "unavailable" and "p2sam" in results[3]["reason"]
+    assert "not implemented yet" in results[3]["reason"]
+    assert psam["training"][0]["stages"][0]["configs"] == ["train"] and psam["training"][0]["stages"][0]["epochs"] == 1
     record = json.loads((out / "run.json").read_text())
     assert record["job"] == "benchmark" and record["num_samples"] == 4 and "torch" in record["versions"]
+    # the synthetic data's own convention, passed to every job
+    assert record["intensity"]["modality"] == "ct" and record["intensity"]["source"] in ("datalist", "default")
+    assert all(r["intensity"] == record["intensity"] for r in results)
 
 
 def test_benchmark_markdown_table(benchmark_run):
@@ -321,7 +329,38 @@ def test_benchmark_bad_arguments_write_nothing(tmp_path, kwargs, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_benchmark_window_for_a_modality_without_one_writes_nothing(tmp_path):
+    from ambisam.data import synthesize
+
+    datalist = synthesize(tmp_path / "data", cases=4, shape=(64, 64, 10), seed=3)
+    with pytest.raises(InputError, match="window applies to modality ct only"):
+        run_benchmark(data=datalist, methods="baseline", modality="none", window="0,255", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_benchmark_missing_datalist_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="datalist file not found"):
         run_benchmark(data=tmp_path / "missing.json", methods="baseline", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+LIDC_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lidc-sample"
+
+
+def test_benchmark_takes_the_intensity_convention_from_a_converted_datalist(tmp_path):
+    """Waits for ``ambisam.data.datalist_intensity``: a converted LIDC sample says modality ``none`` itself, and
+    the benchmark scores it so without ``--modality``."""
+    if not LIDC_SAMPLE.is_dir():
+        pytest.skip(f"the LIDC-IDRI sample is not at {LIDC_SAMPLE} (shared data folder absent)")
+    done = subprocess.run([sys.executable, "-m", "ambisam", "convert", "--format", "lidc-folder", "--src",
+                           str(LIDC_SAMPLE), "--out", str(tmp_path / "lidc")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (entry,) = run_benchmark(data=tmp_path / "lidc" / "datalist.json", methods="baseline", seeds=1, samples=2,
+                             figure_cases=0, out=tmp_path / "out", isolate=False)
+    assert entry["status"] == "ok", entry
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["intensity"]["modality"] == "none" and record["intensity"]["source"] == "datalist"
+    assert record["modality"] == "none" and entry["intensity"] == record["intensity"]
+    job = json.loads((tmp_path / "out" / "baseline" / "seed0" / "job.json").read_text())
+    assert job["modality"] == "none" and job["value_range"] == record["intensity"]["value_range"]

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ambisam.bench import bench_methods, bench_sampling, format_methods, format_sampling
+from ambisam.bench import (
+    bench_methods,
+    bench_sampling,
+    bench_training,
+    format_methods,
+    format_sampling,
+    format_training,
+)
 from ambisam.demo import run_demo, segment_file
 from ambisam.errors import InputError
 from conftest import dice, noisy_ellipse
@@ -112,3 +119,24 @@ def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_wher
 def test_bench_methods_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown method"):
         bench_methods("psam,nonsense")
+
+
+def test_bench_training_times_the_trainers_own_step_with_and_without_the_cache():
+    result = bench_training("psam", batch_size=1, repeats=1, threads=2)
+    assert result["bundle"] == "psam" and result["configs"] == ["train"] and result["batch_size"] >= 1
+    assert result["step_ms_cached"] > 0 and result["step_ms_encoding"] > 0 and result["speedup"] > 0
+    assert " hits" in result["cache"] and not result["cache"].startswith("embedding cache: 0 hits")
+    assert "speed-up from cached embeddings" in format_training(result)
+
+
+def test_bench_all_is_every_registered_method_with_a_network_and_training_free_ones_have_no_step():
+    from ambisam.bench import _method_names
+    from ambisam.registry import method_registry
+
+    names = _method_names("all")
+    assert set(names) <= set(method_registry) and {"psam", "baseline", "prob_unet"} <= set(names)
+    assert not {"p2sam", "proseg", "ursam"} & set(names)
+    with pytest.raises(InputError, match="not implemented yet"):
+        _method_names("psam,p2sam")
+    with pytest.raises(InputError, match="training-free"):
+        bench_training("baseline")

@@ -162,3 +162,21 @@ def test_export_command_line_bad_input_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("ambisam: error: no_such_bundle: not a bundle")
+
+
+def test_exported_configs_are_flattened(tmp_path):
+    """A bundle config that takes a section from another config by a ``%`` macro is exported with that section
+    in it, so the zip needs no base config beside it; an override file's nested ids stay as they are."""
+    source = tmp_path / "bundles" / "macro_psam"
+    shutil.copytree(ROOT / "bundles" / "psam", source, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    shutil.copy(ROOT / "LICENSE", source / "LICENSE")
+    train = json.loads((source / "configs" / "train.json").read_text())
+    validate = train["validate"]
+    train["validate"] = "%bundles/psam/configs/train.json#validate"  # relative to the repository root
+    (source / "configs" / "train.json").write_text(json.dumps(train))
+    zip_path = export_bundle(source, tmp_path / "dist", include_weights=False)
+    with zipfile.ZipFile(zip_path) as archive:
+        exported = archive.read("macro_psam/configs/train.json").decode()
+        evaluate = json.loads(archive.read("macro_psam/configs/evaluate.json"))
+    assert '"%' not in exported and json.loads(exported)["validate"] == validate
+    assert evaluate == json.loads((source / "configs" / "evaluate.json").read_text())

@@ -114,6 +114,21 @@ def test_bundle_selection_and_working_copy(tmp_path):
     assert (copy / "models" / "model.pt").read_bytes() == b"trained in MONAI Label"
 
 
+def test_working_copy_configs_are_flattened(tmp_path):
+    """A config section taken by a ``%`` macro is in the working copy itself, where MONAI Label's nested overrides
+    (``train#trainer#max_epochs``) reach it."""
+    source = tmp_path / "src"
+    (source / "configs").mkdir(parents=True)
+    (source / "configs" / "train.json").write_text(json.dumps({"train": "%bundles/psam/configs/train.json#train"}))
+    override = {"validate#handlers": [{"_target_": "StatsHandler"}]}
+    (source / "configs" / "evaluate.json").write_text(json.dumps(override))
+    copy = bundles.make_working_copy(source, tmp_path / "model" / "src", None)
+    text = (copy / "configs" / "train.json").read_text()
+    psam = json.loads((ROOT / "bundles" / "psam" / "configs" / "train.json").read_text())
+    assert '"%' not in text and json.loads(text)["train"]["trainer"] == psam["train"]["trainer"]
+    assert json.loads((copy / "configs" / "evaluate.json").read_text()) == override
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the real server
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,29 +1,35 @@
 """Benchmarks: commands that print figures (speed and memory targets live here, never in timed tests).
 
 ``python -m ambisam bench training`` measures the speed-up of a training step from cached image embeddings
-over the same step re-encoding its images (the frozen-encoder methods train this way).
+over the same step re-encoding its images (the frozen-encoder methods train this way): the trainer's own step
+(``MultiRaterTrainer._iteration``), built from the method's first training stage through its bundle's configs on
+a tiny generated data set.
 
 ``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
 encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
 included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
-slicewise inferer's volume throughput. ``--method all`` (or a comma-separated list) measures every method in
-``ambisam.networks.method_registry`` and prints one Markdown table, with the training speed-up of the trainable
-ones beside their sampling figures.
+slicewise inferer's volume throughput. ``--method all`` (or a comma-separated list) measures every method of
+:mod:`ambisam.registry` whose network class exists and prints one Markdown table, with the training speed-up of
+the trainable ones beside their sampling figures.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import multiprocessing
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ambisam.errors import InputError
 from ambisam.inferers import SlicewiseSamplingInferer
-from ambisam.networks import method_registry
+from ambisam.registry import MethodSpec, get_method, method_registry
 from ambisam.sam import DEFAULT_BACKBONE, build_backbone
 
 __all__ = [
@@ -65,6 +71,14 @@ def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(image).float()[None, None], box
 
 
+def _build_network(spec: MethodSpec, backbone: str, checkpoint: str | None) -> torch.nn.Module:
+    """The method's network on the named backbone (a network that brings its own, the Probabilistic U-Net's
+    image grid, is built as it is)."""
+    if "backbone" in inspect.signature(spec.network_class).parameters:
+        return spec.build(backbone=build_backbone(backbone, checkpoint))
+    return spec.build()
+
+
 @torch.no_grad()
 def bench_sampling(
     method: str = "baseline",
@@ -78,7 +92,7 @@ def bench_sampling(
     """Time encoding, sampling and a volume for one method.
 
     Args:
-        method: a name in ``ambisam.networks.method_registry``.
+        method: a name in :data:`ambisam.registry.method_registry` whose network class exists.
         backbone: backbone registry name.
         checkpoint: backbone weights, where the backbone needs them.
         num_samples: ``N`` for the ratio and the volume.
@@ -88,12 +102,13 @@ def bench_sampling(
 
     Returns:
         A dict of the figures (also what ``--json`` prints).
+
+    Raises:
+        InputError: an unknown method, or one not implemented yet.
     """
     if threads:
         torch.set_num_threads(int(threads))
-    if method not in method_registry:
-        raise ValueError(f"unknown method '{method}'; choose one of {sorted(method_registry)}")
-    net = method_registry[method](backbone=build_backbone(backbone, checkpoint)).eval()
+    net = _build_network(_implemented(method), backbone, checkpoint).eval()
     bb = net.backbone
     image, box = _ellipse_slice(bb.image_size)
     size = tuple(image.shape[-2:])
@@ -117,7 +132,7 @@ def bench_sampling(
 
     return {
         "method": method,
-        "backbone": backbone,
+        "backbone": getattr(bb, "name", backbone),
         "num_samples": num_samples,
         "threads": torch.get_num_threads(),
         "device": "cpu",
@@ -154,6 +169,13 @@ def print_sampling(as_json: bool = False, **kwargs) -> dict:
     return result
 
 
+def _tiny_training_data(folder: Path) -> Path:
+    """The datalist of a tiny generated data set (4 cases of 64 x 64 x 10) to draw one training batch from."""
+    from ambisam.data import synthesize
+
+    return synthesize(folder, cases=4, shape=(64, 64, 10), seed=0)
+
+
 def bench_training(
     method: str = "psam",
     backbone: str = DEFAULT_BACKBONE,
@@ -162,54 +184,72 @@ def bench_training(
     repeats: int = 3,
     threads: int | None = None,
 ) -> dict:
-    """Time one training step from cached embeddings against the same step re-encoding its images.
+    """Time the trainer's own step from cached embeddings against the same step re-encoding its images.
+
+    The method's train workflow is built from its first training stage's configs (its bundle's, or the harness
+    bundle's with its network swapped in) on a tiny generated data set; the parsed ``train#trainer``'s iteration
+    (``trainer._iteration(trainer, batch)``) is timed on one batch with its embedding cache warm, and with the
+    cache taken away (``trainer.embedding_cache = None``: the frozen encoder runs every step).
 
     Args:
-        method: a trainable name in ``ambisam.networks.method_registry``.
+        method: a trainable name in :data:`ambisam.registry.method_registry`.
         backbone: backbone registry name.
         checkpoint: backbone weights, where needed.
-        batch_size: slices per step.
+        batch_size: the config's ``batch_size`` (loader items per step; ``batch_size`` in the figures is the
+            slices the step trains on).
         repeats: timed repetitions (the best is kept).
         threads: torch threads.
 
     Returns:
         The figures, with ``speedup`` = encoding step time / cached step time.
+
+    Raises:
+        InputError: an unknown, unavailable or training-free method.
     """
-    from ambisam.sam import EmbeddingCache
+    from ambisam.benchmark import method_availability, method_overrides
+    from ambisam.bundle import bundle_workflow
 
     if threads:
         torch.set_num_threads(int(threads))
-    net = method_registry[method](backbone=build_backbone(backbone, checkpoint))
-    loss_fn = net.default_loss()
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-5)
-    bb = net.backbone
-    image, box = _ellipse_slice(bb.image_size)
-    images = torch.cat([image + 0.01 * i for i in range(batch_size)])
-    boxes = box.repeat(batch_size, 1)
-    masks = (images > 0.45).float()
-    targets = masks if net.training_target == "rater_mask" else masks.repeat(1, 4, 1, 1)
-    cache = EmbeddingCache(bb)
+    spec = get_method(method)
+    if not spec.trainable:
+        raise InputError(None, f"method '{method}' is training-free: it has no training step to time")
+    reason = method_availability(spec)
+    if reason is not None:
+        raise InputError(None, reason)
+    with tempfile.TemporaryDirectory(prefix="ambisam-bench-") as tmp:
+        datalist = _tiny_training_data(Path(tmp) / "data")
+        workflow = bundle_workflow(
+            spec.config_bundle, spec.stages[0], "train",
+            **method_overrides(spec),
+            datalist=str(datalist), dataset_dir=str(datalist.parent), backbone=backbone,
+            backbone_checkpoint=checkpoint, batch_size=int(batch_size), output_dir=str(Path(tmp) / "train"),
+            ckpt_dir=str(Path(tmp) / "models"),
+        )
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        batch = next(iter(trainer.data_loader))
+        cache = trainer.embedding_cache
 
-    def step(embed):
-        optimizer.zero_grad()
-        with torch.no_grad():
-            embeddings = embed(images)
-        loss = loss_fn(net(embeddings, boxes, targets, training_outputs=True), targets)
-        loss.backward()
-        optimizer.step()
+        def step(embedding_cache) -> None:
+            trainer.embedding_cache = embedding_cache
+            trainer._iteration(trainer, batch)
 
-    t_cached, t_encode = _best_of(repeats, lambda: step(cache), lambda: step(bb.encode))
+        try:
+            t_cached, t_encode = _best_of(repeats, lambda: step(cache), lambda: step(None))
+        finally:
+            trainer.embedding_cache = cache
+        slices = int(batch["image"].shape[0])
     return {
         "method": method,
-        "backbone": backbone,
-        "batch_size": batch_size,
+        "bundle": spec.config_bundle,
+        "configs": list(spec.stages[0]),
+        "backbone": getattr(trainer.method.backbone, "name", backbone),
+        "batch_size": slices,
         "threads": torch.get_num_threads(),
         "step_ms_cached": 1000 * t_cached,
         "step_ms_encoding": 1000 * t_encode,
         "speedup": t_encode / t_cached,
-        "cache": cache.log_stats(),
+        "cache": None if cache is None else cache.log_stats(),
     }
 
 
@@ -231,20 +271,32 @@ def print_training(as_json: bool = False, **kwargs) -> dict:
     return result
 
 
-def is_trainable(method: str) -> bool:
-    """Whether a registered method has its own training step (the training-free baselines do not)."""
-    from ambisam.networks import MaskSamplingNetwork
+def _implemented(method: str) -> MethodSpec:
+    """The spec of a method whose network class exists.
 
-    return method_registry[method].training_outputs is not MaskSamplingNetwork.training_outputs
+    Raises:
+        InputError: an unknown method, or one not implemented yet.
+    """
+    from ambisam.benchmark import method_implemented
+
+    spec = get_method(method)
+    if not method_implemented(spec):
+        raise InputError(None, f"method '{method}' is not implemented yet (no network class {spec.network})")
+    return spec
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
+    from ambisam.benchmark import method_implemented
+
     if isinstance(methods, str):
-        methods = list(method_registry) if methods.strip() == "all" else methods.split(",")
+        if methods.strip() == "all":
+            return [name for name, spec in method_registry.items() if method_implemented(spec)]
+        methods = methods.split(",")
     names = [m.strip() for m in methods if m and m.strip()]
-    unknown = [m for m in names if m not in method_registry]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(method_registry)} or 'all'")
+    if not names:
+        raise InputError(None, f"no method named; choose from {', '.join(method_registry)} or 'all'")
+    for name in names:
+        _implemented(name)
     return names
 
 
@@ -271,7 +323,8 @@ def bench_methods(
     fresh process (see :func:`_in_fresh_process`), so that every row is measured as if alone.
 
     Args:
-        methods: ``"all"`` (every name in ``method_registry``), a comma-separated string or a list of names.
+        methods: ``"all"`` (every registered method whose network class exists), a comma-separated string or a
+            list of names.
         training: also measure the cached-embedding training speed-up of the trainable methods.
         batch_size: slices per training step.
         kwargs: passed to :func:`bench_sampling` (``backbone``, ``checkpoint``, ``num_samples``, ``repeats``,
@@ -283,14 +336,14 @@ def bench_methods(
         ``training``, ``training_speedup``, ``step_ms_cached`` and ``step_ms_encoding``.
 
     Raises:
-        ValueError: on an unknown method name.
+        InputError: an unknown method name, or one not implemented yet.
     """
     names = _method_names(methods)
     shared = {k: kwargs[k] for k in ("backbone", "checkpoint", "repeats", "threads") if k in kwargs}
     results = []
     for name in names:
         result = _in_fresh_process(bench_sampling, method=name, **kwargs)
-        result["trainable"] = is_trainable(name)
+        result["trainable"] = get_method(name).trainable
         if training and result["trainable"]:
             t = _in_fresh_process(bench_training, method=name, batch_size=batch_size, **shared)
             result.update(training_speedup=t["speedup"], step_ms_cached=t["step_ms_cached"],

@@ -5,7 +5,9 @@ Commands:
     convert    LIDC (folder or pickle) and QUBIQ layouts -> NIfTI + datalist.json
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: data, sampling, NIfTI outputs and a PNG overview
-    bench      benchmarks that print figures (``bench sampling``)
+    bench      benchmarks that print figures (``bench sampling``, ``bench training``)
+    export     a bundle as a self-contained model-zoo zip
+    benchmark  every method and baseline trained and scored alike
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Bench:
         """A training step's time from cached embeddings against re-encoding, and the speed-up.
 
         Args:
-            method: a trainable method name.
+            method: a trainable method name (its first training stage's step, built from its bundle's configs).
             backbone: backbone registry name.
             checkpoint: backbone weights, where needed.
             batch_size: slices per step.
@@ -162,8 +164,8 @@ class Commands:
         max_epochs: int | None = None,
         backbone: str = "litemedsam",
         checkpoint: str | None = None,
-        modality: str = "ct",
-        window: str = "-1000,400",
+        modality: str | None = None,
+        window: str | None = None,
         num_raters: int | None = None,
         figure_cases: int = 4,
         threads: int | None = None,
@@ -175,8 +177,8 @@ class Commands:
 
         Args:
             data: a datalist JSON, or a folder holding datalist.json (a new folder gets the synthetic default).
-            methods: comma-separated: psam, seqsam, mcl, p2sam, proseg, ursam, baseline, multimask, jitter,
-                mc_dropout, prob_unet (a method whose bundle does not exist yet is reported as unavailable).
+            methods: comma-separated names of ambisam.registry (psam, seqsam, mcl, p2sam, proseg, ursam, baseline,
+                multimask, jitter, mc_dropout, prob_unet); one not implemented yet is reported as unavailable.
             samples: N samples per prompted slice.
             out: the output folder.
             budget: training minutes per method and seed.
@@ -184,8 +186,8 @@ class Commands:
             max_epochs: every trained method's max_epochs (default: the bundle's own).
             backbone: backbone registry name.
             checkpoint: backbone weights, where needed.
-            modality: ct, mri or none (none for converted LIDC crops).
-            window: the CT window "low,high".
+            modality: ct, mri or none (default: the datalist's own "intensity", as synth and convert write it).
+            window: the CT window "low,high" (default: the datalist's, else the bundles').
             num_raters: raters per case (default: the bundles' 4).
             figure_cases: test cases drawn in the per-case figures.
             threads: torch threads per job.

@@ -1,7 +1,8 @@
 """The main job on the embedded default: no data or weights to fetch.
 
 ``python -m ambisam demo --out runs/demo`` writes a synthetic multi-rater CT data set, then through the
-``psam`` bundle's own configs (as ``python -m monai.bundle run`` would run them): trains pSAM briefly from
+``psam`` bundle's own configs (through :func:`ambisam.bundle.run_bundle`, as ``python -m monai.bundle run``
+would run them): trains pSAM briefly from
 cached LiteMedSAM embeddings, evaluates it and the deterministic box-prompted baseline on the test split with
 the same prompts, runs pSAM's inference (NIfTI outputs per case), and writes ``overview.png`` (image, raters,
 8 samples, mean, uncertainty per test case), ``comparison.json`` and ``run.json``.
@@ -18,49 +19,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ambisam.benchmark.jobs import NO_WEIGHTS_INITIALIZE
+from ambisam.bundle import run_bundle
 from ambisam.data.synth import ensure_dataset
 from ambisam.figures import lesion_slice, overview_png
 from ambisam.io import run_record, write_json
+from ambisam.registry import get_method
 from ambisam.sam import DEFAULT_BACKBONE, segment_with_box
 
-__all__ = ["run_demo", "segment_file", "bundle_dir", "run_bundle", "BASELINE_EVAL_OVERRIDES"]
+__all__ = ["run_demo", "segment_file", "BASELINE_EVAL_OVERRIDES"]
 
 logger = logging.getLogger(__name__)
 
 #: overrides that turn a bundle's evaluate.json into an evaluation of the deterministic baseline with the same
 #: data, prompts, metrics and writers (no weights to load)
 BASELINE_EVAL_OVERRIDES = {
-    "network_def": {"_target_": "ambisam.networks.BoxPromptedSam", "backbone": "@backbone"},
+    "network_def": get_method("baseline").network_def(),
     "validate#handlers#0#_disabled_": True,
-    "initialize": ["$ambisam.errors.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+    "initialize": NO_WEIGHTS_INITIALIZE,
 }
-
-
-def bundle_dir(name: str) -> Path:
-    """The folder of bundle ``name``: ``./bundles/<name>`` if it exists, else beside the installed package."""
-    local = Path("bundles") / name
-    if local.is_dir():
-        return local.resolve()
-    return Path(__file__).resolve().parents[2] / "bundles" / name
-
-
-def run_bundle(name: str, configs: list[str], **override) -> None:
-    """Run a bundle's configs in this process as ``python -m monai.bundle run`` does.
-
-    Args:
-        name: the bundle.
-        configs: config names in order (``["train", "evaluate"]`` merges evaluate.json over train.json).
-        override: config overrides (``max_epochs=2``, ``"validate#handlers#0#_disabled_": True``, ...).
-    """
-    from monai.bundle import run
-
-    folder = bundle_dir(name) / "configs"
-    run(
-        config_file=[str(folder / f"{c}.json") for c in configs],
-        meta_file=str(folder / "metadata.json"),
-        logging_file=str(folder / "logging.conf"),
-        **override,
-    )
 
 
 def run_demo(

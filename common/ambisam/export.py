@@ -4,7 +4,8 @@ network's input and output, TorchScript export).
 ``python -m ambisam export BUNDLE --out DIR`` writes ``DIR/<name>_v<version>.zip`` holding ``<name>/configs/``,
 ``<name>/docs/``, ``<name>/LICENSE``, ``<name>/scripts/`` (when the bundle has one), ``<name>/models/model.pt``
 (when trained) and optionally ``models/model.ts`` and ``large_files.yml``: the layout ``monai.bundle download``
-unpacks and the name its GitHub source asks for.
+unpacks and the name its GitHub source asks for. Each config is written flattened (:func:`flattened_config_text`:
+the shared base configs' macros resolved), so the zip runs from any folder.
 
 The shared ``ambisam`` package is declared, not vendored: ``metadata.json``'s ``required_packages_version`` must
 name ``ambisam`` at exactly the installed version (checked here), as it names segment-anything, peft and the
@@ -28,12 +29,13 @@ from pathlib import Path
 
 import torch
 
+from ambisam.bundle import find_bundle, resolve_macros
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
 
 __all__ = [
     "export_bundle",
-    "find_bundle",
+    "flattened_config_text",
     "find_schema",
     "check_metadata",
     "check_network",
@@ -51,23 +53,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ANY_SIZE = 64
 
 
-def _bundles_dirs() -> list[Path]:
-    return [Path.cwd() / "bundles", REPO_ROOT / "bundles"]
+def flattened_config_text(path: str | os.PathLike) -> str:
+    """One bundle config file as the zip and the MONAI Label working copy hold it: its ``%`` macros to the shared
+    base configs resolved (:func:`ambisam.bundle.resolve_macros`), as JSON, so that it runs from any folder and
+    nested overrides (``train#trainer#max_epochs``) reach into the base's sections. An override file's own
+    nested ids (``"validate#handlers"`` in ``evaluate.json``) stay as they are: MONAI merges them over the
+    config they are listed after.
 
+    Args:
+        path: a JSON config file.
 
-def find_bundle(bundle: str | os.PathLike) -> Path:
-    """A bundle folder from a path, or from a name under ``./bundles`` or the repository's ``bundles/``.
-
-    Raises:
-        InputError: no bundle folder (with ``configs/metadata.json`` and ``configs/inference.json``) found.
+    Returns:
+        The JSON text.
     """
-    candidates = [Path(bundle)] + [d / str(bundle) for d in _bundles_dirs()]
-    for path in candidates:
-        if (path / "configs" / "metadata.json").is_file() and (path / "configs" / "inference.json").is_file():
-            return path.resolve()
-    known = sorted({p.name for d in _bundles_dirs() if d.is_dir() for p in d.iterdir() if (p / "configs").is_dir()})
-    raise InputError(bundle, f"not a bundle (no configs/metadata.json and configs/inference.json); bundles: "
-                             f"{', '.join(known) or 'none found'}")
+    from monai.bundle import ConfigParser
+
+    return json.dumps(resolve_macros(ConfigParser.load_config_file(str(path)), path), indent=4) + "\n"
 
 
 def _read_metadata(bundle_dir: Path) -> dict:
@@ -349,7 +350,10 @@ def export_bundle(
     with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for source, arcname in members:
-                archive.write(source, f"{name}/{arcname}")
+                if arcname.startswith("configs/") and source.suffix == ".json":
+                    archive.writestr(f"{name}/{arcname}", flattened_config_text(source))  # self-contained
+                else:
+                    archive.write(source, f"{name}/{arcname}")
             if weights_url:
                 archive.writestr(f"{name}/large_files.yml",
                                  large_files_yaml([("models/model.pt", weights_url, _md5(weights_file))]))

@@ -1,6 +1,7 @@
 """Which bundles the app serves, and the working copy of each that MONAI Label's bundle tasks run from.
 
-MONAI Label's ``BundleInferTask``/``BundleTrainTask`` take a bundle folder with ``configs/`` and
+Bundles are found by :func:`ambisam.bundle.available_bundles`, the package's one locator. MONAI Label's
+``BundleInferTask``/``BundleTrainTask`` take a bundle folder with ``configs/`` and
 ``models/model.pt``. The app copies each served bundle into ``<app>/model/<name>/`` (the folder MONAI Label
 creates for models, as its own ``monaibundle`` app does for zoo bundles): the configs and docs are copied anew
 at every start, and ``models/model.pt`` comes from, in order, ``--conf weights DIR`` (``DIR/<name>/model.pt`` or
@@ -16,7 +17,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from ambisam.bundle import available_bundles
 from ambisam.errors import InputError
+from ambisam.export import flattened_config_text
 
 __all__ = [
     "WORKING_COPY_ITEMS",
@@ -37,29 +40,6 @@ def default_bundles_dir(app_dir: str | os.PathLike) -> Path:
     """The repository's ``bundles/`` beside ``apps/`` (``<app>/../../bundles``), else ``./bundles``."""
     in_repo = Path(app_dir).resolve().parent.parent / "bundles"
     return in_repo if in_repo.is_dir() else Path("bundles").resolve()
-
-
-def available_bundles(bundles_dir: str | os.PathLike) -> dict[str, Path]:
-    """Every bundle in ``bundles_dir``: the sub-folders with ``configs/inference.json`` and ``configs/metadata.json``.
-
-    Args:
-        bundles_dir: the folder holding one folder per bundle.
-
-    Returns:
-        Bundle name -> its folder, sorted by name.
-
-    Raises:
-        InputError: ``bundles_dir`` is not a folder.
-    """
-    root = Path(bundles_dir)
-    if not root.is_dir():
-        raise InputError(root, "bundles folder not found (give --conf bundles DIR)")
-    found = {}
-    for path in sorted(root.iterdir()):
-        configs = path / "configs"
-        if (configs / "inference.json").is_file() and (configs / "metadata.json").is_file():
-            found[path.name] = path
-    return found
 
 
 def selected_bundles(conf: Mapping[str, str], bundles_dir: str | os.PathLike) -> dict[str, Path]:
@@ -118,7 +98,9 @@ def find_weights(name: str, bundle_dir: str | os.PathLike, weights_dir: str | os
 def make_working_copy(bundle_dir: str | os.PathLike, dest: str | os.PathLike, weights: Path | None) -> Path:
     """Copy a bundle to the folder MONAI Label's bundle tasks run from.
 
-    ``configs/``, ``docs/``, ``scripts/`` and ``LICENSE`` are replaced by the bundle's; ``models/model.pt`` is
+    ``configs/``, ``docs/``, ``scripts/`` and ``LICENSE`` are replaced by the bundle's, each config flattened
+    (:func:`ambisam.export.flattened_config_text`: the shared base configs' macros resolved, so that MONAI Label's
+    nested overrides such as ``train#trainer#max_epochs`` reach into them); ``models/model.pt`` is
     copied from ``weights`` when the working copy has none or an older one; training checkpoints and outputs
     already in the working copy are kept.
 
@@ -142,6 +124,8 @@ def make_working_copy(bundle_dir: str | os.PathLike, dest: str | os.PathLike, we
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.is_file():
             shutil.copy2(source, target)
+    for config in sorted((dest / "configs").glob("*.json")):  # self-contained, and open to nested overrides
+        config.write_text(flattened_config_text(src / "configs" / config.name))
     served = dest / "models" / "model.pt"
     if weights is not None and (not served.is_file() or weights.stat().st_mtime > served.stat().st_mtime):
         served.parent.mkdir(parents=True, exist_ok=True)

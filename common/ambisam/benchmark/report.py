@@ -114,7 +114,9 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
         "",
         f"- data: `{record['datalist']}` ({record['counts']['training']} training, "
         f"{record['counts']['validation']} validation, {record['counts']['test']} test cases); "
-        f"modality {record['modality']}" + (f", window {record['window']}" if record["modality"] == "ct" else ""),
+        f"modality {record['modality']}" + (f", window {record['window']}" if record.get("window") else "")
+        + (f", value range {record['value_range']}" if record.get("value_range") else "")
+        + (f" ({record['intensity']['source']})" if record.get("intensity") else ""),
         f"- N = {n} samples per prompted slice; prompt: the box of the raters' union on every slice they mark "
         "(no jitter), the same for every method",
         f"- seeds: {record['seeds']} (mean ± std over seeds; deterministic methods run once); training budget: "

@@ -1,0 +1,299 @@
+"""One benchmark job: one method with one seed, trained stage by stage (when it trains) and evaluated through
+its bundle's own configs (the harness bundle's, network swapped in, for a method without a bundle).
+
+A job runs in its own process as ``python -m ambisam.benchmark JOB.json`` (:func:`job_main`), or in the caller's
+(:func:`run_job`), and writes ``<job_dir>/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ambisam.errors import InputError
+from ambisam.io import write_json
+from ambisam.registry import MethodSpec, get_method
+
+__all__ = [
+    "METRIC_KEYS",
+    "NO_WEIGHTS_INITIALIZE",
+    "method_implemented",
+    "method_availability",
+    "method_kind",
+    "method_overrides",
+    "run_job",
+    "peak_rss_mb",
+    "job_main",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the metrics of every result, in table order (names as in ``results.json``, without N)
+METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece")
+
+#: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
+NO_WEIGHTS_INITIALIZE = ["$ambisam.errors.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"]
+
+
+def method_implemented(spec: MethodSpec) -> bool:
+    """Whether ``spec``'s network class imports (P2SAM, ProSeg and UR-SAM are registered before they exist)."""
+    try:
+        spec.network_class
+    except InputError:
+        return False
+    return True
+
+
+def method_overrides(spec: MethodSpec) -> dict:
+    """The config overrides that make ``spec`` out of its config bundle: for a harness method its network
+    (:meth:`~ambisam.registry.MethodSpec.network_def`), its loss when given, then its ``overrides``."""
+    overrides: dict[str, Any] = {}
+    if spec.bundle is None:
+        overrides["network_def"] = spec.network_def()
+        if spec.loss is not None:
+            overrides["loss"] = dict(spec.loss)
+    overrides.update(spec.overrides)
+    return overrides
+
+
+def method_availability(spec: MethodSpec) -> str | None:
+    """Why ``spec`` cannot run here, or ``None`` when it can.
+
+    Args:
+        spec: the method.
+
+    Returns:
+        ``None``, or the reason: its network class does not import (not implemented yet), or its bundle or one
+        of the configs its stages and evaluation name is missing.
+    """
+    from ambisam.bundle import bundle_dir
+
+    if not method_implemented(spec):
+        return f"method '{spec.name}' is not implemented yet (no network class {spec.network})"
+    folder = bundle_dir(spec.config_bundle) / "configs"
+    configs = [c for stage in spec.stages for c in stage] + list(spec.eval_configs)
+    needed = ["metadata.json", *(f"{c}.json" for c in configs)]
+    missing = [n for n in dict.fromkeys(needed) if not (folder / n).is_file()]
+    if not missing:
+        return None
+    if not folder.parent.is_dir():
+        return f"bundle '{spec.config_bundle}' does not exist yet (no bundles/{spec.config_bundle})"
+    return f"bundle '{spec.config_bundle}' lacks configs/{', configs/'.join(missing)}"
+
+
+def method_kind(spec: MethodSpec) -> str:
+    """How the benchmark runs ``spec``, as ``results.json`` states it: ``"training_free"`` (nothing trained),
+    ``"bundle"`` (trained by its own bundle) or ``"trained"`` (trained through the harness bundle)."""
+    if not spec.trainable:
+        return "training_free"
+    return "bundle" if spec.bundle else "trained"
+
+
+def _config_item(bundle: str, configs: Sequence[str], id: str) -> Any:
+    """The raw content of ``id`` in a bundle's merged, flattened configs (``None`` when absent)."""
+    from monai.bundle import ConfigParser
+
+    from ambisam.bundle import load_bundle_config
+
+    parser = ConfigParser(load_bundle_config(bundle, list(configs)))
+    return parser.get(id)
+
+
+def _is_checkpoint_loader(handler: Any) -> bool:
+    return isinstance(handler, Mapping) and str(handler.get("_target_", "")).endswith("CheckpointLoader")
+
+
+def _stage_weights(workflow) -> str:
+    """The weights a finished training stage saved (``ckpt_dir/model_file``): where the next stage starts."""
+    parser = workflow.parser
+    return os.path.join(parser.get_parsed_content("ckpt_dir"), parser.get_parsed_content("model_file"))
+
+
+def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Mapping, job_dir: Path) -> dict:
+    """Train ``spec``'s stages in order, each from the previous stage's weights (``init_weights``), within one
+    budget: each stage gets what the earlier ones left.
+
+    Args:
+        spec: the method.
+        common: the job's overrides of every stage.
+        clock: the config reference of the timed embedding cache (``"@embedding_cache"``), or ``None``.
+        job: the job (``budget_seconds``).
+        job_dir: the job's folder (the budget records go to ``train/``).
+
+    Returns:
+        The training record: the totals over the stages (``seconds``, ``encoding_seconds``, ``epochs``,
+        ``iterations``, ``stopped_by_budget``), the last stage's parameter and cache counts, and ``stages``, each
+        stage's own :class:`~ambisam.benchmark.TrainingBudget` record with its configs.
+    """
+    from ambisam.bundle import run_bundle
+
+    budget = job.get("budget_seconds")
+    stages: list[dict] = []
+    init = None
+    for i, configs in enumerate(spec.stages):
+        spent = sum(s.get("seconds") or 0.0 for s in stages)
+        record_path = job_dir / "train" / ("budget.json" if len(spec.stages) == 1 else f"budget_stage{i + 1}.json")
+        handlers = list(_config_item(spec.config_bundle, configs, "train#handlers"))
+        handlers.append({"_target_": "ambisam.benchmark.TrainingBudget",
+                         "seconds": None if budget is None else max(0.0, float(budget) - spent),
+                         "record_path": str(record_path), "clock": clock,
+                         "validator": "@validate#evaluator", "val_interval": "@val_interval"})
+        logger.info(f"{spec.name}: training stage {i + 1}/{len(spec.stages)} ({' + '.join(configs)})")
+        workflow = run_bundle(spec.config_bundle, list(configs), **common, init_weights=init,
+                              **{"train#handlers": handlers})
+        if i + 1 < len(spec.stages):
+            init = _stage_weights(workflow)
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        stages.append({"stage": i + 1, "configs": list(configs), **record})
+    last = stages[-1]
+    return {
+        **{k: v for k, v in last.items() if k not in ("stage", "configs")},
+        "budget_seconds": budget,
+        "seconds": sum(s.get("seconds") or 0.0 for s in stages),
+        "encoding_seconds": sum(s.get("encoding_seconds") or 0.0 for s in stages),
+        "epochs": sum(int(s.get("epochs") or 0) for s in stages),
+        "iterations": sum(int(s.get("iterations") or 0) for s in stages),
+        "stopped_by_budget": any(s.get("stopped_by_budget") for s in stages),
+        "stages": stages,
+    }
+
+
+def run_job(job: Mapping) -> dict:
+    """Train (when the method trains) and evaluate one method with one seed; write ``<job_dir>/result.json``.
+
+    Args:
+        job: the settings (see :func:`ambisam.benchmark.run_benchmark`): ``method``, ``seed``, ``job_dir``,
+            ``datalist``, ``num_samples``, ``budget_seconds``, ``max_epochs``, ``backbone``, ``checkpoint``,
+            ``modality``, ``window``, ``value_range``, ``num_raters``, ``figure_cases``, ``cache_dir``, ``threads``.
+
+    Returns:
+        The result: ``status`` ``"ok"``, the metrics, timings, memory, parameter counts and the training record
+        (per stage under ``training["stages"]``).
+
+    Raises:
+        InputError: an unknown method.
+    """
+    from ambisam.bundle import run_bundle
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    spec = get_method(job["method"])
+    bundle = spec.config_bundle
+    job_dir = Path(job["job_dir"])
+    datalist = Path(job["datalist"])
+    common: dict[str, Any] = {
+        "method": spec.name,
+        "datalist": str(datalist),
+        "dataset_dir": str(datalist.parent),
+        "seed": int(job["seed"]),
+        "num_samples": int(job["num_samples"]),
+        "backbone": job["backbone"],
+        "backbone_checkpoint": job.get("checkpoint"),
+        "modality": job["modality"],
+        "ckpt_dir": str(job_dir / "models"),
+        "output_dir": str(job_dir / "train"),
+    }
+    for key in ("window", "value_range"):  # the convention's own; else the bundle's default
+        if job.get(key) is not None:
+            common[key] = list(job[key])
+    if job.get("num_raters") is not None:
+        common["num_raters"] = int(job["num_raters"])
+    common.update(method_overrides(spec))
+    if job.get("max_epochs") is not None:
+        common["max_epochs"] = int(job["max_epochs"])
+    cache = common["embedding_cache"] if "embedding_cache" in common else _config_item(
+        bundle, spec.eval_configs, "embedding_cache")
+    clock = None
+    if cache is not None:  # one on-disk cache for all jobs, timed so that first-time encoding is reported apart
+        common["embedding_cache#_target_"] = "ambisam.benchmark.TimedEmbeddingCache"
+        common["embedding_cache#cache_dir"] = job.get("cache_dir")
+        clock = "@embedding_cache"
+
+    training: dict[str, Any] = {}
+    train_seconds = 0.0
+    if spec.trainable:
+        started = time.perf_counter()
+        training = _train_stages(spec, common, clock, job, job_dir)
+        train_seconds = time.perf_counter() - started
+
+    eval_dir = job_dir / "evaluate"
+    handlers = list(_config_item(bundle, spec.eval_configs, "validate#handlers"))
+    if not spec.trainable:
+        handlers = [dict(h, _disabled_=True) if _is_checkpoint_loader(h) else h for h in handlers]
+    handlers.append({"_target_": "ambisam.benchmark.EvaluationRecorder", "save_dir": str(eval_dir),
+                     "num_samples": "@num_samples", "figure_cases": int(job.get("figure_cases", 4)), "clock": clock})
+    handlers.append({"_target_": "ignite.handlers.ProgressBar", "desc": f"evaluating {spec.name} (test cases)"})
+    evaluate = dict(common, eval_dir=str(eval_dir), **{"validate#handlers": handlers})
+    if not spec.trainable:
+        evaluate["initialize"] = list(NO_WEIGHTS_INITIALIZE)
+    started = time.perf_counter()
+    run_bundle(bundle, list(spec.eval_configs), **evaluate)
+    eval_seconds = time.perf_counter() - started
+
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    recorded = json.loads((eval_dir / "recorder.json").read_text())
+    n = int(job["num_samples"])
+    metrics = {}
+    for key in METRIC_KEYS:
+        value = report["overall"].get(f"{key}{n}", report["overall"].get(key))
+        metrics[key] = None if value is None or not np.isfinite(value) else float(value)
+    result = {
+        "method": spec.name,
+        "seed": int(job["seed"]),
+        "status": "ok",
+        "kind": method_kind(spec),
+        "bundle": bundle,
+        "settings": job.get("settings"),
+        "metrics": metrics,
+        "num_samples": n,
+        "test_cases": len(recorded["cases"]),
+        "timings": {
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "train_budgeted_seconds": training.get("seconds"),
+            "train_encoding_seconds": training.get("encoding_seconds"),
+            "sampling_seconds": recorded["sampling_seconds"],
+            "encoding_seconds": recorded["encoding_seconds"],
+            "encoder_ms_per_slice": recorded["encoder_ms_per_slice"],
+            "sampled_slices": recorded["sampled_slices"],
+            "ms_per_sample": recorded["ms_per_sample"],
+            "ms_per_slice": recorded["ms_per_slice"],
+        },
+        "memory": {"peak_rss_mb": peak_rss_mb(), "scope": job.get("memory_scope", "job process")},
+        "parameters_trained": int(training.get("parameters_trained") or 0) if spec.trainable else 0,
+        "parameters_total": recorded.get("parameters_total"),
+        "training": training,
+        "reliability_bins": recorded["reliability_bins"],
+        "figure_cases": recorded["figure_cases"],
+    }
+    write_json(job_dir / "result.json", result)
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (``resource.getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def job_main(job_file: str | os.PathLike) -> dict:
+    """Entry point of a job's own process (``python -m ambisam.benchmark JOB.json``): run the job in the file.
+
+    Args:
+        job_file: the job's JSON (written by :func:`ambisam.benchmark.run_benchmark` beside its outputs).
+
+    Returns:
+        The job's result.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return run_job(json.loads(Path(job_file).read_text()))
