@@ -30,3 +30,24 @@ def test_a_module_without_the_interface_is_not_one():
     partial.boxes_to_input = lambda boxes, image_size: boxes
     partial.postprocess = lambda logits, image_size: logits
     assert isinstance(partial, ImageBackbone)
+
+
+def test_the_unet_grid_backbone_is_an_image_backbone_too():
+    from ambisam.networks import ImageGridBackbone
+
+    assert isinstance(ImageGridBackbone(32), ImageBackbone)
+
+
+def test_every_method_network_states_its_backbone_through_the_protocol(litemedsam):
+    """The trainer and the inferer read a method's backbone through the protocol only: every registered method's
+    backbone satisfies it."""
+    from ambisam.registry import method_registry
+
+    for name, spec in method_registry.items():
+        try:
+            cls = spec.network_class
+        except Exception:  # noqa: BLE001 - a method whose network is not written yet
+            continue
+        net = spec.build(image_size=32) if name == "prob_unet" else spec.build(backbone=litemedsam)
+        assert isinstance(net.backbone, ImageBackbone), name
+        assert cls.capabilities.needs_prompt in (True, False)

@@ -19,7 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ambisam.benchmark.jobs import NO_WEIGHTS_INITIALIZE
 from ambisam.bundle import run_bundle
 from ambisam.data.synth import ensure_dataset
 from ambisam.figures import lesion_slice, overview_png
@@ -35,8 +34,7 @@ logger = logging.getLogger(__name__)
 #: data, prompts, metrics and writers (no weights to load)
 BASELINE_EVAL_OVERRIDES = {
     "network_def": get_method("baseline").network_def(),
-    "validate#handlers#0#_disabled_": True,
-    "initialize": NO_WEIGHTS_INITIALIZE,
+    "training_free": True,
 }
 
 

@@ -10,6 +10,8 @@ What differs from training from the command line, and why:
   checkpoints; when it completes, its best ``model.pt`` replaces the served one, and the infer task reloads it.
 - Validation runs every ``val_interval`` epochs (default 1) so that a short run still writes ``model.pt``; with
   too few labelled images for a validation split, the training images are validated on.
+- A method with several training stages (``ambisam.registry``: ``stages``) runs them in order in one request, each
+  from the weights the previous stage wrote (``init_weights``); the last stage's weights are served.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import monai.bundle
 from monailabel.tasks.train.bundle import BundleTrainTask
+
+from ambisam.bundle import flatten_config
+from ambisam.registry import method_registry
 
 __all__ = ["FrozenEncoderBundleTrainTask"]
 
@@ -93,11 +99,37 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
             overrides["num_samples"] = int(request["num_samples"])
         return overrides
 
+    @property
+    def stages(self) -> list[list[str]]:
+        """The bundle's training stages (config names), from the method registry; ``[["train"]]`` by default."""
+        spec = method_registry.get(Path(self.bundle_path).name)
+        return [list(stage) for stage in spec.stages] if spec is not None and spec.stages else [["train"]]
+
+    def _stage_files(self, stage: list[str]) -> list[str]:
+        return [os.path.join(self.bundle_path, "configs", f"{name}.json") for name in stage]
+
+    def _model_file(self) -> str:
+        """The file the last stage saves its best weights to (``model_file``)."""
+        return str(flatten_config(self._stage_files(self.stages[-1])).get("model_file", "model.pt"))
+
+    def run_single_gpu(self, request, overrides):
+        """Every stage in order, each from the weights the previous one saved."""
+        run_id = request.get("run_id", "run")
+        init = None
+        for i, stage in enumerate(self.stages):
+            files = self._stage_files(stage)
+            stage_overrides = dict(overrides, **({"init_weights": init} if i else {}))
+            logger.info(f"training stage {i + 1}/{len(self.stages)}: {' + '.join(stage)}")
+            monai.bundle.run(run_id=run_id, init_id=None, final_id=None, meta_file=self.bundle_metadata_path,
+                             config_file=files, **stage_overrides)
+            model_file = str(flatten_config(files).get("model_file", "model.pt"))
+            init = os.path.join(str(overrides["ckpt_dir"]), model_file)
+
     def __call__(self, request, datastore):
         self._request = dict(request)
         self._run_dir = Path(self.bundle_path) / "runs" / "monailabel" / time.strftime("%Y%m%d-%H%M%S")
         result = super().__call__(request, datastore)
-        trained = self._run_dir / "models" / "model.pt"
+        trained = self._run_dir / "models" / self._model_file()
         served = Path(self.bundle_path) / "models" / "model.pt"
         if trained.is_file():
             served.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from ambisam.registry import MethodSpec, get_method
 
 __all__ = [
     "METRIC_KEYS",
-    "NO_WEIGHTS_INITIALIZE",
     "method_implemented",
     "method_availability",
     "method_kind",
@@ -42,9 +41,6 @@ logger = logging.getLogger(__name__)
 METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece")
 
 #: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
-NO_WEIGHTS_INITIALIZE = ["$ambisam.errors.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"]
-
-
 def method_implemented(spec: MethodSpec) -> bool:
     """Whether ``spec``'s network class imports (P2SAM, ProSeg and UR-SAM are registered before they exist)."""
     try:
@@ -109,16 +105,6 @@ def _config_item(bundle: str, configs: Sequence[str], id: str) -> Any:
     return parser.get(id)
 
 
-def _is_checkpoint_loader(handler: Any) -> bool:
-    return isinstance(handler, Mapping) and str(handler.get("_target_", "")).endswith("CheckpointLoader")
-
-
-def _stage_weights(workflow) -> str:
-    """The weights a finished training stage saved (``ckpt_dir/model_file``): where the next stage starts."""
-    parser = workflow.parser
-    return os.path.join(parser.get_parsed_content("ckpt_dir"), parser.get_parsed_content("model_file"))
-
-
 def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Mapping, job_dir: Path) -> dict:
     """Train ``spec``'s stages in order, each from the previous stage's weights (``init_weights``), within one
     budget: each stage gets what the earlier ones left.
@@ -135,7 +121,7 @@ def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Map
         ``iterations``, ``stopped_by_budget``), the last stage's parameter and cache counts, and ``stages``, each
         stage's own :class:`~ambisam.benchmark.TrainingBudget` record with its configs.
     """
-    from ambisam.bundle import run_bundle
+    from ambisam.bundle import run_bundle, stage_weights
 
     budget = job.get("budget_seconds")
     stages: list[dict] = []
@@ -152,7 +138,7 @@ def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Map
         workflow = run_bundle(spec.config_bundle, list(configs), **common, init_weights=init,
                               **{"train#handlers": handlers})
         if i + 1 < len(spec.stages):
-            init = _stage_weights(workflow)
+            init = stage_weights(workflow)
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         stages.append({"stage": i + 1, "configs": list(configs), **record})
     last = stages[-1]
@@ -227,15 +213,12 @@ def run_job(job: Mapping) -> dict:
         train_seconds = time.perf_counter() - started
 
     eval_dir = job_dir / "evaluate"
-    handlers = list(_config_item(bundle, spec.eval_configs, "validate#handlers"))
-    if not spec.trainable:
-        handlers = [dict(h, _disabled_=True) if _is_checkpoint_loader(h) else h for h in handlers]
+    handlers = list(_config_item(bundle, spec.eval_configs, "validate_handlers"))
     handlers.append({"_target_": "ambisam.benchmark.EvaluationRecorder", "save_dir": str(eval_dir),
                      "num_samples": "@num_samples", "figure_cases": int(job.get("figure_cases", 4)), "clock": clock})
     handlers.append({"_target_": "ignite.handlers.ProgressBar", "desc": f"evaluating {spec.name} (test cases)"})
-    evaluate = dict(common, eval_dir=str(eval_dir), **{"validate#handlers": handlers})
-    if not spec.trainable:
-        evaluate["initialize"] = list(NO_WEIGHTS_INITIALIZE)
+    # a training-free method has no weights to load or require (evaluate.json's named switch)
+    evaluate = dict(common, eval_dir=str(eval_dir), validate_handlers=handlers, training_free=not spec.trainable)
     started = time.perf_counter()
     run_bundle(bundle, list(spec.eval_configs), **evaluate)
     eval_seconds = time.perf_counter() - started

@@ -201,11 +201,10 @@ def intensity_convention(
     Raises:
         InputError: a ``window`` for a modality other than ``ct``.
     """
-    import ambisam.data
+    from ambisam.data import datalist_intensity
 
-    read = getattr(ambisam.data, "datalist_intensity", None)  # until the data change lands
-    stated = read(datalist) if read is not None else None
-    own = {"modality": "ct", "window": None, "value_range": None, "source": "default"} if stated is None else {
+    stated = datalist_intensity(datalist)
+    own = {
         "modality": stated.modality,
         "window": None if stated.window is None else [float(v) for v in stated.window],
         "value_range": None if stated.value_range is None else [float(v) for v in stated.value_range],

@@ -17,7 +17,7 @@ from typing import Any
 from ambisam.bundle.config import resolve_macros
 from ambisam.bundle.locator import bundle_dir, config_path
 
-__all__ = ["bundle_workflow", "run_bundle", "run_stages"]
+__all__ = ["bundle_workflow", "run_bundle", "run_stages", "stage_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def run_bundle(bundle: str | os.PathLike, configs: Sequence[str], **override: An
     return workflow
 
 
+def stage_weights(workflow) -> str:
+    """The weights a finished training stage saved (``ckpt_dir/model_file``): where the next stage starts."""
+    parser = workflow.parser
+    return os.path.join(parser.get_parsed_content("ckpt_dir"), parser.get_parsed_content("model_file"))
+
+
 def run_stages(bundle: str | os.PathLike, stages: Sequence[Sequence[str]], **override: Any) -> list:
     """Run training stages in order, each from the weights the previous one saved.
 
@@ -75,7 +81,6 @@ def run_stages(bundle: str | os.PathLike, stages: Sequence[Sequence[str]], **ove
     for i, stage in enumerate(stages):
         logger.info(f"{Path(str(bundle)).name}: training stage {i + 1}/{len(stages)} ({' + '.join(stage)})")
         workflow = run_bundle(bundle, list(stage), **override, init_weights=init)
-        parser = workflow.parser
-        init = os.path.join(parser.get_parsed_content("ckpt_dir"), parser.get_parsed_content("model_file"))
+        init = stage_weights(workflow)
         workflows.append(workflow)
     return workflows

@@ -41,10 +41,7 @@ class MultimaskSam(MaskSamplingNetwork):
     def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """The three multimask outputs, best predicted IoU first, tiled to ``num_samples``.
 
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
-            num_samples: ``N``.
+        Args and shapes as :meth:`MaskSamplingNetwork.draw_samples` (``conditions.boxes`` checked by the base class).
 
         Returns:
             ``(B, N, 4h, 4w)`` logits; at most three distinct masks per image.
@@ -116,10 +113,7 @@ class PromptJitterSam(MaskSamplingNetwork):
     def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """One mask per perturbed box, every box of an image decoded from its one embedding.
 
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
-            num_samples: ``N``.
+        Args and shapes as :meth:`MaskSamplingNetwork.draw_samples` (``conditions.boxes`` checked by the base class).
 
         Returns:
             ``(B, N, 4h, 4w)`` logits.
@@ -217,10 +211,7 @@ class McDropoutSam(MaskSamplingNetwork):
     def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
         """``N`` decodings of the box under independent dropout masks, decoded together per image.
 
-        Args:
-            embeddings: ``(B, C, h, w)``.
-            conditions: ``boxes (B, 4)`` in backbone input coordinates (checked by the base class).
-            num_samples: ``N``.
+        Args and shapes as :meth:`MaskSamplingNetwork.draw_samples` (``conditions.boxes`` checked by the base class).
 
         Returns:
             ``(B, N, 4h, 4w)`` logits (identical along ``N`` when dropout is off).

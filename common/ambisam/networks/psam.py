@@ -172,9 +172,7 @@ class ProbabilisticSam(MaskSamplingNetwork):
     ) -> dict[str, torch.Tensor]:
         """What one training step needs: the prediction from a posterior sample and ``KL(q || p)``.
 
-        Args:
-            embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
-            conditions: ``boxes (B, 4)`` in backbone input coordinates (the box of the chosen rater's mask).
+        Args (as :meth:`MaskSamplingNetwork.compute_training_outputs`, ``conditions.boxes`` the prompt):
             rater_masks: ``(B, 1, S, S)`` the chosen rater's binary mask at backbone input size (any ``H, W`` is
                 accepted: the posterior pools it to the embedding grid).
 

@@ -306,9 +306,7 @@ class SequentialSam(MaskSamplingNetwork):
     ) -> dict[str, torch.Tensor]:
         """``M = max(K, num_train_steps)`` steps per image for the set loss.
 
-        Args:
-            embeddings: ``(B, C, h, w)`` image embeddings (cached; the encoder is frozen).
-            conditions: ``boxes (B, 4)`` in backbone input coordinates.
+        Args (as :meth:`MaskSamplingNetwork.compute_training_outputs`, ``conditions.boxes`` the prompt):
             targets: ``(B, K, S, S)`` every rater's mask (only ``K`` is read here).
 
         Returns:
