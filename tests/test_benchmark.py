@@ -137,7 +137,7 @@ def test_prob_unet_shapes():
         assert torch.equal(net(images, boxes), net(images, boxes))
     outputs = net.train()(grid, prompt, torch.zeros(2, 1, 32, 32), training_outputs=True)
     assert outputs["logits"].shape == (2, 1, 32, 32) and outputs["kl"].shape == (2,)
-    assert _small_prob_unet(use_box=False).needs_box is False
+    assert _small_prob_unet(use_box=False).capabilities.needs_prompt is False
 
 
 def test_prob_unet_training_step_reduces_its_loss():
@@ -147,7 +147,9 @@ def test_prob_unet_training_step_reduces_its_loss():
     boxes = torch.tensor([[8.0, 8.0, 23.0, 23.0]]).repeat(4, 1)
     masks = torch.zeros(4, 1, 32, 32)
     masks[:, :, 10:22, 10:22] = 1
-    loss_fn = net.default_loss()
+    from monai.bundle import ConfigParser
+
+    loss_fn = ConfigParser({"loss": get_method("prob_unet").loss}).get_parsed_content("loss")  # the registry's
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
 
     def loss():

@@ -140,3 +140,14 @@ def test_bench_all_is_every_registered_method_with_a_network_and_training_free_o
         _method_names("psam,p2sam")
     with pytest.raises(InputError, match="training-free"):
         bench_training("baseline")
+
+
+def test_train_names_a_method_and_refuses_a_training_free_one():
+    """``ambisam train METHOD`` runs the registry's stages (tests/bundles/test_new_method.py runs two of them);
+    a training-free or unknown method is one clear message."""
+    for method, expected in (("baseline", "method 'baseline' is training-free: nothing to train"),
+                             ("nonsense", "unknown method 'nonsense'")):
+        done = subprocess.run([sys.executable, "-m", "ambisam", "train", method], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert expected in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr

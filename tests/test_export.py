@@ -165,18 +165,18 @@ def test_export_command_line_bad_input_is_one_line(tmp_path):
 
 
 def test_exported_configs_are_flattened(tmp_path):
-    """A bundle config that takes a section from another config by a ``%`` macro is exported with that section
-    in it, so the zip needs no base config beside it; an override file's nested ids stay as they are."""
-    source = tmp_path / "bundles" / "macro_psam"
-    shutil.copytree(ROOT / "bundles" / "psam", source, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    shutil.copy(ROOT / "LICENSE", source / "LICENSE")
-    train = json.loads((source / "configs" / "train.json").read_text())
-    validate = train["validate"]
-    train["validate"] = "%bundles/psam/configs/train.json#validate"  # relative to the repository root
-    (source / "configs" / "train.json").write_text(json.dumps(train))
-    zip_path = export_bundle(source, tmp_path / "dist", include_weights=False)
+    """The bundles take the shared base by ``%`` macros relative to the repository root; the zip holds every config
+    with those sections in it, so it needs no base beside it."""
+    from ambisam.bundle import BASE_CONFIG_DIR
+
+    zip_path = export_bundle(ROOT / "bundles" / "psam", tmp_path / "dist", include_weights=False)
+    base = json.loads((BASE_CONFIG_DIR / "train.json").read_text())
     with zipfile.ZipFile(zip_path) as archive:
-        exported = archive.read("macro_psam/configs/train.json").decode()
-        evaluate = json.loads(archive.read("macro_psam/configs/evaluate.json"))
-    assert '"%' not in exported and json.loads(exported)["validate"] == validate
-    assert evaluate == json.loads((source / "configs" / "evaluate.json").read_text())
+        names = [n for n in archive.namelist() if n.startswith("psam/configs/") and n.endswith(".json")]
+        texts = {n: archive.read(n).decode() for n in names}
+    assert {"psam/configs/train.json", "psam/configs/evaluate.json", "psam/configs/multi_gpu_train.json"} <= set(texts)
+    for name, text in texts.items():
+        assert '"%' not in text, name
+    train = json.loads(texts["psam/configs/train.json"])
+    assert train["train"] == base["train"] and train["network_def"]["_target_"] == "ambisam.networks.ProbabilisticSam"
+

@@ -115,18 +115,18 @@ def test_bundle_selection_and_working_copy(tmp_path):
 
 
 def test_working_copy_configs_are_flattened(tmp_path):
-    """A config section taken by a ``%`` macro is in the working copy itself, where MONAI Label's nested overrides
-    (``train#trainer#max_epochs``) reach it."""
-    source = tmp_path / "src"
-    (source / "configs").mkdir(parents=True)
-    (source / "configs" / "train.json").write_text(json.dumps({"train": "%bundles/psam/configs/train.json#train"}))
-    override = {"validate#handlers": [{"_target_": "StatsHandler"}]}
-    (source / "configs" / "evaluate.json").write_text(json.dumps(override))
-    copy = bundles.make_working_copy(source, tmp_path / "model" / "src", None)
-    text = (copy / "configs" / "train.json").read_text()
-    psam = json.loads((ROOT / "bundles" / "psam" / "configs" / "train.json").read_text())
-    assert '"%' not in text and json.loads(text)["train"]["trainer"] == psam["train"]["trainer"]
-    assert json.loads((copy / "configs" / "evaluate.json").read_text()) == override
+    """The bundles take the shared base by ``%`` macros; the working copy holds each config with those sections in
+    it, where MONAI Label's nested overrides (``train#trainer#max_epochs``) reach them."""
+    from ambisam.bundle import BASE_CONFIG_DIR
+
+    copy = bundles.make_working_copy(ROOT / "bundles" / "seqsam", tmp_path / "model" / "seqsam", None)
+    base = json.loads((BASE_CONFIG_DIR / "train.json").read_text())
+    for path in (copy / "configs").glob("*.json"):
+        assert '"%' not in path.read_text(), path.name
+    train = json.loads((copy / "configs" / "train.json").read_text())
+    assert train["train"]["trainer"] == base["train"]["trainer"] and train["method"] == "seqsam"
+    mcl = json.loads((copy / "configs" / "train_mcl.json").read_text())
+    assert mcl["method"] == "mcl" and "train" not in mcl  # an override file stays an override file
 
 
 # ---------------------------------------------------------------------------------------------------------------------

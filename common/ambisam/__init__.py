@@ -9,6 +9,6 @@ Subpackages:
     inferers: the one sampling inferer every method plugs into.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

@@ -206,7 +206,7 @@ def bench_training(
     Raises:
         InputError: an unknown, unavailable or training-free method.
     """
-    from ambisam.benchmark import method_availability, method_overrides
+    from ambisam.benchmark import method_availability
     from ambisam.bundle import bundle_workflow
 
     if threads:
@@ -221,7 +221,7 @@ def bench_training(
         datalist = _tiny_training_data(Path(tmp) / "data")
         workflow = bundle_workflow(
             spec.config_bundle, spec.stages[0], "train",
-            **method_overrides(spec),
+            **spec.config_overrides(),
             datalist=str(datalist), dataset_dir=str(datalist.parent), backbone=backbone,
             backbone_checkpoint=checkpoint, batch_size=int(batch_size), output_dir=str(Path(tmp) / "train"),
             ckpt_dir=str(Path(tmp) / "models"),

@@ -121,6 +121,20 @@ class Commands:
 
         print(segment_file(image, box, out, backbone=backbone, checkpoint=checkpoint))
 
+    def train(self, method: str, **overrides) -> None:
+        """Train a method's bundle through all of its stages in order, each from the previous stage's weights
+        (the registry's ``stages``: ``python -m ambisam train psam --max_epochs 3``; overrides are config ids)."""
+        from ambisam.bundle import run_stages
+        from ambisam.errors import InputError
+        from ambisam.registry import get_method
+
+        spec = get_method(method)
+        if not spec.trainable:
+            raise InputError(None, f"method '{method}' is training-free: nothing to train")
+        for workflow in run_stages(spec.config_bundle, spec.stages, **{**spec.config_overrides(), **overrides}):
+            parser = workflow.parser
+            print(f"{method}: weights in {parser.get_parsed_content('ckpt_dir')}/{parser.get_parsed_content('model_file')}")
+
     def demo(self, out: str = "runs/demo", cases: int = 8, max_epochs: int = 6, num_samples: int = 16, seed: int = 0) -> None:
         """The main job on the embedded default: synthetic data, pSAM trained briefly, evaluated against the
         deterministic baseline with the same prompts, inference outputs (NIfTI) and a PNG overview."""

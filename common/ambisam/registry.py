@@ -87,6 +87,17 @@ class MethodSpec:
         """A ``network_def`` config for the harness: ``_target_`` plus ``network_args`` plus ``args``."""
         return {"_target_": self.network, **self.network_args, **args}
 
+    def config_overrides(self) -> dict[str, Any]:
+        """The config overrides that make this method out of its config bundle: for a harness method its network
+        (:meth:`network_def`) and its loss when given; then ``overrides``; the method's name as ``method``."""
+        overrides: dict[str, Any] = {"method": self.name}
+        if self.bundle is None:
+            overrides["network_def"] = self.network_def()
+            if self.loss is not None:
+                overrides["loss"] = dict(self.loss)
+        overrides.update(self.overrides)
+        return overrides
+
     def build(self, **kwargs: Any):
         """The network, built directly (``bench``, tests): ``network_class(**network_args, **kwargs)`` with the
         harness's ``@`` references dropped."""

@@ -105,7 +105,7 @@ class SamplingBundleInferTask(BundleInferTask):
         if not self.valid:
             return
         network = self.network
-        self.needs_box = bool(getattr(network, "needs_box", True))
+        self.needs_box = bool(network.capabilities.needs_prompt)  # the method contract's declaration
         self.encoder_frozen = bool(getattr(network, "encoder_frozen", False))
         self.point_box_half_size = int(point_box_half_size)
         # the sampling inferer processes whole volumes slice by slice: clients treat the model as 3D

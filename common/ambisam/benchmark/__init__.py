@@ -21,7 +21,6 @@ from ambisam.benchmark.jobs import (
     method_availability,
     method_implemented,
     method_kind,
-    method_overrides,
     peak_rss_mb,
     run_job,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "method_implemented",
     "method_availability",
     "method_kind",
-    "method_overrides",
     "intensity_convention",
     "peak_rss_mb",
     "run_job",

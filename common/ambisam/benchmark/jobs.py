@@ -29,7 +29,6 @@ __all__ = [
     "method_implemented",
     "method_availability",
     "method_kind",
-    "method_overrides",
     "run_job",
     "peak_rss_mb",
     "job_main",
@@ -48,18 +47,6 @@ def method_implemented(spec: MethodSpec) -> bool:
     except InputError:
         return False
     return True
-
-
-def method_overrides(spec: MethodSpec) -> dict:
-    """The config overrides that make ``spec`` out of its config bundle: for a harness method its network
-    (:meth:`~ambisam.registry.MethodSpec.network_def`), its loss when given, then its ``overrides``."""
-    overrides: dict[str, Any] = {}
-    if spec.bundle is None:
-        overrides["network_def"] = spec.network_def()
-        if spec.loss is not None:
-            overrides["loss"] = dict(spec.loss)
-    overrides.update(spec.overrides)
-    return overrides
 
 
 def method_availability(spec: MethodSpec) -> str | None:
@@ -194,7 +181,7 @@ def run_job(job: Mapping) -> dict:
             common[key] = list(job[key])
     if job.get("num_raters") is not None:
         common["num_raters"] = int(job["num_raters"])
-    common.update(method_overrides(spec))
+    common.update(spec.config_overrides())
     if job.get("max_epochs") is not None:
         common["max_epochs"] = int(job["max_epochs"])
     cache = common["embedding_cache"] if "embedding_cache" in common else _config_item(

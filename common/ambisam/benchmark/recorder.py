@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from ambisam.benchmark.budget import count_parameters, encoding_seconds
+from ambisam.data.ids import case_id
 from ambisam.io import write_json
 
 __all__ = ["EvaluationRecorder"]
@@ -98,8 +99,7 @@ class EvaluationRecorder:
             label = _numpy(item["label"]) > 0  # (K, H, W[, D])
             mean = _numpy(item["mean"])[0]
             self.bins += ece_bin_statistics(mean, label, self.n_bins)
-            meta = getattr(item.get("image"), "meta", {})
-            case = str(item.get("id") or Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0])
+            case = case_id(item)
             self.cases.append(case)
             if len(self._kept) < self.figure_cases:
                 self._kept[case] = self._figure_slice(item, label, lesion_slice)

@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
+from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import atomic_path, run_record, write_json
 from ambisam.inferers.layout import OUTPUT_NAMES
@@ -119,11 +120,7 @@ class MetricsReportWriter:
     @staticmethod
     def _default_ids(output: list | dict) -> list[str]:
         items = output if isinstance(output, list) else [output]
-        ids = []
-        for item in items:
-            meta = getattr(item.get("image"), "meta", {}) if isinstance(item, Mapping) else {}
-            ids.append(str(item.get("id") or Path(str(meta.get("filename_or_obj", "?"))).name.split(".")[0]))
-        return ids
+        return [case_id(item) for item in items]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._ids.clear())
@@ -226,11 +223,11 @@ class SamplingOutputWriter:
         for item in items:
             ref = item[self.affine_key]
             meta = getattr(ref, "meta", {})
-            case_id = str(item.get("id") or Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0])
+            case = case_id(item)
             record = dict(self.record, seconds=seconds, image=str(meta.get("filename_or_obj", "")))
             maps = {k: item[k] for k in OUTPUT_NAMES}
-            write_case_outputs(self.output_dir, case_id, maps, ref.affine, record)
-            self.cases[case_id] = seconds
+            write_case_outputs(self.output_dir, case, maps, ref.affine, record)
+            self.cases[case] = seconds
 
     def _write_run(self, _engine: Engine) -> None:
         total = time.time() - self._start
