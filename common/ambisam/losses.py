@@ -7,6 +7,8 @@
   matching on a Dice-loss matrix, chunking when ``M > K``, empty raters masked out.
 - :class:`WinnerTakesAllLoss`: multiple choice learning (SAM's multimask heads): each rater trains the head
   closest to it.
+- :class:`P2SamLoss`: P2SAM's BCE (or the reference code's cross-entropy) + Dice + focal loss of the assembled
+  logit against one rater, plus an L2 term on the parameters the network names.
 
 Every loss here takes the ``dict`` a method's ``training_outputs`` returns and keeps its last components in
 ``last_components`` (detached scalars), so a trainer can log them.
@@ -17,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, FocalLoss
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss"]
+__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss", "P2SamLoss"]
 
 
 class LatentSegmentationLoss(nn.Module):
@@ -321,3 +323,114 @@ class WinnerTakesAllLoss(HungarianSetLoss):
             ``rows`` (the winning prediction of each rater) and ``cols = 0 .. V - 1``.
         """
         return cost.argmin(axis=0), np.arange(cost.shape[1])
+
+
+class P2SamLoss(nn.Module):
+    """P2SAM's loss: ``ce_weight * CE + dice_weight * Dice + focal_weight * focal + l2_weight * L2``.
+
+    The terms on the assembled logit (``outputs["logits"] (B, 1, h, w)``, upsampled bilinearly to the target's
+    size as :class:`LatentSegmentationLoss` does) against one rater's mask:
+
+    - CE, ``classification="bce"``: the pixel-mean BCE of the assembled logit (the same as a 2-class
+      cross-entropy on logits ``(0, l)``); ``classification="weighted_masks"``: the reference code's
+      ``CrossEntropyLoss`` over the ``M`` weighted mask logits ``w_i M_i`` (``outputs["mask_logits"]`` and
+      ``outputs["assembling_weights"]``) with the binary target as the class index (classes 0 and 1);
+    - Dice: MONAI's :class:`~monai.losses.DiceLoss` (``sigmoid=True``, pooled over the batch with
+      ``dice_batch``; the reference sums a smoothed Dice per image row);
+    - focal: MONAI's :class:`~monai.losses.FocalLoss` (sigmoid, ``gamma`` 2, ``alpha`` 0.25 as the reference's
+      RetinaNet focal loss);
+    - L2: ``outputs["l2"]``, the sum of squares of the network's ``l2_parameters()`` (P2SAM's stage 2: 1e-5;
+      stage 1: 0), 0 when absent.
+
+    Args:
+        classification: ``"bce"`` or ``"weighted_masks"``.
+        ce_weight: weight of the CE term.
+        dice_weight: weight of the Dice term.
+        focal_weight: weight of the focal term.
+        l2_weight: weight of the L2 term.
+        focal_gamma: focusing exponent.
+        focal_alpha: weight of the positive class in the focal term, or ``None`` for none.
+        dice_batch: pool the Dice over the batch.
+
+    Attributes:
+        last_components: after each call, detached scalars ``ce``, ``dice``, ``focal``, ``l2`` (the sum of
+            squares, before ``l2_weight``), ``l2_weighted`` and ``total``.
+
+    Raises:
+        ValueError: on an unknown ``classification`` or a negative weight.
+    """
+
+    CLASSIFICATIONS = ("bce", "weighted_masks")
+
+    def __init__(
+        self,
+        classification: str = "bce",
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        focal_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: float | None = 0.25,
+        *,
+        dice_batch: bool = True,
+    ) -> None:
+        super().__init__()
+        if classification not in self.CLASSIFICATIONS:
+            raise ValueError(f"classification must be one of {self.CLASSIFICATIONS}, got {classification!r}")
+        weights = {"ce": ce_weight, "dice": dice_weight, "focal": focal_weight, "l2": l2_weight}
+        if min(weights.values()) < 0:
+            raise ValueError(f"weights must be non-negative, got {weights}")
+        self.classification = classification
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.dice = DiceLoss(sigmoid=True, batch=dice_batch)
+        self.focal = FocalLoss(gamma=focal_gamma, alpha=focal_alpha, use_softmax=False)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def cross_entropy(self, outputs: dict[str, torch.Tensor], logits: torch.Tensor, target: torch.Tensor):
+        """The CE term: ``logits`` and ``target`` ``(B, 1, H, W)`` at the target's size."""
+        if self.classification == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        if "mask_logits" not in outputs or "assembling_weights" not in outputs:
+            raise ValueError("classification='weighted_masks' needs 'mask_logits' and 'assembling_weights' outputs")
+        weighted = outputs["mask_logits"] * outputs["assembling_weights"].view(1, -1, 1, 1)
+        weighted = F.interpolate(weighted, size=tuple(target.shape[2:]), mode="bilinear", align_corners=False)
+        return F.cross_entropy(weighted, target[:, 0].round().long())
+
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The loss of one training step.
+
+        Args:
+            outputs: the network's training outputs: ``"logits" (B, 1, h, w)``, optionally ``"l2"`` (a scalar),
+                and ``"mask_logits" (B, M, h, w)`` with ``"assembling_weights" (M,)`` for ``"weighted_masks"``.
+            target: ``(B, 1, H, W)`` one rater's binary mask.
+
+        Returns:
+            the scalar loss.
+
+        Raises:
+            ValueError: when ``outputs`` lacks what the terms need, or logits and target are not
+                ``(B, 1, ...)`` with one ``B``.
+        """
+        if "logits" not in outputs:
+            raise ValueError(f"outputs must hold 'logits', got keys {sorted(outputs)}")
+        logits = outputs["logits"]
+        if logits.ndim != 4 or target.ndim != 4 or logits.shape[:2] != target.shape[:2] or logits.shape[1] != 1:
+            raise ValueError(f"expected logits and target (B, 1, H, W), got {tuple(logits.shape)}, {tuple(target.shape)}")
+        target = target.to(logits.dtype)
+        if logits.shape[2:] != target.shape[2:]:
+            logits = F.interpolate(logits, size=tuple(target.shape[2:]), mode="bilinear", align_corners=False)
+        terms = {
+            "ce": self.cross_entropy(outputs, logits, target),
+            "dice": self.dice(logits, target),
+            "focal": self.focal(logits, target),
+            "l2": outputs["l2"] if "l2" in outputs else logits.new_zeros(()),
+        }
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        self.last_components = {k: v.detach() for k, v in terms.items()}
+        self.last_components["l2_weighted"] = (self.weights["l2"] * terms["l2"]).detach()
+        self.last_components["total"] = total.detach()
+        return total
+
+    def components(self) -> dict[str, float]:
+        """The last call's components as Python floats (for logging); empty before the first call."""
+        return {name: float(value) for name, value in self.last_components.items()}

@@ -7,6 +7,7 @@ from ambisam.networks.baseline import BoxPromptedSam
 from ambisam.networks.baselines import McDropoutSam, MultimaskSam, PromptJitterSam
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
 from ambisam.networks.mcl import MultipleChoiceSam
+from ambisam.networks.p2sam import DensePromptMapping, DiversityAwareAssembling, P2Sam, PromptGenerationNetwork
 from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
 from ambisam.networks.psam import ProbabilisticSam
 from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
@@ -23,6 +24,10 @@ __all__ = [
     "RecurrentPromptCell",
     "FoldedPromptCell",
     "MultipleChoiceSam",
+    "P2Sam",
+    "DiversityAwareAssembling",
+    "PromptGenerationNetwork",
+    "DensePromptMapping",
     "MultimaskSam",
     "PromptJitterSam",
     "McDropoutSam",
