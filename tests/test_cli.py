@@ -137,7 +137,9 @@ def test_bench_all_is_every_registered_method_with_a_network_and_training_free_o
     assert set(names) <= set(method_registry) and {"psam", "baseline", "prob_unet"} <= set(names)
     assert not {"p2sam", "proseg", "ursam"} & set(names)
     with pytest.raises(InputError, match="not implemented yet"):
-        _method_names("psam,p2sam")
+        _method_names("psam,proseg")
+    with pytest.raises(InputError, match="bundle 'p2sam' does not exist yet"):
+        _method_names("p2sam")
     with pytest.raises(InputError, match="training-free"):
         bench_training("baseline")
 

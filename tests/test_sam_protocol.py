@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from ambisam.sam import ImageBackbone, SamBackbone
@@ -48,6 +50,7 @@ def test_every_method_network_states_its_backbone_through_the_protocol(litemedsa
             cls = spec.network_class
         except Exception:  # noqa: BLE001 - a method whose network is not written yet
             continue
-        net = spec.build(image_size=32) if name == "prob_unet" else spec.build(backbone=litemedsam)
+        # a copy: a method may adapt the backbone it is given in place (P2SAM's mask tokens and LoRA)
+        net = spec.build(image_size=32) if name == "prob_unet" else spec.build(backbone=copy.deepcopy(litemedsam))
         assert isinstance(net.backbone, ImageBackbone), name
         assert cls.capabilities.needs_prompt in (True, False)

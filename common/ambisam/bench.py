@@ -272,25 +272,26 @@ def print_training(as_json: bool = False, **kwargs) -> dict:
 
 
 def _implemented(method: str) -> MethodSpec:
-    """The spec of a method whose network class exists.
+    """The spec of a method that can run here: its network class and its bundle's configs exist.
 
     Raises:
-        InputError: an unknown method, or one not implemented yet.
+        InputError: an unknown method, or one that cannot run yet (the reason: no network class, no bundle).
     """
-    from ambisam.benchmark import method_implemented
+    from ambisam.benchmark import method_availability
 
     spec = get_method(method)
-    if not method_implemented(spec):
-        raise InputError(None, f"method '{method}' is not implemented yet (no network class {spec.network})")
+    reason = method_availability(spec)
+    if reason is not None:
+        raise InputError(None, reason)
     return spec
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
-    from ambisam.benchmark import method_implemented
+    from ambisam.benchmark import method_availability
 
     if isinstance(methods, str):
         if methods.strip() == "all":
-            return [name for name, spec in method_registry.items() if method_implemented(spec)]
+            return [name for name, spec in method_registry.items() if method_availability(spec) is None]
         methods = methods.split(",")
     names = [m.strip() for m in methods if m and m.strip()]
     if not names:
