@@ -264,7 +264,7 @@ def test_benchmark_results_json(benchmark_run):
     assert baseline["diversity"] == 0.0 and baseline["ncc"] is None  # identical samples: NCC undefined
     assert jitter["diversity"] > 0
     assert results[3]["status"] == "unavailable" and "p2sam" in results[3]["reason"]
-    assert "not implemented yet" in results[3]["reason"]
+    assert "bundle 'p2sam' does not exist yet" in results[3]["reason"]  # its network exists, its bundle not yet
     assert psam["training"][0]["stages"][0]["configs"] == ["train"] and psam["training"][0]["stages"][0]["epochs"] == 1
     record = json.loads((out / "run.json").read_text())
     assert record["job"] == "benchmark" and record["num_samples"] == 4 and "torch" in record["versions"]
