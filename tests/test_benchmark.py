@@ -261,7 +261,14 @@ def test_benchmark_results_json(benchmark_run):
     assert psam["parameters_trained"] > 0 and psam["timings"]["train_seconds"] > 0
     assert psam["training"][0]["epochs"] == 1
     assert jitter["parameters_trained"] == 0 and baseline["parameters_trained"] == 0
-    assert baseline["diversity"] == 0.0 and baseline["ncc"] is None  # identical samples: NCC undefined
+    assert baseline["diversity"] == 0.0
+    # NCC on probability maps: a deterministic method's identical maps still vary over the pixels (E_ss is the
+    # entropy of its map), so it is defined; on its binary samples it was undefined everywhere before 0.2.x
+    assert isinstance(baseline["ncc"], float)
+    for r in results[:3]:
+        assert 0.0 <= r["presence_gap"] <= 1.0 and 0.0 <= r["ece_prob"] <= 1.0, r["method"]
+        assert r["presence_gap"] >= abs(r["samples_empty"] - r["raters_empty"]) - 1e-9
+        assert float(r["ncc_undefined_raters"]).is_integer()
     assert jitter["diversity"] > 0
     assert results[3]["status"] == "unavailable" and "p2sam" in results[3]["reason"]
     assert "bundle 'p2sam' does not exist yet" in results[3]["reason"]  # its network exists, its bundle not yet

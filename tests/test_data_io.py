@@ -485,3 +485,67 @@ def test_qubiq_bad_sources(tmp_path):
     with pytest.raises(InputError, match="no case folders"):
         convert("qubiq", tmp_path / "nocases", out)
     _assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+
+def test_lidc_folder_groups_json_and_csv(tmp_path, caplog):
+    src = _lidc_tree(tmp_path / "src", cases=6, size=(16, 16))
+    groups = {"0": "a", "1": "a", "2": "b", "3": "b", "4": "c", "5": "c"}
+    (tmp_path / "groups.json").write_text(json.dumps(groups))
+    for seed in range(4):
+        out = tmp_path / f"json{seed}"
+        datalist = convert("lidc-folder", src, out, split="0.34,0.33,0.33", seed=seed, groups=tmp_path / "groups.json")
+        patients = {s: {it["patient"] for it in load_datalist(datalist, s)} for s in SPLITS}
+        assert all(len(p) == 1 for p in patients.values()) and set().union(*patients.values()) == {"a", "b", "c"}
+        assert all(it["patient"] == groups[it["id"]] for it in _all_items(datalist))
+    record = json.loads((tmp_path / "json0" / "convert.json").read_text())
+    assert record["groups"] == str((tmp_path / "groups.json").absolute()) and record["patients"] == 3
+    (tmp_path / "groups.csv").write_text("id,patient,site\n" + "".join(f"{k},{v},x\n" for k, v in groups.items()))
+    datalist = convert("lidc-folder", src, tmp_path / "csv", groups=tmp_path / "groups.csv", groups_column="patient")
+    assert all(it["patient"] == groups[it["id"]] for it in _all_items(datalist))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ambisam.data.convert"):
+        convert("lidc-folder", src, tmp_path / "none")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "split is by case" in warnings[0].getMessage()
+    assert json.loads((tmp_path / "none" / "convert.json").read_text())["groups"] is None
+
+
+def test_groups_rejected(tmp_path):
+    src = _lidc_tree(tmp_path / "src", cases=3, size=(16, 16))
+    bad = {
+        "partial.json": json.dumps({"0": "a", "1": "a"}),
+        "unknown.json": json.dumps({"x": "a", "y": "b"}),
+        "list.json": json.dumps(["a", "b"]),
+        "broken.json": "{",
+        "nocol.csv": "id,site\n0,a\n1,a\n2,b\n",
+    }
+    for name, text in bad.items():
+        path = tmp_path / name
+        path.write_text(text)
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(InputError, match=name):
+            convert("lidc-folder", src, out, groups=path, groups_column="patient" if name.endswith(".csv") else None)
+        _assert_nothing_written(out)
+    with pytest.raises(InputError, match="missing.json"):
+        convert("lidc-folder", src, tmp_path / "o", groups=tmp_path / "missing.json")
+    with pytest.raises(InputError, match="groups_column"):
+        convert("lidc-folder", src, tmp_path / "o", groups=tmp_path / "nocol.csv")
+
+
+def test_lidc_folder_real_sample_split_by_nodule(tmp_path):
+    if not (LIDC_SAMPLE / "groups.json").is_file():
+        pytest.skip(f"the LIDC-IDRI sample's groups.json is not at {LIDC_SAMPLE} (shared data folder absent)")
+    groups = json.loads((LIDC_SAMPLE / "groups.json").read_text())
+    for seed in range(3):
+        datalist = convert("lidc-folder", LIDC_SAMPLE, tmp_path / f"out{seed}", seed=seed,
+                           groups=LIDC_SAMPLE / "groups.json")
+        split_of: dict[str, str] = {}
+        for split in SPLITS:
+            for item in load_datalist(datalist, split):
+                assert item["patient"] == groups[item["id"]]
+                assert split_of.setdefault(item["patient"], split) == split, f"{item['patient']} in two splits"
+        assert len(split_of) == len(set(groups.values())) == 7
+        assert {s for s in split_of.values()} == set(SPLITS)

@@ -72,6 +72,23 @@ def test_layout_and_unprompted_slices_are_background(litemedsam):
     assert maps["variance"].max() <= 0.25 + 1e-6  # a variance of values in [0, 1]
 
 
+def test_keep_probabilities_appends_each_samples_probability_map(litemedsam):
+    vol, box = _volume()
+    torch.manual_seed(0)
+    plain = SlicewiseSamplingInferer(num_samples=6)(vol, CoinFlipNetwork(litemedsam), box=box)
+    torch.manual_seed(0)
+    out = SlicewiseSamplingInferer(num_samples=6, keep_probabilities=True)(vol, CoinFlipNetwork(litemedsam), box=box)
+    assert out.shape == (1, 3 + 2 * 6, 64, 64, 4)
+    assert torch.equal(out[:, : 3 + 6], plain)  # the binary layout is unchanged, the maps come after it
+    maps = split_sampling_output(out[0], probabilities=True)
+    assert maps["probabilities"].shape == maps["samples"].shape == (6, 64, 64, 4)
+    probs = maps["probabilities"][..., 1:3]
+    assert torch.equal((probs > 0.5).float(), maps["samples"][..., 1:3])
+    assert ((probs > 0) & (probs < 1)).all()  # sigmoid probabilities, not 0/1 samples
+    assert torch.allclose(probs.max(), torch.sigmoid(torch.tensor(10.0)), atol=1e-4)
+    assert torch.equal(split_sampling_output(out[0], num_samples=6, probabilities=True)["samples"], maps["samples"])
+
+
 def test_cache_serves_a_second_pass(litemedsam):
     vol, box = _volume()
     cache = EmbeddingCache(litemedsam)

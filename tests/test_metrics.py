@@ -26,6 +26,7 @@ from ambisam.metrics import (
     dice_max,
     dice_mean,
     ece,
+    empty_fractions,
     ged,
     hm_iou,
     ncc,
@@ -436,3 +437,125 @@ def test_aggregate_is_nan_when_every_value_is_undefined():
     metric(samples, raters)
     value, not_nans = metric.aggregate()
     assert math.isnan(float(value)) and int(not_nans) == 0
+
+
+# ------------------------------------------------------------------- probability maps, undefined raters, presence
+
+
+def _engine_outputs(items):
+    """An engine whose output per iteration is one decollated item (a list of one dict)."""
+    from ignite.engine import Engine
+
+    engine = Engine(lambda engine, batch: batch)
+    return engine, [[item] for item in items]
+
+
+def _ncc_items():
+    # case a: the hand case of test_ncc_nanmean_over_raters on probability maps (eps = 0): NCC -1, one undefined
+    # rater; its binary samples (probs > 0.5) are all empty -> constant maps, every rater undefined.
+    # case b: probabilities 0.9 and 0.1 in both samples: E_ss = H(0.9) = H(0.1) at both pixels -> constant -> NaN,
+    # both raters undefined.
+    probs_a = torch.tensor([[0.25, 0.125], [0.25, 0.5]], dtype=torch.float64)
+    probs_b = torch.tensor([[0.9, 0.1], [0.9, 0.1]], dtype=torch.float64)
+    raters = torch.tensor([[1, 1], [1, 0]])
+    return [
+        {"id": "a", "samples": (probs_a > 0.5).double(), "probabilities": probs_a, "label": raters},
+        {"id": "b", "samples": (probs_b > 0.5).double(), "probabilities": probs_b, "label": raters},
+    ]
+
+
+def test_ncc_handler_reads_probability_maps_and_counts_undefined_raters(tmp_path):
+    import json
+
+    from ambisam.engines import MetricsReportWriter
+    from ambisam.metrics import MetricInputs, NCCHandler
+
+    engine, data = _engine_outputs(_ncc_items())
+    NCCHandler(eps=0.0, output_transform=MetricInputs()).attach(engine, "ncc")
+    MetricsReportWriter(tmp_path, num_samples=2).attach(engine)
+    engine.run(data, max_epochs=1)
+    assert engine.state.metrics["ncc"] == pytest.approx(-1.0)
+    assert engine.state.metrics["ncc_undefined_raters"] == 3
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["overall"]["ncc"] == pytest.approx(-1.0) and report["overall"]["ncc_undefined_raters"] == 3
+    assert report["per_case"]["ncc"][0] == pytest.approx(-1.0) and report["per_case"]["ncc"][1] is None
+    assert report["per_case"]["ncc_undefined_raters"] == [1.0, 2.0]
+    # the same cases on their binary samples: undefined everywhere (this is what NCC was computed on before 0.2.x)
+    engine, data = _engine_outputs(_ncc_items())
+    NCCHandler(output_transform=MetricInputs(key="samples")).attach(engine, "ncc")
+    engine.run(data, max_epochs=1)
+    assert math.isnan(engine.state.metrics["ncc"]) and engine.state.metrics["ncc_undefined_raters"] == 4
+
+
+def test_metric_inputs_falls_back_to_samples_with_one_logged_line(caplog):
+    from ambisam.metrics import MetricInputs
+
+    item = {"samples": torch.ones(2, 3), "label": torch.zeros(1, 3)}
+    inputs = MetricInputs()
+    with caplog.at_level("WARNING", logger="ambisam.metrics.inputs"):
+        for _ in range(3):
+            y_pred, y = inputs([item])
+            assert y_pred[0] is item["samples"] and y[0] is item["label"]
+    assert len([r for r in caplog.records if "keep_probabilities" in r.getMessage()]) == 1
+    with_probs = dict(item, probabilities=torch.full((2, 3), 0.7))
+    assert inputs([with_probs])[0][0] is with_probs["probabilities"]
+    with pytest.raises(KeyError):
+        MetricInputs(fallback=None)([item])
+
+
+def test_confidence_samples_or_probability():
+    # one image, N = 1, probabilities [0.9, 0.9, 0, 0], targets [1, 0, 0, 0]
+    # probability: bin (0.8, 0.9]: |1.8 - 1| = 0.8 -> ECE 0.8 / 4 = 0.2
+    # samples (> 0.5) [1, 1, 0, 0]: bin (0.9, 1]: |2 - 1| = 1 -> ECE 0.25
+    probs = torch.tensor([[[0.9, 0.9, 0.0, 0.0]]])
+    y = torch.tensor([[[1, 0, 0, 0]]])
+    prob_metric, sample_metric = ECEMetric(confidence="probability"), ECEMetric(confidence="samples")
+    prob_metric(y_pred=probs, y=y)
+    sample_metric(y_pred=(probs > 0.5).float(), y=y)
+    assert prob_metric.aggregate().item() == pytest.approx(0.2)
+    assert sample_metric.aggregate().item() == pytest.approx(0.25)
+    assert prob_metric.confidence == "probability" and SoftDiceMetric().confidence == "samples"
+    # soft Dice, thresholds 0.1 and 0.5: probability 0.4 at the rater pixel -> t=0.1: 1, t=0.5: P empty vs R
+    # [1, 0] -> 0 -> 0.5; its sample (0.4 <= 0.5) is empty -> 0 at both thresholds.
+    y = torch.tensor([[[1, 0]]])
+    soft = SoftDiceMetric(thresholds=(0.1, 0.5), confidence="probability")
+    soft(y_pred=torch.tensor([[[0.4, 0.0]]]), y=y)
+    assert soft.aggregate().item() == pytest.approx(0.5)
+    for cls in (ECEMetric, SoftDiceMetric):
+        with pytest.raises(ValueError, match="confidence"):
+            cls(confidence="fraction")
+
+
+def test_empty_fractions_by_hand():
+    # samples: 1 of 4 empty; raters: 2 of 4 empty (the whole case, every pixel, decides)
+    samples = masks(A, B, E, C)
+    raters = masks(E, A, E, B)
+    assert empty_fractions(samples, raters) == (0.25, 0.5)
+    assert empty_fractions(masks(A), masks(E)) == (0.0, 1.0)
+
+
+def test_presence_handler_gap_and_fractions(tmp_path):
+    import json
+
+    from monai.handlers import from_engine
+
+    from ambisam.engines import MetricsReportWriter
+    from ambisam.metrics import PresenceHandler
+
+    # case a: |0.25 - 0.5| = 0.25; case b: nothing empty on either side -> 0. gap = 0.125
+    items = [
+        {"id": "a", "samples": torch.tensor(masks(A, B, E, C)), "label": torch.tensor(masks(E, A, E, B))},
+        {"id": "b", "samples": torch.tensor(masks(A, A, B, B)), "label": torch.tensor(masks(A, B, C, C))},
+    ]
+    engine, data = _engine_outputs(items)
+    PresenceHandler(output_transform=from_engine(["samples", "label"])).attach(engine, "presence_gap")
+    MetricsReportWriter(tmp_path, num_samples=4).attach(engine)
+    engine.run(data, max_epochs=1)
+    assert engine.state.metrics["presence_gap"] == pytest.approx(0.125)
+    assert engine.state.metrics["samples_empty"] == pytest.approx(0.125)
+    assert engine.state.metrics["raters_empty"] == pytest.approx(0.25)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["per_case"]["presence_gap"] == [0.25, 0.0]
+    assert report["per_case"]["samples_empty"] == [0.25, 0.0]
+    assert report["per_case"]["raters_empty"] == [0.5, 0.0]
+    assert report["overall"]["presence_gap"] == pytest.approx(0.125)

@@ -508,6 +508,20 @@ def test_split_sampling_output():
         SplitSamplingOutputd(num_samples=4)({"pred": out})
 
 
+def test_split_sampling_output_with_probabilities():
+    n, structures = 3, 2
+    out = torch.rand(structures * (3 + 2 * n), 5, 4, generator=torch.Generator().manual_seed(1))
+    blocks = out.reshape(structures, 3 + 2 * n, 5, 4)
+    d = SplitSamplingOutputd(num_samples=n, probabilities=True)({"pred": out})
+    assert d["samples"].shape == d["probabilities"].shape == (structures * n, 5, 4)
+    assert torch.equal(d["samples"], blocks[:, 3 : 3 + n].reshape(-1, 5, 4))
+    assert torch.equal(d["probabilities"], blocks[:, 3 + n :].reshape(-1, 5, 4))
+    assert torch.equal(d["mean"], blocks[:, 0])
+    assert "probabilities" not in SplitSamplingOutputd(num_samples=n)({"pred": out[: structures * (3 + n)]})
+    with pytest.raises(ValueError, match="3 \\+ 2N"):
+        SplitSamplingOutputd(num_samples=4, probabilities=True)({"pred": out})
+
+
 def test_invert_split_outputs_through_orientation_and_spacing(tmp_path):
     shape = (12, 10, 5)
     affine = np.array([[-0.8, 0, 0, 40.0], [0, 0, 2.5, -12.0], [0, -0.9, 0, 7.0], [0, 0, 0, 1]])  # not RAS

@@ -99,7 +99,15 @@ class Commands:
         print(synthesize(out, cases=cases, raters=raters, seed=seed))
 
     def convert(
-        self, format: str, src: str, out: str, split: str = "0.6,0.2,0.2", seed: int = 0, task: str | None = None
+        self,
+        format: str,
+        src: str,
+        out: str,
+        split: str = "0.6,0.2,0.2",
+        seed: int = 0,
+        task: str | None = None,
+        groups: str | None = None,
+        groups_column: str | None = None,
     ) -> None:
         """Convert a data set (lidc-folder, lidc-pickle, qubiq) to NIfTI + OUT/datalist.json.
 
@@ -110,10 +118,13 @@ class Commands:
             split: train,val,test fractions, by patient (0,0,1 puts every case under test).
             seed: the split's seed.
             task: the QUBIQ label task, for data sets with several (brain-tumor, prostate).
+            groups: a JSON file {case id: patient} or a CSV file (with groups_column): cases of one patient stay
+                in one split. Without it a folder format splits by case (a warning says so).
+            groups_column: the CSV column holding the patient.
         """
         from ambisam.data.convert import convert
 
-        print(convert(format, src, out, split=split, seed=seed, task=task))
+        print(convert(format, src, out, split=split, seed=seed, task=task, groups=groups, groups_column=groups_column))
 
     def segment(self, image: str, box: str, out: str, backbone: str = "litemedsam", checkpoint: str | None = None) -> None:
         """Segment a 2D image (any format MONAI reads) with a box "x_min,y_min,x_max,y_max"; writes a PNG mask."""

@@ -85,7 +85,7 @@ def test_evaluate_writes_metrics_json_and_csv(trained):
     run_workflow(BUNDLE, ("train", "evaluate"), "train", **train_overrides(tmp, datalist.parent), eval_dir=str(out))
     report = json.loads((out / "metrics.json").read_text())
     assert report["num_samples"] == 4
-    assert {"ged4", "diversity4", "hm_iou4", "dice_max4", "dice_mean4", "soft_dice", "ncc", "ece"} <= set(report["overall"])
+    assert {"ged4", "diversity4", "hm_iou4", "dice_max4", "dice_mean4", "soft_dice", "ncc", "ece", "ncc_undefined_raters", "soft_dice_prob", "ece_prob", "presence_gap"} <= set(report["overall"])
     assert 0 <= report["overall"]["ged4"] <= 2 and len(report["cases"]) == 1
     assert len(report["per_case"]["ged4"]) == 1
     csv = (out / "metrics.csv").read_text().splitlines()

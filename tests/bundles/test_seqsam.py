@@ -106,7 +106,7 @@ def test_evaluate_writes_metrics_json_and_csv(trained):
     run_workflow(BUNDLE, ("train", "evaluate"), "train", **_overrides(tmp, datalist.parent), eval_dir=str(out))
     report = json.loads((out / "metrics.json").read_text())
     assert report["num_samples"] == 4
-    expected = {"ged4", "diversity4", "hm_iou4", "dice_max4", "dice_mean4", "soft_dice", "ncc", "ece"}
+    expected = {"ged4", "diversity4", "hm_iou4", "dice_max4", "dice_mean4", "soft_dice", "ncc", "ece", "ncc_undefined_raters", "soft_dice_prob", "ece_prob", "presence_gap"}
     assert expected <= set(report["overall"])
     assert 0 <= report["overall"]["ged4"] <= 2 and len(report["cases"]) == 1
     csv = (out / "metrics.csv").read_text().splitlines()

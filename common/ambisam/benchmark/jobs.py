@@ -36,8 +36,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the metrics of every result, in table order (names as in ``results.json``, without N)
-METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece")
+#: the metrics of every result, in table order (names as in ``results.json``, without N). ``soft_dice`` and ``ece``
+#: take the fraction of binary samples as the confidence, ``soft_dice_prob`` and ``ece_prob`` the mean sigmoid
+#: probability; ``ncc`` is computed on the samples' probability maps and ``ncc_undefined_raters`` counts the
+#: (case, rater) pairs where it was undefined; ``presence_gap`` is the mean over test cases of
+#: ``|samples_empty - raters_empty|``, the fractions of empty samples and of empty raters (means over cases).
+METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece", "presence_gap",
+               "soft_dice_prob", "ece_prob", "ncc_undefined_raters", "samples_empty", "raters_empty")
 
 #: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
 def method_implemented(spec: MethodSpec) -> bool:

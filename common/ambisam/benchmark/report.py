@@ -32,9 +32,11 @@ TABLE_COLUMNS = (
     "HM-IoU{n}",
     "D_max (per rater)",
     "D_mean",
-    "soft Dice",
-    "NCC",
-    "ECE",
+    "soft Dice (fraction of samples)",
+    "NCC (probability maps)",
+    "NCC undefined raters",
+    "ECE (fraction of samples)",
+    "presence gap",
     "parameters trained",
     "train time",
     "ms per sample",
@@ -51,7 +53,12 @@ _METRICS = {
     "soft_dice": ("soft Dice", True),
     "ncc": ("NCC", True),
     "ece": ("ECE (lower is better)", False),
+    "presence_gap": ("presence gap (lower is better)", False),
 }
+
+#: the metric keys of the table's columns, in order (``TABLE_COLUMNS`` after ``method``)
+_TABLE_METRICS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ncc_undefined_raters",
+                  "ece", "presence_gap")
 
 
 def _value(entry: Mapping, key: str) -> str:
@@ -131,8 +138,7 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
     header = [c.format(n=n) for c in TABLE_COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for e in ok:
-        row = [e["method"]] + [_value(e, k) for k in ("ged", "diversity", "hm_iou", "dice_max", "dice_mean",
-                                                      "soft_dice", "ncc", "ece")]
+        row = [e["method"]] + [_value(e, k) for k in _TABLE_METRICS]
         row += [
             _count(e.get("parameters_trained")),
             _duration(e["timings"].get("train_budgeted_seconds"), e["kind"]),
@@ -152,9 +158,14 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
         "",
         "Conventions: GED and diversity use d = 1 - IoU with all N^2 / K^2 pairs (two empty masks: distance 0); "
         "HM-IoU matches samples and tiled raters (Hungarian); D_max is the mean over raters of the best Dice among "
-        "the samples; D_mean the mean Dice over all N x K pairs; soft Dice is QUBIQ's (thresholds 0.1 ... 0.9); "
-        "NCC is PHiSeg's S_NCC (n/a where every sample is identical: a deterministic method has none); ECE pools "
-        "all test pixels into 10 bins (confidence = fraction of samples, target = fraction of raters). Metrics are "
+        "the samples; D_mean the mean Dice over all N x K pairs; soft Dice is QUBIQ's (thresholds 0.1 ... 0.9) with "
+        "confidence = fraction of samples (results.json: soft_dice; soft_dice_prob takes the mean sigmoid "
+        "probability); NCC is PHiSeg's S_NCC on the samples' probability maps (n/a where every per-rater value is "
+        "undefined; 'NCC undefined raters' counts the (case, rater) pairs whose maps were constant); ECE pools "
+        "all test pixels into 10 bins (confidence = fraction of samples, target = fraction of raters; results.json: "
+        "ece, and ece_prob with the mean sigmoid probability); 'presence gap' is the mean over test cases of "
+        "|fraction of empty samples - fraction of empty raters| (a mask is empty when it marks nothing in the case; "
+        "results.json: samples_empty, raters_empty). Metrics are "
         "means over test cases (whole volumes). 'train time' is the time the training budget counts: the trainer's "
         "run with validation after each epoch, without data loading and without the one-time encoding of "
         "slices into the embedding cache that every SAM method shares (results.json: train_seconds is the wall "
@@ -229,7 +240,8 @@ def metric_bars_png(path: str | os.PathLike, entries: Sequence[Mapping], num_sam
     """
     plt = _pyplot()
     names = [e["method"] for e in entries]
-    fig, axes = plt.subplots(2, 4, figsize=(3.2 * 4, 6.4))
+    rows = -(-len(_METRICS) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(3.2 * 4, 3.2 * rows))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, (label, _better)) in zip(axes.ravel(), _METRICS.items()):
         means = [np.nan if e.get(key) is None else e[key] for e in entries]
@@ -242,6 +254,8 @@ def metric_bars_png(path: str | os.PathLike, entries: Sequence[Mapping], num_sam
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.set_title(label.format(n=num_samples), fontsize=9)
+    for ax in axes.ravel()[len(_METRICS) :]:
+        ax.axis("off")
     fig.suptitle("mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -10,7 +10,7 @@ from ambisam.data.conventions import (
     datalist_intensity,
     datalist_raters,
 )
-from ambisam.data.convert import FORMATS, convert
+from ambisam.data.convert import FORMATS, convert, read_groups
 from ambisam.data.datalist import (
     SPLITS,
     load_datalist,
@@ -53,6 +53,7 @@ __all__ = [
     "datalist_raters",
     "FORMATS",
     "convert",
+    "read_groups",
     "SPLITS",
     "load_datalist",
     "natural_key",

@@ -13,6 +13,11 @@ Formats:
   ``task<TT>_seg<SS>.nii.gz`` per label task ``TT`` and rater ``SS``. ``src`` is the data set folder (holding
   ``Training``) or a folder of case folders (e.g. ``Validation``). Patient = the case id.
 
+A grouping (``groups=``: a JSON map ``{case id: patient}`` or a CSV column, see :func:`read_groups`) replaces the
+format's patient for every format, so that :func:`~ambisam.data.datalist.split_by_patient` keeps a group whole
+(e.g. the neighbouring slices of one LIDC nodule). Without one, a folder format splits by case and says so in one
+logged warning.
+
 Every case becomes ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>_rater<r>.nii.gz`` (``r`` from 0). 2D cases are
 one-slice volumes ``(H, W, 1)`` with rows = i and columns = j as the source stores them; a multi-channel 2D
 image (QUBIQ brain-tumor, ``(H, W, C)``) is written ``(H, W, 1, C)``, which ``LoadImaged`` with
@@ -22,11 +27,14 @@ written. The datalist gets the ``intensity`` block that fits the format (see :fu
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
 import os
 import pickle
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,9 @@ from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
-__all__ = ["convert", "FORMATS"]
+__all__ = ["convert", "read_groups", "FORMATS"]
+
+logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("lidc-folder", "lidc-pickle", "qubiq")
 """The source layouts :func:`convert` reads."""
@@ -297,6 +307,64 @@ def _intensity_of(format: str, src: Path, low: float, high: float) -> IntensityC
     return IntensityConvention("mri")
 
 
+def read_groups(path: str | os.PathLike, column: str | None = None) -> dict[str, str]:
+    """A grouping of cases into patients, from a JSON map or a CSV column.
+
+    Args:
+        path: a ``.json`` file holding ``{case id: patient}``, or a ``.csv`` file with a header row whose case ids
+            are in the column ``id`` (else ``case``, else the first column).
+        column: the CSV column holding the patient (required for a CSV; not allowed for JSON).
+
+    Returns:
+        ``{case id: patient}``, both as strings.
+
+    Raises:
+        InputError: the file is missing or unreadable, is not a JSON object of strings/numbers, or the CSV lacks
+            ``column``; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "grouping file not found")
+    if path.suffix.lower() == ".csv":
+        if not column:
+            raise InputError(path, "a CSV grouping needs the column holding the patient (groups_column=NAME)")
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise InputError(path, f"unreadable CSV ({e})") from e
+        header = list(rows[0]) if rows else []
+        if column not in header:
+            raise InputError(path, f"has no column {column!r} (columns: {', '.join(header) or 'none'})")
+        key = next((k for k in ("id", "case") if k in header), header[0])
+        return {str(row[key]).strip(): str(row[column]).strip() for row in rows}
+    if column:
+        raise InputError(path, f"groups_column={column!r} applies to a CSV grouping only")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"not readable JSON ({e})") from e
+    if not isinstance(data, dict) or not all(isinstance(v, (str, int)) for v in data.values()):
+        raise InputError(path, "expected a JSON object {case id: patient}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _apply_groups(cases: list[_Case], groups: Mapping[str, str], where: Path | None) -> None:
+    """Set each case's patient from ``groups``.
+
+    Raises:
+        InputError: the grouping names none of the cases, or misses some (naming ``where``).
+    """
+    ids = [c.id for c in cases]
+    if not set(ids) & set(groups):
+        raise InputError(where, f"the grouping names no case of the source (cases: {', '.join(ids[:5])}, ...)")
+    missing = [i for i in ids if i not in groups]
+    if missing:
+        raise InputError(where, f"the grouping has no patient for {len(missing)} case(s): {', '.join(missing[:10])}")
+    for case in cases:
+        case.patient = groups[case.id]
+
+
 _READERS: dict[str, Callable[[Path, Any], list[_Case]]] = {
     "lidc-folder": _lidc_folder_cases,
     "lidc-pickle": _lidc_pickle_cases,
@@ -313,6 +381,8 @@ def convert(
     *,
     task: int | str | None = None,
     intensity: IntensityConvention | dict | None = None,
+    groups: str | os.PathLike | Mapping[str, str] | None = None,
+    groups_column: str | None = None,
 ) -> Path:
     """Convert a public multi-rater data set to NIfTI files plus ``out/datalist.json`` and ``out/convert.json``.
 
@@ -335,6 +405,11 @@ def convert(
             ``lidc-folder`` writes ``none`` in ``[0, 255]``, ``lidc-pickle`` ``none`` in ``[0, 1]`` or ``[0, 255]``
             where the images lie in it, and ``qubiq`` ``mri``, or ``ct`` with the window ``[-160, 240]`` for its CT
             sets stored in HU (see ``docs/datalist.md``).
+        groups: which cases belong to one patient, so the split keeps them together: a ``.json`` file
+            ``{case id: patient}``, a ``.csv`` file with ``groups_column`` (see :func:`read_groups`), or such a
+            mapping. Every case must be in it. ``None``: the format's own patient (the case id for the folder
+            formats, which logs a warning that the split is by case).
+        groups_column: the CSV column holding the patient.
 
     Returns:
         The path of ``out/datalist.json``.
@@ -343,7 +418,8 @@ def convert(
         InputError: unknown format, bad split, a malformed ``intensity``, missing source, no cases found, an
             unreadable file, a rater
             count that differs between cases, or a mask whose shape differs from its image's. The message names
-            the offending file; nothing has been written.
+            the offending file; nothing has been written. Also: an unreadable grouping, or one that names none of
+            the cases or misses some (naming the grouping file).
     """
     if format not in _READERS:
         raise InputError(None, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -357,6 +433,19 @@ def convert(
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     cases = _READERS[format](src, task)
+    groups_file = None
+    if groups is not None:
+        if isinstance(groups, Mapping):
+            mapping = {str(k): str(v) for k, v in groups.items()}
+        else:
+            groups_file = Path(groups)
+            mapping = read_groups(groups_file, groups_column)
+        _apply_groups(cases, mapping, groups_file)
+    elif format != "lidc-pickle":
+        logger.warning(
+            "convert %s: no grouping given, so every case is its own patient and the split is by case; neighbouring "
+            "slices of one patient can then land in training and test, which makes every figure optimistic "
+            "(pass groups=FILE)", format)
 
     # check everything before writing anything
     ids: dict[str, Path] = {}
@@ -399,6 +488,8 @@ def convert(
             task=None if task is None else str(task),
             split=list(fractions),
             seed=int(seed),
+            groups=None if groups is None else (str(groups_file.absolute()) if groups_file else "mapping"),
+            groups_column=groups_column,
             cases=len(items),
             patients=len({it["patient"] for it in items}),
             raters=raters,

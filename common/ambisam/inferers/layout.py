@@ -9,11 +9,13 @@ any prediction: ``(B, S * (3 + N), *spatial)`` for ``S`` structures (organs; 1 f
 - ``mean``: the fraction of samples marking each voxel (the mean prediction);
 - ``uncertainty``: the binary entropy of the mean, in bits (0 where every sample agrees, 1 at a 50/50 split);
 - ``variance``: the variance over samples of each sample's probability (a second, softer map);
-- the ``N`` binary samples, in the order the method drew them.
+- the ``N`` binary samples, in the order the method drew them;
+- only with ``probabilities=True`` (the evaluation's ``keep_probabilities``): the ``N`` samples' sigmoid
+  probability maps, in the same order, so a block is ``3 + 2N`` channels (``(B, S * (3 + 2N), *spatial)``).
 
 Split (:func:`split_sampling_output`), a case has ``pred`` (the final mask, ``mean > threshold``), ``mean``,
 ``uncertainty``, ``variance`` (each ``(S, *spatial)``) and ``samples (S * N, *spatial)``: with one structure,
-exactly the single maps and the ``N`` samples.
+exactly the single maps and the ``N`` samples; with probabilities also ``probabilities (S * N, *spatial)``.
 """
 
 from __future__ import annotations
@@ -50,59 +52,79 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0, device=p.device))
 
 
-def sampling_maps(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def sampling_maps(probs: torch.Tensor, threshold: float = 0.5, probabilities: bool = False) -> torch.Tensor:
     """One structure's block of channels from its samples' probabilities.
 
     Args:
         probs: ``(..., N, *spatial)`` per-sample foreground probabilities, samples on dimension ``-3`` of a 2D
             slice batch ``(S, N, H, W)``.
         threshold: a sample's pixel is foreground above it.
+        probabilities: append ``probs`` itself (the N probability maps) after the binary samples.
 
     Returns:
-        ``(S, 3 + N, H, W)``: mean, uncertainty, variance, the N binary samples.
+        ``(S, 3 + N, H, W)``: mean, uncertainty, variance, the N binary samples; ``(S, 3 + 2N, H, W)`` with the N
+        probability maps appended when ``probabilities``.
     """
     samples = (probs > threshold).float()
     mean = samples.mean(dim=1, keepdim=True)
-    return torch.cat([mean, binary_entropy(mean), probs.var(dim=1, unbiased=False, keepdim=True), samples], 1)
+    maps = [mean, binary_entropy(mean), probs.var(dim=1, unbiased=False, keepdim=True), samples]
+    return torch.cat(maps + [probs.float()] if probabilities else maps, 1)
 
 
-def num_structures(channels: int, num_samples: int) -> int:
-    """``S`` for an output of ``channels = S * (3 + N)`` channels.
+def _block(num_samples: int, probabilities: bool) -> int:
+    """The channels of one structure: ``3 + N``, or ``3 + 2N`` with the probability maps."""
+    return 3 + int(num_samples) * (2 if probabilities else 1)
+
+
+def num_structures(channels: int, num_samples: int, probabilities: bool = False) -> int:
+    """``S`` for an output of ``channels = S * (3 + N)`` channels (``S * (3 + 2N)`` with ``probabilities``).
 
     Raises:
-        ValueError: ``channels`` is not a positive multiple of ``3 + N``.
+        ValueError: ``channels`` is not a positive multiple of the block.
     """
-    block = 3 + int(num_samples)
+    block = _block(num_samples, probabilities)
     if channels < block or channels % block:
-        raise ValueError(f"{channels} channels are not S * (3 + N) with N = {num_samples} (mean, entropy, variance, samples)")
+        what = "3 + 2N" if probabilities else "3 + N"
+        raise ValueError(
+            f"{channels} channels are not S * ({what}) with N = {num_samples} (mean, entropy, variance, samples"
+            + (", probabilities)" if probabilities else ")"))
     return channels // block
 
 
 def split_sampling_output(
-    output: torch.Tensor, threshold: float = 0.5, num_samples: int | None = None
+    output: torch.Tensor, threshold: float = 0.5, num_samples: int | None = None, probabilities: bool = False
 ) -> dict[str, torch.Tensor]:
     """Split one case's inferer output into named maps.
 
     Args:
-        output: ``(S * (3 + N), *spatial)``.
+        output: ``(S * (3 + N), *spatial)``, or ``(S * (3 + 2N), *spatial)`` with ``probabilities``.
         threshold: the final mask is ``mean > threshold``.
         num_samples: ``N``; ``None`` for one structure and any ``N``.
+        probabilities: the output holds each sample's probability map after the binary samples (the inferer's
+            ``keep_probabilities``).
 
     Returns:
-        ``pred``, ``mean``, ``uncertainty``, ``variance`` (each ``(S, *spatial)``) and ``samples (S * N, *spatial)``.
+        ``pred``, ``mean``, ``uncertainty``, ``variance`` (each ``(S, *spatial)``) and ``samples (S * N, *spatial)``;
+        with ``probabilities`` also ``probabilities (S * N, *spatial)``.
 
     Raises:
         ValueError: the channels do not fit the layout.
     """
     channels = int(output.shape[0])
-    n = channels - 3 if num_samples is None else int(num_samples)
-    s = num_structures(channels, n)
-    blocks = output.reshape(s, 3 + n, *output.shape[1:])
+    if num_samples is None:
+        n = (channels - 3) // 2 if probabilities else channels - 3
+    else:
+        n = int(num_samples)
+    s = num_structures(channels, n, probabilities)
+    blocks = output.reshape(s, _block(n, probabilities), *output.shape[1:])
     mean = blocks[:, 0]
-    return {
+    maps = {
         "pred": (mean > threshold).to(output.dtype),
         "mean": mean,
         "uncertainty": blocks[:, 1],
         "variance": blocks[:, 2],
-        "samples": blocks[:, 3:].reshape(s * n, *output.shape[1:]),
+        "samples": blocks[:, 3 : 3 + n].reshape(s * n, *output.shape[1:]),
     }
+    if probabilities:
+        maps["probabilities"] = blocks[:, 3 + n :].reshape(s * n, *output.shape[1:])
+    return maps

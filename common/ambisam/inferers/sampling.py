@@ -12,7 +12,9 @@ decodes sample i from the same draw (a latent method's per-slice prior then shap
 draws independently per slice instead. The seeds come from torch's global generator, so a run with the same
 seed gives the same samples.
 
-The output layout is :mod:`ambisam.inferers.layout`'s: ``(B, S * (3 + N), H, W, D)``.
+The output layout is :mod:`ambisam.inferers.layout`'s: ``(B, S * (3 + N), H, W, D)``, or
+``(B, S * (3 + 2N), H, W, D)`` with ``keep_probabilities`` (each sample's probability map too, for the metrics that
+need it; the evaluation turns it on, inference does not).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class SlicewiseSamplingInferer(Inferer):
         mode: the method's inference mode (``Conditions.mode``), or ``None`` for its default.
         per_slice_draws: draw a stochastic method's samples independently per slice (not one 3D hypothesis per
             sample).
+        keep_probabilities: also return each sample's sigmoid probability map (``N`` more channels per structure,
+            see :mod:`ambisam.inferers.layout`), as NCC needs; only the output of the batch being scored is held.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class SlicewiseSamplingInferer(Inferer):
         progress: bool = False,
         mode: str | None = None,
         per_slice_draws: bool = False,
+        keep_probabilities: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -67,6 +72,7 @@ class SlicewiseSamplingInferer(Inferer):
         self.progress = progress
         self.mode = mode
         self.per_slice_draws = bool(per_slice_draws)
+        self.keep_probabilities = bool(keep_probabilities)
 
     def _boxes(self, box, net, b: int, d: int, device) -> torch.Tensor | None:
         """``(B, S, D, 4)`` per-slice boxes of every structure, or ``None`` for a prompt-free call."""
@@ -103,7 +109,8 @@ class SlicewiseSamplingInferer(Inferer):
             kwargs: ignored (engines may pass extra batch keys).
 
         Returns:
-            ``(B, S * (3 + N), H, W, D)`` (``(B, S * (3 + N), H, W)`` for images); see the module docstring.
+            ``(B, S * (3 + N), H, W, D)`` (``(B, S * (3 + N), H, W)`` for images); ``3 + 2N`` channels per structure
+            with ``keep_probabilities``; see the module docstring.
 
         Raises:
             ValueError: when a box prompt is needed but missing, or its shape does not match the input.
@@ -117,7 +124,7 @@ class SlicewiseSamplingInferer(Inferer):
         boxes = self._boxes(box, net, b, d, volumes.device)
         s = 1 if boxes is None else boxes.shape[1]
         n = self.num_samples
-        block = 3 + n
+        block = 3 + n * (2 if self.keep_probabilities else 1)
         rater_ids = None
         if rater_id is not None:
             rater_ids = torch.as_tensor(rater_id, device=volumes.device).long().reshape(-1).expand(b)
@@ -149,7 +156,7 @@ class SlicewiseSamplingInferer(Inferer):
                 )
                 logits = net.sample_logits(embeddings.index_select(0, index), conditions, n)  # (R, N, s, s)
                 probs = torch.sigmoid(backbone.postprocess(logits.float(), (h, w)))  # (R, N, H, W)
-                maps = sampling_maps(probs, self.threshold)
+                maps = sampling_maps(probs, self.threshold, self.keep_probabilities)
                 for j, row in enumerate(rows):
                     i, k = chunk[row]
                     out[i, t * block : (t + 1) * block, :, :, k] = maps[j]

@@ -3,6 +3,7 @@
 - :mod:`~ambisam.metrics.functional`: one image's samples ``(N, *spatial)`` and raters ``(K, *spatial)`` -> float.
 - :mod:`~ambisam.metrics.metric`: MONAI ``CumulativeIterationMetric`` classes over batches (DDP-gathered).
 - :mod:`~ambisam.metrics.handlers`: Ignite handlers for MONAI evaluators and bundle configs.
+- :mod:`~ambisam.metrics.inputs`: which evaluation output a metric reads (probability maps, else samples).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ambisam.metrics.functional import (
     ece,
     ece_bin_statistics,
     ece_from_bin_statistics,
+    empty_fractions,
     ged,
     hm_iou,
     ncc,
@@ -28,10 +30,13 @@ from ambisam.metrics.handlers import (
     GEDHandler,
     HMIoUHandler,
     NCCHandler,
+    PresenceHandler,
     SampleDiversityHandler,
     SoftDiceHandler,
 )
+from ambisam.metrics.inputs import MetricInputs
 from ambisam.metrics.metric import (
+    CONFIDENCES,
     DiceMaxMetric,
     DiceMeanMetric,
     DistributionMetric,
@@ -39,6 +44,7 @@ from ambisam.metrics.metric import (
     GEDMetric,
     HMIoUMetric,
     NCCMetric,
+    PresenceMetric,
     SampleDiversityMetric,
     SoftDiceMetric,
 )
@@ -56,6 +62,9 @@ __all__ = [
     "ece_bin_statistics",
     "ece_from_bin_statistics",
     "ece",
+    "empty_fractions",
+    "CONFIDENCES",
+    "MetricInputs",
     "DistributionMetric",
     "GEDMetric",
     "SampleDiversityMetric",
@@ -65,6 +74,7 @@ __all__ = [
     "SoftDiceMetric",
     "NCCMetric",
     "ECEMetric",
+    "PresenceMetric",
     "GEDHandler",
     "SampleDiversityHandler",
     "HMIoUHandler",
@@ -73,4 +83,5 @@ __all__ = [
     "SoftDiceHandler",
     "NCCHandler",
     "ECEHandler",
+    "PresenceHandler",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "ece_bin_statistics",
     "ece_from_bin_statistics",
     "ece",
+    "empty_fractions",
 ]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -340,8 +341,9 @@ def ncc(
     Higher is better (1: the model's uncertainty sits exactly where it disagrees with the raters).
 
     Args:
-        sample_probs: the samples' foreground probabilities ``(N, *spatial)`` in ``[0, 1]`` (binary samples are
-            probabilities too; PHiSeg uses the softmax outputs).
+        sample_probs: the samples' foreground probabilities ``(N, *spatial)`` in ``[0, 1]``: each sample's sigmoid
+            map, as PHiSeg uses its softmax outputs (the evaluation passes the inferer's ``probabilities``; binary
+            samples are accepted but give a different, coarser value).
         raters: binary masks ``(K, *spatial)``.
         eps: added inside the logarithms (PHiSeg: 1e-8).
         return_nan_count: also return how many of the ``K`` per-rater values were NaN.
@@ -461,3 +463,24 @@ def ece(prob: ArrayLike, raters: ArrayLike, n_bins: int = 10) -> float:
             differ, or ``n_bins < 1``.
     """
     return ece_from_bin_statistics(ece_bin_statistics(prob, raters, n_bins))
+
+
+def empty_fractions(samples: ArrayLike, raters: ArrayLike) -> tuple[float, float]:
+    """Presence: the fraction of samples and the fraction of raters that mark nothing in the case.
+
+    A mask is empty when it has no foreground voxel anywhere in the case (the whole image or volume). Where raters
+    disagree on whether a lesion is there at all, a model whose samples capture that should leave about as many
+    samples empty as raters; ``|samples_empty - raters_empty|`` is the case's presence gap.
+
+    Args:
+        samples: binary masks ``(N, *spatial)``.
+        raters: binary masks ``(K, *spatial)``.
+
+    Returns:
+        ``(samples_empty, raters_empty)``, each a float in ``[0, 1]``.
+
+    Raises:
+        ValueError: when the inputs are not binary mask stacks or their spatial shapes differ.
+    """
+    s, r = _samples_raters(samples, raters)
+    return float(np.mean(~s.reshape(s.shape[0], -1).any(1))), float(np.mean(~r.reshape(r.shape[0], -1).any(1)))

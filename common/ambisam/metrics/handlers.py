@@ -18,8 +18,10 @@ With ``save_details`` (default) the per-image values go to ``engine.state.metric
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import torch
+from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler
 from monai.utils import MetricReduction
 
@@ -30,6 +32,7 @@ from ambisam.metrics.metric import (
     GEDMetric,
     HMIoUMetric,
     NCCMetric,
+    PresenceMetric,
     SampleDiversityMetric,
     SoftDiceMetric,
 )
@@ -43,7 +46,21 @@ __all__ = [
     "SoftDiceHandler",
     "NCCHandler",
     "ECEHandler",
+    "PresenceHandler",
 ]
+
+
+def _record_details(handler: IgniteMetricHandler, engine: Engine, name: str, extra: Mapping[str, torch.Tensor]) -> None:
+    """Put a multi-column metric's per-image values (its ``_per_image``) under ``name`` in
+    ``engine.state.metric_details`` and each ``extra`` per-image column beside it (``name`` plus the key's
+    suffix); the mean of each extra column goes into ``engine.state.metrics`` under the same name."""
+    metric = handler.metric_fn
+    if handler.save_details:
+        engine.state.metric_details[name] = metric._per_image(metric.get_buffer())
+    for key, values in extra.items():
+        if handler.save_details:
+            engine.state.metric_details[key] = values.reshape(-1, 1)
+        engine.state.metrics[key] = float(values.double().mean().item())
 
 
 class GEDHandler(IgniteMetricHandler):
@@ -152,6 +169,9 @@ class SoftDiceHandler(IgniteMetricHandler):
         reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
         output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
         save_details: whether to store the per-image values in ``engine.state.metric_details``.
+        confidence: what ``output_transform`` gives: ``"samples"`` (binary samples; confidence = fraction of
+            samples) or ``"probability"`` (the samples' probability maps, e.g. through
+            :class:`~ambisam.metrics.MetricInputs`; confidence = mean sigmoid probability).
     """
 
     def __init__(
@@ -160,13 +180,19 @@ class SoftDiceHandler(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        confidence: str = "samples",
     ) -> None:
-        metric = SoftDiceMetric(thresholds, reduction)
+        metric = SoftDiceMetric(thresholds, reduction, confidence=confidence)
         super().__init__(metric, output_transform=output_transform, save_details=save_details)
 
 
 class NCCHandler(IgniteMetricHandler):
     """Mean PHiSeg S_NCC over the images where it is defined (:class:`~ambisam.metrics.metric.NCCMetric`).
+
+    Give it the samples' probability maps (``output_transform=ambisam.metrics.MetricInputs()``), as PHiSeg
+    defines it. Besides ``engine.state.metrics[name]`` it puts the number of undefined per-rater values (summed
+    over images) in ``engine.state.metrics[name + "_undefined_raters"]`` (as a count, not a mean), and with
+    ``save_details`` the per-image counts in ``engine.state.metric_details`` under the same name.
 
     Args:
         eps: added inside the logarithms (PHiSeg: 1e-8).
@@ -184,6 +210,12 @@ class NCCHandler(IgniteMetricHandler):
     ) -> None:
         super().__init__(NCCMetric(eps, reduction), output_transform=output_transform, save_details=save_details)
 
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        key = f"{name}_undefined_raters"
+        _record_details(self, engine, name, {key: self.metric_fn.undefined_raters(per_image=True)})
+        engine.state.metrics[key] = self.metric_fn.undefined_raters()
+
 
 class ECEHandler(IgniteMetricHandler):
     """Expected calibration error of the samples' mean (:class:`~ambisam.metrics.metric.ECEMetric`).
@@ -195,6 +227,8 @@ class ECEHandler(IgniteMetricHandler):
         reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
         output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
         save_details: whether to store the per-image values in ``engine.state.metric_details``.
+        confidence: what ``output_transform`` gives: ``"samples"`` (binary samples; confidence = fraction of
+            samples) or ``"probability"`` (the samples' probability maps; confidence = mean sigmoid probability).
     """
 
     def __init__(
@@ -204,6 +238,35 @@ class ECEHandler(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        confidence: str = "samples",
     ) -> None:
-        metric = ECEMetric(n_bins, pooled, reduction)
+        metric = ECEMetric(n_bins, pooled, reduction, confidence=confidence)
         super().__init__(metric, output_transform=output_transform, save_details=save_details)
+
+
+class PresenceHandler(IgniteMetricHandler):
+    """The presence gap: the mean over images of ``|fraction of empty samples - fraction of empty raters|``
+    (:class:`~ambisam.metrics.metric.PresenceMetric`).
+
+    Besides ``engine.state.metrics[name]`` (the gap) it puts the means of the two fractions in
+    ``engine.state.metrics["samples_empty"]`` and ``["raters_empty"]``, and with ``save_details`` the per-image
+    values of all three in ``engine.state.metric_details`` under the same names.
+
+    Args:
+        reduction: the MONAI reduction over images (default ``"mean"``).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)`` (the binary samples and the raters).
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(PresenceMetric(reduction), output_transform=output_transform, save_details=save_details)
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        fractions = self.metric_fn.empty_fractions()
+        _record_details(self, engine, name, {"samples_empty": fractions[:, 0], "raters_empty": fractions[:, 1]})

@@ -3,9 +3,11 @@
 Input convention for every metric, per call (batch-first tensors or lists of channel-first tensors):
 
 - ``y_pred``: ``(B, N, *spatial)`` the ``N`` binary samples of each image. The probability-based metrics
-  (:class:`SoftDiceMetric`, :class:`ECEMetric`) use the mean over ``N`` as the foreground probability, so a
-  probability map given as ``(B, 1, *spatial)`` is used as it is; :class:`NCCMetric` takes per-sample
-  probabilities (binary samples are probabilities too).
+  (:class:`SoftDiceMetric`, :class:`ECEMetric`) use the mean over ``N`` as the confidence, so a probability map
+  given as ``(B, 1, *spatial)`` is used as it is; their ``confidence`` names what ``y_pred`` holds: ``"samples"``
+  (the binary samples: the confidence is the fraction of samples marking a voxel) or ``"probability"`` (the
+  samples' sigmoid maps: the mean sigmoid probability). :class:`NCCMetric` takes per-sample probability maps (the
+  inferer's ``probabilities``; binary samples are accepted).
 - ``y``: ``(B, K, *spatial)`` the ``K`` rater masks of each image.
 
 Each call computes one value per image into the buffer (gathered across ranks by MONAI's ``Cumulative``);
@@ -30,6 +32,7 @@ from ambisam.metrics.functional import (
     dice_mean,
     ece_bin_statistics,
     ece_from_bin_statistics,
+    empty_fractions,
     ged,
     hm_iou,
     ncc,
@@ -47,7 +50,18 @@ __all__ = [
     "SoftDiceMetric",
     "NCCMetric",
     "ECEMetric",
+    "PresenceMetric",
+    "CONFIDENCES",
 ]
+
+#: what a probability-based metric's ``y_pred`` holds (its ``confidence``)
+CONFIDENCES = ("samples", "probability")
+
+
+def _check_confidence(confidence: str) -> str:
+    if confidence not in CONFIDENCES:
+        raise ValueError(f'confidence must be "samples" or "probability", got {confidence!r}.')
+    return confidence
 
 
 class DistributionMetric(CumulativeIterationMetric):
@@ -100,6 +114,17 @@ class DistributionMetric(CumulativeIterationMetric):
             values.append(np.atleast_1d(np.asarray(self.metric_fn(pred_i, y_i), dtype=np.float64)).ravel())
         return torch.as_tensor(np.stack(values), dtype=torch.float64, device=y_pred.device)
 
+    def _filled_buffer(self) -> torch.Tensor:
+        """The buffer of every image seen so far (all ranks).
+
+        Raises:
+            ValueError: when nothing has been accumulated.
+        """
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"{type(self).__name__}: nothing to aggregate, call the metric on some data first.")
+        return data
+
     def _per_image(self, buffer: torch.Tensor) -> torch.Tensor:
         """The per-image values ``(images, C)`` from the buffer (identity here; pooling subclasses override it)."""
         return buffer
@@ -118,9 +143,7 @@ class DistributionMetric(CumulativeIterationMetric):
         Raises:
             ValueError: when nothing has been accumulated.
         """
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{type(self).__name__}: nothing to aggregate, call the metric on some data first.")
+        data = self._filled_buffer()
         f, not_nans = do_metric_reduction(self._per_image(data).clone(), reduction or self.reduction)
         if not_nans.numel() == 1 and not_nans.item() == 0:  # every value undefined (e.g. NCC of identical samples)
             f = torch.full_like(f, float("nan"))
@@ -220,6 +243,8 @@ class SoftDiceMetric(DistributionMetric):
         thresholds: the thresholds (QUBIQ: 0.1, 0.3, 0.5, 0.7, 0.9).
         reduction: see :class:`DistributionMetric`.
         get_not_nans: see :class:`DistributionMetric`.
+        confidence: what ``y_pred`` holds: ``"samples"`` (binary samples; confidence = fraction of samples) or
+            ``"probability"`` (the samples' probability maps; confidence = mean sigmoid probability).
     """
 
     def __init__(
@@ -227,15 +252,24 @@ class SoftDiceMetric(DistributionMetric):
         thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
+        confidence: str = "samples",
     ) -> None:
         super().__init__(partial(soft_dice, thresholds=tuple(thresholds)), reduction, get_not_nans, True)
+        self.confidence = _check_confidence(confidence)
+
+
+def _ncc_and_undefined(sample_probs: Any, raters: Any, eps: float) -> list[float]:
+    """``[S_NCC, number of raters whose NCC_j is NaN]`` of one image."""
+    value, undefined = ncc(sample_probs, raters, eps=eps, return_nan_count=True)
+    return [value, float(undefined)]
 
 
 class NCCMetric(DistributionMetric):
     """PHiSeg's S_NCC per image (:func:`~ambisam.metrics.functional.ncc`) of per-sample probabilities ``y_pred``.
 
     An image where every per-rater NCC is NaN (constant maps) gives NaN, which the reduction leaves out; use
-    ``get_not_nans=True`` to get the count of images that did count.
+    ``get_not_nans=True`` to get the count of images that did count. The buffer holds two values per image, the
+    S_NCC and how many of its raters' NCC_j were undefined; :meth:`undefined_raters` sums the latter.
 
     Args:
         eps: added inside the logarithms (PHiSeg: 1e-8).
@@ -249,7 +283,22 @@ class NCCMetric(DistributionMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__(partial(ncc, eps=eps), reduction, get_not_nans)
+        super().__init__(partial(_ncc_and_undefined, eps=eps), reduction, get_not_nans)
+
+    def _per_image(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[:, :1]
+
+    def undefined_raters(self, per_image: bool = False) -> torch.Tensor | int:
+        """How many (image, rater) NCC_j values were NaN (constant maps), over every image seen.
+
+        Args:
+            per_image: return the ``(images,)`` counts instead of their sum.
+
+        Raises:
+            ValueError: when nothing has been accumulated.
+        """
+        data = self._filled_buffer()
+        return data[:, 1] if per_image else int(data[:, 1].sum().item())
 
 
 class ECEMetric(DistributionMetric):
@@ -264,6 +313,8 @@ class ECEMetric(DistributionMetric):
             ``False``: one ECE per image, reduced like the other metrics (as MONAI's ``CalibrationErrorMetric``).
         reduction: see :class:`DistributionMetric` (per-image mode only).
         get_not_nans: see :class:`DistributionMetric`.
+        confidence: what ``y_pred`` holds: ``"samples"`` (binary samples; confidence = fraction of samples) or
+            ``"probability"`` (the samples' probability maps; confidence = mean sigmoid probability).
     """
 
     def __init__(
@@ -272,8 +323,10 @@ class ECEMetric(DistributionMetric):
         pooled: bool = True,
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
+        confidence: str = "samples",
     ) -> None:
         super().__init__(partial(ece_bin_statistics, n_bins=n_bins), reduction, get_not_nans, True)
+        self.confidence = _check_confidence(confidence)
         self.n_bins = n_bins
         self.pooled = pooled
 
@@ -286,9 +339,36 @@ class ECEMetric(DistributionMetric):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.pooled:
             return super().aggregate(reduction)
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{type(self).__name__}: nothing to aggregate, call the metric on some data first.")
+        data = self._filled_buffer()
         stats = data.reshape(-1, 3, self.n_bins)
         f = torch.tensor(ece_from_bin_statistics(stats.cpu().numpy()), dtype=torch.float64, device=data.device)
         return (f, torch.tensor(float(stats.shape[0]), device=data.device)) if self.get_not_nans else f
+
+
+class PresenceMetric(DistributionMetric):
+    """Presence per image: the fraction of empty samples against the fraction of empty raters
+    (:func:`~ambisam.metrics.functional.empty_fractions`); the per-image value is their absolute difference, so the
+    reduced value (mean) is the test set's ``presence_gap`` (0: the samples leave a case empty as often as its
+    raters do).
+
+    The buffer holds ``[samples_empty, raters_empty]`` per image; :meth:`empty_fractions` returns it.
+
+    Args:
+        reduction: see :class:`DistributionMetric`.
+        get_not_nans: see :class:`DistributionMetric`.
+    """
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__(empty_fractions, reduction, get_not_nans)
+
+    def _per_image(self, buffer: torch.Tensor) -> torch.Tensor:
+        return (buffer[:, :1] - buffer[:, 1:2]).abs()
+
+    def empty_fractions(self) -> torch.Tensor:
+        """``(images, 2)``: per image the fraction of empty samples and the fraction of empty raters.
+
+        Raises:
+            ValueError: when nothing has been accumulated.
+        """
+        data = self._filled_buffer()
+        return data[:, :2]

@@ -31,13 +31,15 @@ class SplitSamplingOutputd(MapTransform):
         uncertainty_key: output key of the entropy of the mean ``(S, H, W, D)``.
         variance_key: output key of the variance ``(S, H, W, D)``.
         samples_key: output key of the samples ``(S * N, H, W, D)``.
+        probabilities: the output also holds each sample's probability map (the inferer's ``keep_probabilities``).
+        probabilities_key: output key of those maps ``(S * N, H, W, D)`` (only with ``probabilities``).
 
     Returns:
         (from ``__call__``) the dict with ``pred`` ``(S, H, W, D)`` (0/1, the mean's dtype), ``mean``,
-        ``uncertainty``, ``variance`` and ``samples``.
+        ``uncertainty``, ``variance`` and ``samples``, and ``probabilities`` with ``probabilities=True``.
 
     Raises:
-        ValueError: when the channels are not ``S * (3 + num_samples)``.
+        ValueError: when the channels are not ``S * (3 + num_samples)`` (``S * (3 + 2 num_samples)``).
     """
 
     def __init__(
@@ -49,6 +51,8 @@ class SplitSamplingOutputd(MapTransform):
         uncertainty_key: str = "uncertainty",
         variance_key: str = "variance",
         samples_key: str = "samples",
+        probabilities: bool = False,
+        probabilities_key: str = "probabilities",
     ) -> None:
         super().__init__(key)
         self.key = key
@@ -58,6 +62,8 @@ class SplitSamplingOutputd(MapTransform):
         self.uncertainty_key = uncertainty_key
         self.variance_key = variance_key
         self.samples_key = samples_key
+        self.probabilities = bool(probabilities)
+        self.probabilities_key = probabilities_key
 
     @staticmethod
     def _like(x: Any, values: torch.Tensor) -> Any:
@@ -73,11 +79,11 @@ class SplitSamplingOutputd(MapTransform):
         out = d[self.key]
         values = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
         try:
-            maps = split_sampling_output(values, self.threshold, self.num_samples)
+            maps = split_sampling_output(values, self.threshold, self.num_samples, self.probabilities)
         except ValueError as e:
             raise ValueError(f"'{self.key}': {e}") from None
         keys = {"pred": self.key, "mean": self.mean_key, "uncertainty": self.uncertainty_key,
-                "variance": self.variance_key, "samples": self.samples_key}
+                "variance": self.variance_key, "samples": self.samples_key, "probabilities": self.probabilities_key}
         for name, value in maps.items():
             d[keys[name]] = self._like(out, value)
         return d
