@@ -356,9 +356,12 @@ def test_training_from_monailabel_serves_new_weights(server, bundle, studies):
         pytest.skip(f"{bundle}: its image encoder is trained too; MONAI Label training is offered for frozen encoders")
     served = server.app_dir / "model" / bundle / "models" / "model.pt"
     before = served.stat().st_mtime
+    log_start = len(server.log.read_text())
     server.json("POST", f"/train/{bundle}?run_sync=true",
                 json_body={"max_epochs": 1, "num_samples": 2, "device": "cpu", "val_split": 0.0})
     assert served.stat().st_mtime > before, server.log.read_text()[-5000:]
+    training_log = server.log.read_text()[log_start:]
+    assert f"Restored all variables from {served}" in training_log  # the run fine-tuned the served weights
     trained = torch.load(served, weights_only=True)
     initial = torch.load(studies / "weights" / bundle / "model.pt", weights_only=True)
     assert trained.keys() == initial.keys()

@@ -7,7 +7,8 @@ What differs from training from the command line, and why:
   ``num_raters`` becomes 1 (at least one rater mask) unless the request sets it.
 - Each request is a new run in ``<working copy>/runs/monailabel/<time>/`` (fine-tuning from the served
   ``models/model.pt``, which MONAI Label loads when ``pretrained`` is on) rather than resuming the bundle's own
-  checkpoints; when it completes, its best ``model.pt`` replaces the served one, and the infer task reloads it.
+  checkpoints (the served weights reach the first stage as its ``init_weights``); when it completes, its best
+  ``model.pt`` replaces the served one, and the infer task reloads it.
 - Validation runs every ``val_interval`` epochs (default 1) so that a short run still writes ``model.pt``; with
   too few labelled images for a validation split, the training images are validated on.
 - A method with several training stages (``ambisam.registry``: ``stages``) runs them in order in one request, each
@@ -49,6 +50,7 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
         super().__init__(path, dict(conf), **kwargs)
         self._request: dict = {}
         self._run_dir: Path | None = None
+        self._pretrained: str | None = None
 
     def _bundle_value(self, key: str, default: Any) -> Any:
         value = self.bundle_config.get(key)
@@ -68,9 +70,10 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
         return options
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        # MONAI Label 0.8.5 calls os.path.exists(None) when pretrained is off (a TypeError)
-        if pretrained and model_pytorch and os.path.exists(model_pytorch):
-            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        """Fine-tune from the served weights through the bundle's own ``init_weights`` (the shared base's
+        ``CheckpointLoader``): MONAI Label would add its loader only to a bundle without one, and the base has one
+        (and MONAI Label 0.8.5 calls ``os.path.exists(None)`` when pretrained is off, a TypeError)."""
+        self._pretrained = model_pytorch if pretrained and model_pytorch and os.path.exists(model_pytorch) else None
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         train_ds, val_ds = super()._partition_datalist(datalist, request, shuffle)
@@ -118,7 +121,7 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
         init = None
         for i, stage in enumerate(self.stages):
             files = self._stage_files(stage)
-            stage_overrides = dict(overrides, **({"init_weights": init} if i else {}))
+            stage_overrides = dict(overrides, init_weights=init if i else self._pretrained)
             logger.info(f"training stage {i + 1}/{len(self.stages)}: {' + '.join(stage)}")
             monai.bundle.run(run_id=run_id, init_id=None, final_id=None, meta_file=self.bundle_metadata_path,
                              config_file=files, **stage_overrides)
