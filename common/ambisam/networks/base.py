@@ -95,12 +95,6 @@ class Conditions:
         """``value`` itself, or conditions holding just the boxes ``value``."""
         return value if isinstance(value, Conditions) else cls(boxes=value)
 
-    def select(self, index: torch.Tensor | slice | list) -> Conditions:
-        """The conditions of a subset of the batch (every per-image field indexed the same way)."""
-        take = lambda x: None if x is None else x[index]  # noqa: E731
-        return dataclasses.replace(self, boxes=take(self.boxes), images=take(self.images),
-                                   rater_ids=take(self.rater_ids), noise_seeds=take(self.noise_seeds))
-
     def standard_normal(self, batch: int, num_samples: int, *shape: int, device=None, dtype=None) -> torch.Tensor:
         """Standard normal draws ``(B, N, *shape)``, per :attr:`noise_seeds` when given.
 
