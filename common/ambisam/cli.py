@@ -17,6 +17,8 @@ import sys
 
 import fire
 
+from ambisam.registry import DEFAULT_METHODS
+
 __all__ = ["main", "Commands"]
 
 
@@ -181,7 +183,7 @@ class Commands:
     def benchmark(
         self,
         data: str = "data/synthetic",
-        methods: str = "psam,baseline,multimask,jitter,mc_dropout,prob_unet",
+        methods: str = DEFAULT_METHODS,
         samples: int = 16,
         out: str = "runs/benchmark",
         budget: float | None = 3.0,

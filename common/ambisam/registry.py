@@ -19,10 +19,12 @@ from typing import Any
 
 from ambisam.errors import InputError
 
-__all__ = ["MethodSpec", "method_registry", "get_method", "HARNESS_BUNDLE", "register_method"]
+__all__ = ["MethodSpec", "method_registry", "get_method", "HARNESS_BUNDLE", "DEFAULT_METHODS", "register_method"]
 
 #: the bundle whose configs train and evaluate the methods without a bundle of their own
 HARNESS_BUNDLE = "psam"
+#: the methods the benchmark (``run_benchmark``, ``ambisam benchmark``) compares when none are named
+DEFAULT_METHODS = "psam,baseline,multimask,jitter,mc_dropout,prob_unet"
 
 
 @dataclass(frozen=True)

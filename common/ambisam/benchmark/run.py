@@ -58,7 +58,7 @@ from monai.utils import optional_import
 from ambisam.benchmark.jobs import METRIC_KEYS, method_availability, method_kind, run_job
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
-from ambisam.registry import get_method, method_registry
+from ambisam.registry import DEFAULT_METHODS, get_method, method_registry
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -224,7 +224,7 @@ def intensity_convention(
 
 def run_benchmark(
     data: str | os.PathLike = "data/synthetic",
-    methods: str | Sequence[str] = "psam,baseline,multimask,jitter,mc_dropout,prob_unet",
+    methods: str | Sequence[str] = DEFAULT_METHODS,
     samples: int = 16,
     out: str | os.PathLike = "runs/benchmark",
     budget: float | None = 3.0,
