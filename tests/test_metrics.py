@@ -160,6 +160,16 @@ def test_hm_iou_empty_masks_match_with_iou_one():
     assert hm_iou(masks(E, E), masks(E, A)) == pytest.approx(0.5)
 
 
+def test_hm_iou_untiled_is_p2sams_lenient_convention():
+    # the case above: 3 samples {A, B, C}, 2 raters {A, C}. Untiled, the 3 x 2 cost matches 2 pairs: A-A, C-C -> 1,
+    # although sample B matches nobody (tiled: 0.75).
+    assert hm_iou(masks(A, B, C), masks(A, C), tiling=False) == pytest.approx(1.0)
+    # 4 samples {A, B, B, B} for raters {A, B}: untiled only A-A and one B-B count -> 1; tiled every sample -> 1 too
+    assert hm_iou(masks(A, B, B, B), masks(A, B), tiling=False) == pytest.approx(1.0)
+    # a bad sample set still scores below 1 untiled: {C, C} for {A, B}
+    assert hm_iou(masks(C, C), masks(A, B), tiling=False) == pytest.approx(0.0)
+
+
 # --------------------------------------------------------------------------------------------------- D_max/mean
 
 
@@ -171,6 +181,9 @@ def test_dice_max_per_rater_and_per_sample_differ():
     assert dice_max(s, r) == pytest.approx(0.5)
     assert dice_max(s, r, per="rater") == pytest.approx(0.5)
     assert dice_max(s, r, per="sample") == pytest.approx(5 / 6)
+    # P2SAM's eq. 12: one maximum over the 4 pairs -> Dice(A, A) = 1, although rater C is matched by no sample
+    assert dice_max(s, r, per="pair") == pytest.approx(1.0)
+    assert dice_max(masks(B, C), masks(A, E), per="pair") == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="per"):
         dice_max(s, r, per="pixel")
 
@@ -320,6 +333,8 @@ PER_IMAGE = [
     (HMIoUMetric(), hm_iou),
     (DiceMaxMetric(), dice_max),
     (DiceMaxMetric(per="sample"), lambda s, r: dice_max(s, r, per="sample")),
+    (DiceMaxMetric(per="pair"), lambda s, r: dice_max(s, r, per="pair")),
+    (HMIoUMetric(tiling=False), lambda s, r: hm_iou(s, r, tiling=False)),
     (DiceMeanMetric(), dice_mean),
     (SoftDiceMetric(), lambda s, r: soft_dice(s.double().mean(0), r)),
     (NCCMetric(), ncc),

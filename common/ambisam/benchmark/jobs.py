@@ -40,9 +40,11 @@ logger = logging.getLogger(__name__)
 #: take the fraction of binary samples as the confidence, ``soft_dice_prob`` and ``ece_prob`` the mean sigmoid
 #: probability; ``ncc`` is computed on the samples' probability maps and ``ncc_undefined_raters`` counts the
 #: (case, rater) pairs where it was undefined; ``presence_gap`` is the mean over test cases of
-#: ``|samples_empty - raters_empty|``, the fractions of empty samples and of empty raters (means over cases).
+#: ``|samples_empty - raters_empty|``, the fractions of empty samples and of empty raters (means over cases);
+#: ``hm_iou_untiled`` and ``dice_max_pairs`` are P2SAM's evaluation conventions (more lenient; not in the table).
 METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece", "presence_gap",
-               "soft_dice_prob", "ece_prob", "ncc_undefined_raters", "samples_empty", "raters_empty")
+               "soft_dice_prob", "ece_prob", "ncc_undefined_raters", "samples_empty", "raters_empty", "hm_iou_untiled",
+               "dice_max_pairs")
 
 #: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
 def method_implemented(spec: MethodSpec) -> bool:

@@ -106,7 +106,8 @@ class MetricsReportWriter:
         self,
         save_dir: str | os.PathLike,
         num_samples: int,
-        sample_dependent: tuple[str, ...] = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean"),
+        sample_dependent: tuple[str, ...] = (
+            "ged", "diversity", "hm_iou", "dice_max", "dice_mean", "hm_iou_untiled", "dice_max_pairs"),
         case_ids: Callable[[list], list] | None = None,
         extra: Mapping | None = None,
     ) -> None:

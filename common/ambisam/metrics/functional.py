@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "ArrayLike",
+    "DICE_MAX_CONVENTIONS",
     "pairwise_iou",
     "pairwise_dice",
     "ged",
@@ -47,6 +48,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 # Overlaps are counted with float32 matrix products over chunks of at most 2**20 pixels: every partial sum is an
 # integer below 2**24, so float32 counts them exactly; the chunks are summed in float64.
 _CHUNK = 1 << 20
+#: the ``per`` values of :func:`dice_max`: over raters (ours), over samples, one maximum over all pairs (P2SAM)
+DICE_MAX_CONVENTIONS = ("rater", "sample", "pair")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -208,16 +211,19 @@ def sample_diversity(samples: ArrayLike, both_empty: float = 0.0) -> float:
     return float((1.0 - _iou(s, s, 1.0 - both_empty)).mean())
 
 
-def hm_iou(samples: ArrayLike, raters: ArrayLike) -> float:
+def hm_iou(samples: ArrayLike, raters: ArrayLike, tiling: bool = True) -> float:
     """Hungarian-matched IoU between the samples and the raters.
 
-    Both sides are repeated to ``L = lcm(N, K)`` masks (so when ``N`` is a multiple of ``K`` only the raters are
-    tiled, ``N / K`` times), the ``L x L`` cost ``1 - IoU`` is matched one-to-one with
-    ``scipy.optimize.linear_sum_assignment``, and the matched IoUs are averaged. Two empty masks have IoU 1.
+    With ``tiling`` (ours, default) both sides are repeated to ``L = lcm(N, K)`` masks (so when ``N`` is a multiple
+    of ``K`` only the raters are tiled, ``N / K`` times), the ``L x L`` cost ``1 - IoU`` is matched one-to-one with
+    ``scipy.optimize.linear_sum_assignment``, and the matched IoUs are averaged: every sample counts. Without
+    (``tiling=False``, P2SAM's evaluation code) the ``N x K`` cost is matched as it is, so only ``min(N, K)`` pairs
+    (the best samples) count: a more lenient figure. Two empty masks have IoU 1.
 
     Args:
         samples: binary masks ``(N, *spatial)``.
         raters: binary masks ``(K, *spatial)``.
+        tiling: repeat both sides to ``lcm(N, K)`` before matching.
 
     Returns:
         the mean matched IoU as a float in ``[0, 1]``.
@@ -226,34 +232,39 @@ def hm_iou(samples: ArrayLike, raters: ArrayLike) -> float:
         ValueError: when the inputs are not binary mask stacks or their spatial shapes differ.
     """
     s, r = _samples_raters(samples, raters)
-    n, k = s.shape[0], r.shape[0]
-    size = math.lcm(n, k)
-    iou = np.tile(_iou(s, r, 1.0), (size // n, size // k))
+    iou = _iou(s, r, 1.0)
+    if tiling:
+        n, k = s.shape[0], r.shape[0]
+        size = math.lcm(n, k)
+        iou = np.tile(iou, (size // n, size // k))
     rows, cols = linear_sum_assignment(1.0 - iou)
     return float(iou[rows, cols].mean())
 
 
-def dice_max(samples: ArrayLike, raters: ArrayLike, per: Literal["rater", "sample"] = "rater") -> float:
+def dice_max(samples: ArrayLike, raters: ArrayLike, per: Literal["rater", "sample", "pair"] = "rater") -> float:
     """Best-match Dice ``D_max``.
 
     Args:
         samples: binary masks ``(N, *spatial)``.
         raters: binary masks ``(K, *spatial)``.
         per: ``"rater"`` (CIMD, default): the mean over raters of the best Dice among the samples;
-            ``"sample"`` (SeqSAM, D-Persona): the mean over samples of the best Dice among the raters.
-            Two empty masks have Dice 1.
+            ``"sample"`` (SeqSAM, D-Persona): the mean over samples of the best Dice among the raters;
+            ``"pair"`` (P2SAM's eq. 12 and evaluation code): one maximum over all ``N x K`` pairs, the most
+            lenient. Two empty masks have Dice 1.
 
     Returns:
         ``D_max`` as a float.
 
     Raises:
-        ValueError: when the inputs are not binary mask stacks, their spatial shapes differ, or ``per`` is
-            neither ``"rater"`` nor ``"sample"``.
+        ValueError: when the inputs are not binary mask stacks, their spatial shapes differ, or ``per`` is not
+            one of ``"rater"``, ``"sample"``, ``"pair"``.
     """
-    if per not in ("rater", "sample"):
-        raise ValueError(f'per must be "rater" or "sample", got {per!r}.')
+    if per not in DICE_MAX_CONVENTIONS:
+        raise ValueError(f"per must be one of {', '.join(map(repr, DICE_MAX_CONVENTIONS))}, got {per!r}.")
     s, r = _samples_raters(samples, raters)
     dice = _dice(s, r, 1.0)  # (N, K)
+    if per == "pair":
+        return float(dice.max())
     best = dice.max(axis=0) if per == "rater" else dice.max(axis=1)
     return float(best.mean())
 

@@ -109,6 +109,8 @@ class HMIoUHandler(IgniteMetricHandler):
     """Mean Hungarian-matched IoU (:class:`~ambisam.metrics.metric.HMIoUMetric`).
 
     Args:
+        tiling: ours (``True``, default) or P2SAM's evaluation (``False``, see
+            :func:`~ambisam.metrics.functional.hm_iou`).
         reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
         output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
         save_details: whether to store the per-image values in ``engine.state.metric_details``.
@@ -116,18 +118,19 @@ class HMIoUHandler(IgniteMetricHandler):
 
     def __init__(
         self,
+        tiling: bool = True,
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
     ) -> None:
-        super().__init__(HMIoUMetric(reduction), output_transform=output_transform, save_details=save_details)
+        super().__init__(HMIoUMetric(tiling, reduction), output_transform=output_transform, save_details=save_details)
 
 
 class DiceMaxHandler(IgniteMetricHandler):
     """Mean ``D_max`` (:class:`~ambisam.metrics.metric.DiceMaxMetric`).
 
     Args:
-        per: ``"rater"`` (CIMD, default) or ``"sample"`` (SeqSAM, D-Persona).
+        per: ``"rater"`` (CIMD, default), ``"sample"`` (SeqSAM, D-Persona) or ``"pair"`` (P2SAM).
         reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
         output_transform: turns ``engine.state.output`` into ``(y_pred, y)``.
         save_details: whether to store the per-image values in ``engine.state.metric_details``.

@@ -28,6 +28,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 from ambisam.metrics.functional import (
+    DICE_MAX_CONVENTIONS,
     dice_max,
     dice_mean,
     ece_bin_statistics,
@@ -196,21 +197,29 @@ class HMIoUMetric(DistributionMetric):
     """Hungarian-matched IoU per image (:func:`~ambisam.metrics.functional.hm_iou`).
 
     Args:
+        tiling: repeat samples and raters to ``lcm(N, K)`` before matching (ours, default); ``False`` is P2SAM's
+            evaluation (only ``min(N, K)`` matched pairs count).
         reduction: see :class:`DistributionMetric`.
         get_not_nans: see :class:`DistributionMetric`.
     """
 
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
-        super().__init__(hm_iou, reduction, get_not_nans)
+    def __init__(
+        self, tiling: bool = True, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+    ) -> None:
+        super().__init__(partial(hm_iou, tiling=bool(tiling)), reduction, get_not_nans)
 
 
 class DiceMaxMetric(DistributionMetric):
     """``D_max`` per image (:func:`~ambisam.metrics.functional.dice_max`).
 
     Args:
-        per: ``"rater"`` (CIMD, default) or ``"sample"`` (SeqSAM, D-Persona).
+        per: ``"rater"`` (CIMD, default), ``"sample"`` (SeqSAM, D-Persona) or ``"pair"`` (P2SAM: one maximum over
+            all pairs).
         reduction: see :class:`DistributionMetric`.
         get_not_nans: see :class:`DistributionMetric`.
+
+    Raises:
+        ValueError: an unknown ``per``.
     """
 
     def __init__(
@@ -219,8 +228,8 @@ class DiceMaxMetric(DistributionMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        if per not in ("rater", "sample"):
-            raise ValueError(f'per must be "rater" or "sample", got {per!r}.')
+        if per not in DICE_MAX_CONVENTIONS:
+            raise ValueError(f"per must be one of {', '.join(map(repr, DICE_MAX_CONVENTIONS))}, got {per!r}.")
         super().__init__(partial(dice_max, per=per), reduction, get_not_nans)
 
 
