@@ -123,3 +123,53 @@ def test_prompt_errors(litemedsam):
         inferer(vol, BoxPromptedSam(litemedsam), box=box[:, :3])
     with pytest.raises(ValueError, match="num_samples"):
         SlicewiseSamplingInferer(num_samples=0)
+
+
+class ThresholdNetwork(MaskSamplingNetwork):
+    """A prompt-free stand-in that reads the image: foreground where the image it is given is bright."""
+
+    capabilities = MaskSamplingNetwork.capabilities._replace(needs_prompt=False, conditions=("image",), stochastic=False)
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.seen = []
+
+    def draw_samples(self, embeddings, conditions, num_samples):
+        self.seen.append(conditions.images.clone())
+        low = torch.nn.functional.interpolate(conditions.images[:, :1].float(), size=self.backbone.mask_size)
+        return (20 * (low - 0.5)).expand(-1, num_samples, -1, -1)
+
+
+def test_region_of_interest_window_is_sampled_and_put_back(litemedsam):
+    vol = torch.zeros(1, 1, 80, 80, 3)
+    vol[0, 0, 10:20, 60:70, 1] = 1.0  # the lesion: rows 10-19, columns 60-69 (near the top-right border)
+    vol[0, 0, 60:75, 5:20, 1] = 1.0  # something bright far from it
+    vol[0, 0, 60:75, 5:20, 2] = 1.0
+    box = -torch.ones(1, 3, 4)
+    box[0, 1] = torch.tensor([60.0, 10.0, 69.0, 19.0])  # [x_min, y_min, x_max, y_max]
+    net = ThresholdNetwork(litemedsam)
+    out = SlicewiseSamplingInferer(num_samples=2, roi_size=32)(vol, net, box=box)
+    assert out.shape == (1, 3 + 2, 80, 80, 3)
+    assert len(net.seen) == 1 and net.seen[0].shape == (1, 1, 32, 32)  # one window, the prompted slice only
+    window = net.seen[0][0, 0]
+    # centred on the box: centre (14, 64), window rows -1..30, columns 49..80: row -1 and column 80 are padding
+    assert torch.equal(window[1:, :31], vol[0, 0, 0:31, 49:80, 1])
+    assert window[0].sum() == 0 and window[:, 31].sum() == 0
+    pred = split_sampling_output(out[0])["pred"][0]
+    lesion = vol[0, 0, ..., 1] > 0
+    lesion[60:75, 5:20] = False
+    assert torch.equal(pred[..., 1].bool(), lesion)  # the lesion found, the far bright square outside the window
+    assert pred[..., [0, 2]].sum() == 0  # unprompted slices are background
+    with pytest.raises(ValueError, match="region of interest"):
+        SlicewiseSamplingInferer(num_samples=2, roi_size=32)(vol, net)
+
+
+def test_region_of_interest_moves_a_box_prompt_into_the_window(litemedsam):
+    image = torch.zeros(1, 1, 160, 160)
+    yy, xx = torch.meshgrid(torch.arange(160), torch.arange(160), indexing="ij")
+    disk = ((yy - 100) ** 2 + (xx - 110) ** 2) < 15**2
+    image[0, 0][disk] = 0.9
+    box = torch.tensor([[95.0, 85, 125, 115]])
+    out = SlicewiseSamplingInferer(num_samples=2, roi_size=64)(image, BoxPromptedSam(litemedsam), box=box)
+    pred = split_sampling_output(out[0])["pred"][0].bool()
+    assert 2 * (pred & disk).sum().item() / (pred.sum().item() + disk.sum().item()) > 0.9

@@ -166,6 +166,28 @@ def test_empty_rater():
         BoxFromRaterd(empty="skip")
 
 
+def test_random_nonempty_rater_never_picks_an_empty_mask():
+    lab = three_raters()
+    lab[1] = 0
+    d = slice_dict(lab)
+    t = BoxFromRaterd(rater="random_nonempty")
+    t.set_random_state(0)
+    seen = {t(d)["rater_index"] for _ in range(40)}
+    assert seen == {0, 2}
+    # with rater_valid, an unread rater is not drawn either
+    t.set_random_state(0)
+    seen = {t({**d, "rater_valid": torch.tensor([1, 1, 0])})["rater_index"] for _ in range(20)}
+    assert seen == {0}
+    # every mask empty: any rater who read it, as "random"
+    t.set_random_state(0)
+    seen = {t(slice_dict(np.zeros((3, 20, 30))))["rater_index"] for _ in range(40)}
+    assert seen == {0, 1, 2}
+    # plain "random" does draw the empty one
+    r = BoxFromRaterd(rater="random")
+    r.set_random_state(0)
+    assert 1 in {r(d)["rater_index"] for _ in range(40)}
+
+
 def test_boxes_from_label_minus_one_rows_and_jitter():
     lab = np.zeros((2, 10, 12, 5), np.float32)
     lab[0, 2:4, 3:6, 1] = 1

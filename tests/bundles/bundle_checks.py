@@ -197,10 +197,18 @@ def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
     assert not out.exists()
 
 
-def check_torchrun_with(bundle: str, tmp: Path, raters: int = 4, config: tuple[str, ...] = ("train",), **extra) -> None:
+def check_torchrun_with(
+    bundle: str,
+    tmp: Path,
+    raters: int = 4,
+    config: tuple[str, ...] = ("train",),
+    written: tuple[str, str] = ("model.pt", "checkpoint_epoch=1.pt"),
+    **extra,
+) -> None:
     """:func:`check_torchrun` with a number of raters for the generated data set and more overrides (e.g. a
     bundle whose training step is costly trains a smaller problem): ``multi_gpu_train.json`` after ``config``
-    under torchrun --nproc_per_node=2 with gloo on CPU, 2 training and 2 validation cases."""
+    under torchrun --nproc_per_node=2 with gloo on CPU, 2 training and 2 validation cases; ``written`` names the
+    best-model and the epoch-1 checkpoint files the stage writes."""
     dataset_dir = small_dataset(tmp / "data", raters=raters, split=(0.5, 0.5, 0.0)).parent
     overrides = train_overrides(tmp, dataset_dir, **extra)
     args = []
@@ -214,7 +222,7 @@ def check_torchrun_with(bundle: str, tmp: Path, raters: int = 4, config: tuple[s
         capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert (tmp / "models" / "model.pt").is_file()
-    assert (tmp / "models" / "checkpoint_epoch=1.pt").is_file()
+    for name in written:
+        assert (tmp / "models" / name).is_file(), name
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["world_size"] == 2

@@ -12,6 +12,13 @@ decodes sample i from the same draw (a latent method's per-slice prior then shap
 draws independently per slice instead. The seeds come from torch's global generator, so a run with the same
 seed gives the same samples.
 
+With ``roi_size`` the method sees a **region of interest** instead of the whole slice: a ``roi_size x roi_size``
+window centred on each structure's box (the middle of its bounding box, as the training crops of
+:class:`~ambisam.data.LesionCropd`; zero-padded past the border) is encoded and sampled, and the result is put back
+in place (background outside the window). The box then only places the window, for a prompt-free method (P2SAM),
+and is moved into the window for one that takes it as a prompt. The boxes may come from a box file, from the
+raters' union (evaluation) or from any localiser that writes them.
+
 The output layout is :mod:`ambisam.inferers.layout`'s: ``(B, S * (3 + N), H, W, D)``, or
 ``(B, S * (3 + 2N), H, W, D)`` with ``keep_probabilities`` (each sample's probability map too, for the metrics that
 need it; the evaluation turns it on, inference does not).
@@ -49,6 +56,11 @@ class SlicewiseSamplingInferer(Inferer):
             sample).
         keep_probabilities: also return each sample's sigmoid probability map (``N`` more channels per structure,
             see :mod:`ambisam.inferers.layout`), as NCC needs; only the output of the batch being scored is held.
+        roi_size: sample a ``roi_size x roi_size`` window centred on each structure's box instead of the whole
+            slice (see the module docstring); ``None``: the whole slice.
+
+    Raises:
+        ValueError: ``num_samples`` or ``roi_size`` below 1.
     """
 
     def __init__(
@@ -61,10 +73,14 @@ class SlicewiseSamplingInferer(Inferer):
         mode: str | None = None,
         per_slice_draws: bool = False,
         keep_probabilities: bool = False,
+        roi_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if roi_size is not None and int(roi_size) < 1:
+            raise ValueError(f"roi_size must be at least 1, got {roi_size}")
+        self.roi_size = None if roi_size is None else int(roi_size)
         self.num_samples = int(num_samples)
         self.threshold = float(threshold)
         self.slice_batch_size = int(slice_batch_size)
@@ -79,6 +95,11 @@ class SlicewiseSamplingInferer(Inferer):
         if box is None:
             if net.capabilities.needs_prompt:
                 raise ValueError(f"{type(net).__name__} needs a box prompt per slice, got none")
+            if self.roi_size is not None:
+                raise ValueError(
+                    f"a region of interest (roi_size {self.roi_size}) is placed by a box per slice, got none: give a "
+                    "box file, a label to derive it from, or a localiser's boxes"
+                )
             return None
         boxes = torch.as_tensor(box, device=device).float()
         if boxes.ndim <= 3:  # (B, D, 4), (B, 4) or (B, 1, 4): one structure
@@ -86,6 +107,51 @@ class SlicewiseSamplingInferer(Inferer):
         if boxes.ndim != 4 or boxes.shape[0] != b or boxes.shape[2] != d or boxes.shape[3] != 4:
             raise ValueError(f"expected {d} per-slice boxes per case and structure, got box of shape {tuple(box.shape)}")
         return boxes
+
+    def _units(self, boxes: torch.Tensor | None, b: int, s: int, d: int) -> list[tuple]:
+        """The sampling units ``(case, slice, structures, window)``: every prompted slice with the structures it
+        prompts (``window`` ``None``), or with ``roi_size`` one unit per prompted (slice, structure) with its window
+        ``(y0, x0)``."""
+        if boxes is None:
+            return [(i, k, range(s), None) for i in range(b) for k in range(d)]
+        prompted = (boxes >= 0).all(dim=-1)  # (B, S, D)
+        if self.roi_size is None:
+            return [(i, k, [t for t in range(s) if prompted[i, t, k]], None)
+                    for i in range(b) for k in range(d) if bool(prompted[i, :, k].any())]
+        return [(i, k, [t], self._window(boxes[i, t, k]))
+                for i in range(b) for k in range(d) for t in range(s) if prompted[i, t, k]]
+
+    def _window(self, box: torch.Tensor) -> tuple[int, int]:
+        """``(y0, x0)`` of the ``roi_size`` window centred on a ``[x_min, y_min, x_max, y_max]`` box."""
+        x_min, y_min, x_max, y_max = (int(v) for v in box.tolist())
+        half = (self.roi_size - 1) // 2
+        return (y_min + y_max) // 2 - half, (x_min + x_max) // 2 - half
+
+    def _unit_image(self, image: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+        """The slice ``(C, H, W)``, or its window ``(C, roi, roi)`` (zero past the border)."""
+        if window is None:
+            return image
+        r = self.roi_size
+        y0, x0 = window
+        padded = torch.nn.functional.pad(image, (r, r, r, r))
+        return padded[:, y0 + r : y0 + 2 * r, x0 + r : x0 + 2 * r]
+
+    @staticmethod
+    def _unit_box(box: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+        """The box in the unit's pixels (moved into its window)."""
+        if window is None:
+            return box
+        y0, x0 = window
+        return box - box.new_tensor([x0, y0, x0, y0])
+
+    def _paste(self, probs: torch.Tensor, window: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """``(N, roi, roi)`` window probabilities put in place on an ``(N, H, W)`` background of zeros."""
+        h, w = size
+        y0, x0 = window
+        r = self.roi_size
+        canvas = probs.new_zeros((probs.shape[0], h + 2 * r, w + 2 * r))
+        canvas[:, y0 + r : y0 + 2 * r, x0 + r : x0 + 2 * r] = probs
+        return canvas[:, r : r + h, r : r + w]
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -132,32 +198,36 @@ class SlicewiseSamplingInferer(Inferer):
 
         out = volumes.new_zeros((b, s * block, h, w, d), dtype=torch.float32)
         backbone = net.backbone
-        todo = [(i, k) for i in range(b) for k in range(d)
-                if boxes is None or bool((boxes[i, :, k] >= 0).all(dim=-1).any())]
-        batches = [todo[j : j + self.slice_batch_size] for j in range(0, len(todo), self.slice_batch_size)]
+        units = self._units(boxes, b, s, d)
+        batches = [units[j : j + self.slice_batch_size] for j in range(0, len(units), self.slice_batch_size)]
         if self.progress and _has_tqdm:
             batches = tqdm(batches, desc="sampling slices", unit="batch")
         for chunk in batches:
-            images = torch.stack([volumes[i, :, :, :, k] for i, k in chunk])
+            images = torch.stack([self._unit_image(volumes[i, :, :, :, k], window) for i, k, _, window in chunk])
+            size = tuple(images.shape[-2:])
             embeddings = self.cache(images) if self.cache is not None else backbone.encode(images)
-            for t in range(s):  # every structure from the same embeddings
-                rows = [j for j, (i, k) in enumerate(chunk) if boxes is None or bool((boxes[i, t, k] >= 0).all())]
+            for t in range(s):  # every structure from the same embeddings (one per window with roi_size)
+                rows = [j for j, unit in enumerate(chunk) if t in unit[2]]
                 if not rows:
                     continue
                 index = torch.as_tensor(rows, device=embeddings.device)
                 owners = [chunk[j][0] for j in rows]
+                prompts = None
+                if boxes is not None:
+                    prompts = torch.stack([self._unit_box(boxes[chunk[j][0], t, chunk[j][1]], chunk[j][3]) for j in rows])
                 conditions = Conditions(
-                    boxes=None if boxes is None else backbone.boxes_to_input(
-                        torch.stack([boxes[chunk[j][0], t, chunk[j][1]] for j in rows]), (h, w)),
+                    boxes=None if prompts is None else backbone.boxes_to_input(prompts, size),
                     images=images[rows],
                     rater_ids=None if rater_ids is None else rater_ids[owners],
                     mode=self.mode,
                     noise_seeds=None if seeds is None else seeds[owners, t],
                 )
                 logits = net.sample_logits(embeddings.index_select(0, index), conditions, n)  # (R, N, s, s)
-                probs = torch.sigmoid(backbone.postprocess(logits.float(), (h, w)))  # (R, N, H, W)
+                probs = torch.sigmoid(backbone.postprocess(logits.float(), size))  # (R, N, *size)
+                if self.roi_size is not None:
+                    probs = torch.stack([self._paste(p, chunk[j][3], (h, w)) for p, j in zip(probs, rows)])
                 maps = sampling_maps(probs, self.threshold, self.keep_probabilities)
                 for j, row in enumerate(rows):
-                    i, k = chunk[row]
+                    i, k = chunk[row][:2]
                     out[i, t * block : (t + 1) * block, :, :, k] = maps[j]
         return out[..., 0] if is_2d else out

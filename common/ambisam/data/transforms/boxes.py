@@ -23,6 +23,7 @@ __all__ = [
     "box_from_mask",
     "boxes_from_mask",
     "slice_boxes_from_box3d",
+    "RATER_CHOICES",
     "BoxFromRaterd",
     "BoxesFromLabeld",
     "PromptBoxesd",
@@ -109,6 +110,10 @@ def slice_boxes_from_box3d(box: Sequence[int], depth: int) -> torch.Tensor:
     return out
 
 
+#: the ``rater`` choices of :class:`BoxFromRaterd` besides a fixed index
+RATER_CHOICES = ("random", "random_nonempty", "union")
+
+
 class BoxFromRaterd(RandomizableTransform, MapTransform):
     """Pick one rater of a 2D slice and make the SAM box prompt and the training target from that rater's mask.
 
@@ -116,8 +121,9 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         label_key: key of the rater masks ``(K, H, W)`` (or ``(S * K, H, W)`` structure-major from
             :class:`~ambisam.data.StructureMasksd`).
         rater: ``"random"`` (uniform over the raters who read the case: every channel, or those with
-            ``rater_valid`` 1), a fixed channel index, or ``"union"`` (all raters together; ``rater_index`` is then
-            ``-1``).
+            ``rater_valid`` 1), ``"random_nonempty"`` (uniform over those of them whose mask is not empty, as
+            P2SAM's first stage; ``"random"`` when every mask is empty), a fixed channel index, or ``"union"`` (all
+            raters together; ``rater_index`` is then ``-1``).
         jitter: box augmentation: each of the 4 coordinates moves by an independent uniform random whole number of
             pixels in ``[-jitter, jitter]``; the box is then clipped to the image and kept with ``min <= max``.
         empty: what box an empty rater mask gets: ``"other"``: the box of the union of the other raters (and
@@ -160,8 +166,9 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, label_key)
         RandomizableTransform.__init__(self, prob=1.0)
         if isinstance(rater, str):
-            if rater not in ("random", "union"):
-                raise ValueError(f"rater must be 'random', 'union' or a rater index, got {rater!r}.")
+            if rater not in RATER_CHOICES:
+                raise ValueError(f"rater must be one of {', '.join(map(repr, RATER_CHOICES))} or a rater index, got "
+                                 f"{rater!r}.")
         elif isinstance(rater, bool) or int(rater) != rater or rater < 0:
             raise ValueError(f"a fixed rater must be an index >= 0, got {rater!r}.")
         if empty not in ("other", "default"):
@@ -180,11 +187,16 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         self.rater_id_key = rater_id_key
         self._rater_index = 0
 
-    def randomize(self, num_raters: int, valid: torch.Tensor | None = None) -> None:
-        """Draw the rater index (``-1`` for the union), among the channels with ``valid`` 1 where given."""
+    def randomize(self, num_raters: int, valid: torch.Tensor | None = None, nonempty: torch.Tensor | None = None) -> None:
+        """Draw the rater index (``-1`` for the union), among the channels with ``valid`` 1 where given (and, for
+        ``"random_nonempty"``, among those with ``nonempty`` where any is)."""
         if self.rater == "union":
             self._rater_index = -1
-        elif self.rater == "random":
+        elif self.rater in ("random", "random_nonempty"):
+            if self.rater == "random_nonempty" and nonempty is not None:
+                marked = nonempty if valid is None else nonempty & valid
+                if bool(marked.any()):
+                    valid = marked
             read = None if valid is None else torch.nonzero(valid).flatten()
             if read is None or len(read) == num_raters:
                 self._rater_index = int(self.R.randint(num_raters))
@@ -218,7 +230,8 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             raise ValueError(f"BoxFromRaterd expects '{self.label_key}' as (K, H, W), got {tuple(lab.shape)}.")
         num_raters, height, width = lab.shape
         valid, raters = self._channel_validity(d, num_raters, label)
-        self.randomize(num_raters, valid)
+        fg = lab != 0
+        self.randomize(num_raters, valid, fg.flatten(1).any(dim=1))
         r = self._rater_index
         if r >= num_raters:
             raise InputError(_filename(label), f"label has {num_raters} rater mask(s); rater index {r} requested.")
@@ -226,7 +239,6 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             raise InputError(
                 _filename(label), f"rater {r % raters} (label channel {r}) did not read this case; use rater='random'."
             )
-        fg = lab != 0
         mask = fg.any(dim=0) if r < 0 else fg[r]
         box = box_from_mask(mask)
         if box is None and self.empty == "other" and r >= 0:

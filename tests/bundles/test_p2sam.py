@@ -1,0 +1,168 @@
+"""The p2sam bundle against BUNDLE_CONTRACT.md: properties, both training stages on generated data (stage 2 from
+stage 1's weights, its cached embeddings the merged encoder's), resuming, inference outputs in a region of interest,
+evaluation with the paper's metric conventions beside ours, torchrun with gloo for both stages, every bad input,
+metadata.
+
+Stage 1 trains the image encoder (LoRA), so each of its steps runs the encoder forward and backward: the generated
+data set is 2 training volumes, and stage 1 trains one epoch once for the module."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bundle_checks import (
+    check_bad_inputs,
+    check_cli_bad_input,
+    check_inference_outputs,
+    check_metadata,
+    check_torchrun_with,
+    plain_workflow,
+    run_workflow,
+    small_dataset,
+    train_overrides,
+    workflow,
+)
+
+BUNDLE = "p2sam"
+STAGE1 = ("train",)
+STAGE2 = ("train", "train_stage2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both stages, one epoch each, on a small generated data set (CPU), stage 2 from stage 1's weights."""
+    tmp = tmp_path_factory.mktemp("p2sam")
+    datalist = small_dataset(tmp / "data")
+    stage1 = run_workflow(BUNDLE, STAGE1, "train", **train_overrides(tmp, datalist.parent))
+    stage1_state = {k: v.clone() for k, v in torch.load(tmp / "models" / "model_stage1.pt", weights_only=True).items()}
+    stage2 = run_workflow(BUNDLE, STAGE2, "train", **train_overrides(tmp, datalist.parent))
+    return {"tmp": tmp, "datalist": datalist, "stage1": stage1, "stage2": stage2, "stage1_state": stage1_state}
+
+
+def test_properties(trained):
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    for names, kind, override in (
+        (STAGE1, "train", train_overrides(tmp / "props", datalist.parent)),
+        (STAGE2, "train", train_overrides(tmp / "props", datalist.parent)),
+        (("inference",), "infer", {"dataset_dir": str(datalist.parent), "ckpt_path": str(tmp / "models" / "model.pt"),
+                                    "output_dir": str(tmp / "props" / "inference")}),
+    ):
+        wf = plain_workflow(BUNDLE, names, kind, **override)
+        wf.initialize()
+        assert not wf.check_properties(), names
+
+
+def test_metadata_is_valid_offline():
+    check_metadata(BUNDLE)
+
+
+def test_stage1_adapts_sam_on_non_empty_raters(trained):
+    tmp = trained["tmp"]
+    trainer = trained["stage1"].parser.get_parsed_content("train#trainer")
+    net = trainer.network
+    assert net.stage == 1 and net.capabilities.encoder == "trainable" and trainer.state.epoch == 1
+    state = trained["stage1_state"]
+    assert any(".lora_A_q." in k for k in state) and "assembling_weights.free_weights" in state
+    assert state["assembling_weights.free_weights"].shape == (7,)
+    assert (tmp / "models" / "stage1_checkpoint_epoch=1.pt").is_file()
+    # lesion-centred 128 x 128 crops, one random non-empty rater, all-empty slices skipped
+    parser = trained["stage1"].parser
+    assert parser.get_parsed_content("train#preprocessing").transforms[-3].__class__.__name__ == "LesionCropd"
+    assert parser.get_parsed_content("train_rater") == "random_nonempty"
+    assert parser.get_parsed_content("empty_share") == 0.0
+    batch = next(iter(trainer.data_loader))
+    assert (batch["rater_mask"].flatten(1).amax(1) > 0).all()  # every target is a non-empty rater's mask
+    run = json.loads((tmp / "runs" / "run.json").read_text())
+    assert run["stage"] == 1 and run["roi_size"] == 128 and run["train_rater"] == "random_nonempty"
+
+
+def test_stage2_starts_from_stage1_and_caches_the_merged_encoder(trained, litemedsam):
+    import copy
+
+    from ambisam.networks import P2Sam
+    from ambisam.sam import EmbeddingCache
+
+    tmp = trained["tmp"]
+    trainer = trained["stage2"].parser.get_parsed_content("train#trainer")
+    net = trainer.network
+    assert net.stage == 2 and net.capabilities.encoder == "frozen" and net.capabilities.stochastic
+    assert trainer.learning_rate if hasattr(trainer, "learning_rate") else True
+    assert trained["stage2"].parser.get_parsed_content("learning_rate") == 1e-5
+    # every stage-1 weight arrived (frozen since): stage 2 equals a stage-2 network loaded from model_stage1.pt
+    reference = P2Sam(copy.deepcopy(litemedsam), stage=2)
+    result = reference.load_state_dict(trained["stage1_state"], strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith(("prompt_generator.", "dense_prompt_mapping.")) for k in result.missing_keys)
+    final = torch.load(tmp / "models" / "model.pt", weights_only=True)
+    for key, value in reference.state_dict().items():
+        if not key.startswith(("prompt_generator.", "dense_prompt_mapping.")):
+            assert torch.equal(final[key], value), key
+    assert any(not torch.equal(final[k], v) for k, v in reference.state_dict().items()
+               if k.startswith("prompt_generator."))  # stage 2 trained its own part
+    # the embeddings stage 2 cached on disk are the merged encoder's
+    batch = next(iter(trainer.data_loader))
+    images = batch["image"][:2]
+    cache = EmbeddingCache(net.backbone, cache_dir=tmp / "runs" / "embeddings")
+    served = cache(images)
+    assert cache.hits == 2 and cache.misses == 0
+    with torch.no_grad():
+        direct = net.backbone.encode(images)
+        pretrained = litemedsam.encode(images)
+    torch.testing.assert_close(served, direct)
+    assert not torch.allclose(served, pretrained, atol=1e-4)  # not the unadapted encoder's
+
+
+def test_eval_forward_returns_one_tensor(trained):
+    net = trained["stage2"].parser.get_parsed_content("network").eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 128, 128))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 128, 128)
+
+
+def test_stage2_resumes(trained):
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    first = trained["stage2"].parser.get_parsed_content("train#trainer").state.iteration
+    wf = run_workflow(BUNDLE, STAGE2, "train", **train_overrides(tmp, datalist.parent, max_epochs=2))
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * first
+    assert (tmp / "models" / "stage2_checkpoint_epoch=2.pt").is_file()
+    assert (tmp / "models" / "stage1_checkpoint_epoch=1.pt").is_file()  # stage 1's own checkpoint untouched
+
+
+def test_inference_outputs(trained):
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    out = tmp / "inference"
+    run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent),
+                 ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=3)
+    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=True)
+    item = json.loads(datalist.read_text())["test"][0]
+    assert json.loads((out / f"{item['id']}.json").read_text())["roi_size"] == 128
+
+
+def test_evaluate_reports_the_papers_conventions_beside_ours(trained):
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    out = tmp / "evaluate"
+    run_workflow(BUNDLE, (*STAGE2, "evaluate"), "train", **train_overrides(tmp, datalist.parent), eval_dir=str(out))
+    report = json.loads((out / "metrics.json").read_text())
+    overall = report["overall"]
+    assert {"ged4", "hm_iou4", "dice_max4", "hm_iou_untiled4", "dice_max_pairs4"} <= set(overall)
+    # the paper's conventions are the more lenient ones
+    assert overall["hm_iou_untiled4"] >= overall["hm_iou4"] - 1e-9
+    assert overall["dice_max_pairs4"] >= overall["dice_max4"] - 1e-9
+
+
+def test_bad_inputs_stop_with_one_message_and_write_nothing(trained, tmp_path):
+    check_bad_inputs(BUNDLE, tmp_path, trained["datalist"].parent, trained["tmp"] / "models" / "model.pt")
+
+
+def test_bad_input_on_the_command_line_is_one_line(trained, tmp_path):
+    check_cli_bad_input(BUNDLE, tmp_path, trained["tmp"] / "models" / "model.pt")
+
+
+def test_multi_gpu_train_both_stages_under_torchrun_gloo(tmp_path):
+    check_torchrun_with(BUNDLE, tmp_path, written=("model_stage1.pt", "stage1_checkpoint_epoch=1.pt"))
+    # stage 2 starts from the weights stage 1 just wrote (its default init_weights)
+    check_torchrun_with(BUNDLE, tmp_path, config=STAGE2, written=("model.pt", "stage2_checkpoint_epoch=1.pt"))
