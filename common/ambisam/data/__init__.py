@@ -13,6 +13,7 @@ from ambisam.data.conventions import (
 from ambisam.data.convert import FORMATS, convert, read_groups
 from ambisam.data.datalist import (
     SPLITS,
+    limit_training_items,
     load_datalist,
     natural_key,
     parse_split,
@@ -59,6 +60,7 @@ __all__ = [
     "natural_key",
     "parse_split",
     "split_by_patient",
+    "limit_training_items",
     "write_datalist",
     "write_nifti",
     "IMAGE_EXTENSIONS",

@@ -1,5 +1,5 @@
-"""The multi-rater datalist: reading it (with checks), writing it, and splitting cases into its three lists by
-patient.
+"""The multi-rater datalist: reading it (with checks), writing it, splitting cases into its three lists by
+patient, and limiting the training list to fewer patients.
 
 A datalist is a JSON file with the lists ``training``, ``validation`` and ``test``. Each item is::
 
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "write_datalist",
     "parse_split",
     "split_by_patient",
+    "limit_training_items",
     "natural_key",
 ]
 
@@ -348,6 +350,15 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _shuffled_patients(items: Sequence[Mapping], seed: int) -> tuple[list[str], list[str]]:
+    """Each item's patient (``patient``, else ``id``), and the patients sorted naturally, then shuffled by
+    ``numpy.random.default_rng(seed)``."""
+    patient_of = [str(it.get("patient", it.get("id"))) for it in items]
+    patients = sorted(set(patient_of), key=natural_key)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    return patient_of, [patients[int(i)] for i in order]
+
+
 def split_by_patient(
     items: Sequence[Mapping], fractions: str | Sequence[float], seed: int = 0
 ) -> dict[str, list[dict]]:
@@ -370,22 +381,77 @@ def split_by_patient(
         InputError: bad fractions.
     """
     values = parse_split(fractions)
-    patient_of = [str(it.get("patient", it.get("id"))) for it in items]
-    patients = sorted(set(patient_of), key=natural_key)
+    patient_of, patients = _shuffled_patients(items, seed)
     n = len(patients)
     exact = [f * n for f in values]
     counts = [int(math.floor(x)) for x in exact]
     by_remainder = sorted(range(3), key=lambda s: (-(exact[s] - counts[s]), s))
     for s in by_remainder[: n - sum(counts)]:
         counts[s] += 1
-    order = np.random.default_rng(seed).permutation(n)
     split_of: dict[str, str] = {}
     start = 0
     for name, count in zip(SPLITS, counts):
-        for idx in order[start : start + count]:
-            split_of[patients[int(idx)]] = name
+        for patient in patients[start : start + count]:
+            split_of[patient] = name
         start += count
     out: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for it, patient in zip(items, patient_of):
         out[split_of[patient]].append(dict(it))
     return out
+
+
+def limit_training_items(items: Sequence[Mapping], limit: int | float | None, seed: int = 0) -> list[dict]:
+    """A smaller training set of whole patients, chosen deterministically for a seed (a limited-data run: P2SAM's
+    paper trains on 500 LIDC slices, 5.5% of its training set, and each LIDC item is one slice).
+
+    Patients (sorted naturally, then shuffled by ``numpy.random.default_rng(seed)``, as :func:`split_by_patient`)
+    are taken in that order until the count is reached; of the last patient taken only as many items as the count
+    needs are kept (its first ones in input order), so at most one patient is cut.
+
+    Args:
+        items: dicts with a ``patient`` key (``id`` is used where ``patient`` is absent).
+        limit: ``None`` (every item), a count (an ``int`` from 1 to ``len(items)``) or a fraction of the items (a
+            ``float`` in ``(0, 1]``: ``round(limit * len(items))`` items, at least 1).
+        seed: the shuffling seed.
+
+    Returns:
+        The chosen items, copied as dicts, in their input order.
+
+    Raises:
+        InputError: a limit that is not ``None``, a count from 1 to ``len(items)`` or a fraction in ``(0, 1]``.
+    """
+    count = _training_item_count(limit, len(items))
+    patient_of, patients = _shuffled_patients(items, seed)
+    items_of = Counter(patient_of)
+    quota: dict[str, int] = {}
+    for patient in patients:
+        if count == 0:
+            break
+        quota[patient] = min(items_of[patient], count)
+        count -= quota[patient]
+    out: list[dict] = []
+    for it, patient in zip(items, patient_of):
+        if quota.get(patient, 0) > 0:
+            quota[patient] -= 1
+            out.append(dict(it))
+    return out
+
+
+def _training_item_count(limit: int | float | None, available: int) -> int:
+    """How many of ``available`` items ``limit`` (see :func:`limit_training_items`) asks for."""
+    if limit is None:
+        return available
+    if isinstance(limit, (bool, np.bool_)) or not isinstance(limit, (int, float, np.integer, np.floating)):
+        raise InputError(None, f"training limit {limit!r}: expected a count of items (int) or a fraction (float)")
+    if isinstance(limit, (int, np.integer)):
+        if limit < 1:
+            raise InputError(None, f"training limit {limit}: a count of items must be at least 1")
+        count = int(limit)
+    else:
+        if not 0 < limit <= 1:
+            raise InputError(None, f"training limit {limit}: a fraction of the items must be in (0, 1]; "
+                                   "give a count of items as an int")
+        count = max(1, round(float(limit) * available))
+    if count > available:
+        raise InputError(None, f"training limit {limit}: asks for {count} items, and there are only {available}")
+    return count

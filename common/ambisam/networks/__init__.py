@@ -5,6 +5,7 @@ named, with their bundles and stages, in the one registry, :mod:`ambisam.registr
 from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.networks.baseline import BoxPromptedSam
 from ambisam.networks.baselines import McDropoutSam, MultimaskSam, PromptJitterSam
+from ambisam.networks.ensemble import SnapshotEnsemble
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
 from ambisam.networks.mcl import MultipleChoiceSam
 from ambisam.networks.p2sam import DensePromptMapping, DiversityAwareAssembling, P2Sam, PromptGenerationNetwork
@@ -31,6 +32,7 @@ __all__ = [
     "MultimaskSam",
     "PromptJitterSam",
     "McDropoutSam",
+    "SnapshotEnsemble",
     "ProbabilisticUNet",
     "ImageGridBackbone",
     "AxisAlignedGaussianEncoder",

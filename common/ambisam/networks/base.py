@@ -242,7 +242,9 @@ class MaskSamplingNetwork(nn.Module):
         Args:
             images: ``(B, 1|3, H, W)`` in ``[0, 1]`` (at backbone input size with ``training_outputs``).
             conditions: :class:`Conditions`, or the ``(B, 4)`` pixel boxes ``[x_min, y_min, x_max, y_max]``
-                (backbone input coordinates with ``training_outputs``), or ``None`` for prompt-free methods.
+                (backbone input coordinates with ``training_outputs``), or ``None`` for prompt-free methods. A
+                method that reads the image (``"image"`` in ``capabilities.conditions``) gets ``images`` when the
+                conditions carry none, so ``forward(images)`` works for MONAI's tools.
             targets: the training targets (``training_outputs`` only).
             training_outputs: embed (:meth:`embed`) and return :meth:`training_outputs`.
             embedding_cache: the frozen encoder's cache (``training_outputs`` only).
@@ -251,6 +253,8 @@ class MaskSamplingNetwork(nn.Module):
             ``(B, 1, H, W)`` logits, or the training outputs dict.
         """
         conditions = Conditions.of(conditions)
+        if "image" in self.capabilities.conditions and conditions.images is None:
+            conditions = dataclasses.replace(conditions, images=images)
         if training_outputs:
             return self.training_outputs(self.embed(images, embedding_cache), conditions, targets)
         size = tuple(images.shape[-2:])

@@ -12,7 +12,6 @@ dense prompt embedding.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -268,7 +267,8 @@ class P2Sam(MaskSamplingNetwork):
     - in eval mode with ``N = 1`` the Gaussian's mean is decoded (a deterministic ``forward``); the reference
       evaluates with random draws;
     - the prompt generator reads the image resized to ``prompt_image_size`` (128, the reference's input);
-    - the reference ensembles 4 stage-2 snapshots at inference; this network is one snapshot.
+    - the reference ensembles 4 stage-2 snapshots at inference; this network is one snapshot
+      (:class:`~ambisam.networks.SnapshotEnsemble` ensembles several).
 
     Args:
         backbone: a built :class:`~ambisam.sam.SamBackbone` (modified in place: adapters added in stage 1,
@@ -451,11 +451,3 @@ class P2Sam(MaskSamplingNetwork):
             "assembling_weights": self.assembling_weights.weights,
             "l2": l2,
         }
-
-    def forward(self, images: torch.Tensor, conditions: Conditions | torch.Tensor | None = None, *args, **kwargs):
-        """As :meth:`MaskSamplingNetwork.forward`; stage 2's prompt generator reads ``images`` when ``conditions``
-        carries none (so ``forward(images)`` works for MONAI's tools)."""
-        conditions = Conditions.of(conditions)
-        if "image" in self.capabilities.conditions and conditions.images is None:
-            conditions = dataclasses.replace(conditions, images=images)
-        return super().forward(images, conditions, *args, **kwargs)

@@ -3,7 +3,15 @@ any backbone is :class:`ImageBackbone`), their named builders, multimask outputs
 and the box predictor."""
 
 from ambisam.sam.backbone import DensePromptFactors, SamBackbone
-from ambisam.sam.build import CHECKPOINT_SOURCES, DEFAULT_BACKBONE, backbone_registry, build_backbone, load_state_dict
+from ambisam.sam.build import (
+    CHECKPOINT_SOURCES,
+    DEFAULT_BACKBONE,
+    backbone_registry,
+    build_backbone,
+    check_state_dict_fits,
+    load_state_dict,
+    read_state_dict,
+)
 from ambisam.sam.cache import EmbeddingCache, encoder_fingerprint, encoder_state_token
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 from ambisam.sam.lora import add_encoder_lora, lora_parameters, train_only_lora
@@ -20,6 +28,8 @@ __all__ = [
     "backbone_registry",
     "build_backbone",
     "load_state_dict",
+    "read_state_dict",
+    "check_state_dict_fits",
     "expand_multimask_outputs",
     "multimask_token_sources",
     "EmbeddingCache",

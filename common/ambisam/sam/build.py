@@ -16,7 +16,7 @@ on a resized decoder load afterwards through the network's own state dict.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +25,15 @@ from ambisam.errors import InputError
 from ambisam.sam.backbone import SamBackbone
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
 
-__all__ = ["backbone_registry", "build_backbone", "load_state_dict", "DEFAULT_BACKBONE", "CHECKPOINT_SOURCES"]
+__all__ = [
+    "backbone_registry",
+    "build_backbone",
+    "load_state_dict",
+    "read_state_dict",
+    "check_state_dict_fits",
+    "DEFAULT_BACKBONE",
+    "CHECKPOINT_SOURCES",
+]
 
 DEFAULT_BACKBONE = "litemedsam"
 
@@ -38,10 +46,68 @@ CHECKPOINT_SOURCES = {
 }
 
 
+def read_state_dict(
+    checkpoint: str | os.PathLike, expected: str, keys: Sequence[str] = ("model", "state_dict")
+) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, with one clear error if the file does not hold one.
+
+    Args:
+        checkpoint: path to the ``.pth`` file.
+        expected: what the file should be, for the error message (e.g. ``"a SAM vit_b checkpoint"``).
+        keys: the keys a state dict may be nested under, in order (MONAI's ``CheckpointSaver`` writes
+            ``{"model": state_dict, ...}``); a file whose dict holds none of them is the state dict itself.
+
+    Returns:
+        The state dict, on the CPU.
+
+    Raises:
+        InputError: the file is missing or is not a ``weights_only`` loadable state dict.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise InputError(path, f"checkpoint not found; expected {expected}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e}); expected {expected}") from e
+    for key in keys:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise InputError(path, f"holds a {type(state).__name__}, not a state dict; expected {expected}")
+    return state
+
+
+def check_state_dict_fits(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: str | os.PathLike, expected: str
+) -> None:
+    """Check that ``state`` has exactly ``model``'s keys and shapes, so ``load_state_dict(strict=True)`` succeeds.
+
+    Args:
+        model: the module the state dict is for.
+        state: the state dict read from ``checkpoint`` (:func:`read_state_dict`).
+        checkpoint: the file it was read from, for the error message.
+        expected: what the file should be, for the error message.
+
+    Raises:
+        InputError: naming the file and how many keys are missing, unexpected or of the wrong shape.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}")
+        raise InputError(Path(checkpoint).expanduser(), f"is not {expected}: " + "; ".join(parts))
+
+
 def load_state_dict(model: torch.nn.Module, checkpoint: str | os.PathLike, expected: str) -> torch.nn.Module:
     """Load a checkpoint file strictly into ``model``, with one clear error if it is not the expected one.
 
-    Accepts a plain state dict or one nested under ``"model"`` / ``"state_dict"``.
+    Accepts a plain state dict or one nested under ``"model"`` / ``"state_dict"`` (:func:`read_state_dict`).
 
     Args:
         model: the freshly built module whose keys the checkpoint must match exactly.
@@ -55,28 +121,8 @@ def load_state_dict(model: torch.nn.Module, checkpoint: str | os.PathLike, expec
         InputError: the file is missing, is not a ``weights_only`` loadable state dict, or its keys or shapes do
             not match ``model``.
     """
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise InputError(path, f"checkpoint not found; expected {expected}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e}); expected {expected}") from e
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise InputError(path, f"holds a {type(state).__name__}, not a state dict; expected {expected}")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}")
-        raise InputError(path, f"is not {expected}: " + "; ".join(parts))
+    state = read_state_dict(checkpoint, expected)
+    check_state_dict_fits(model, state, checkpoint, expected)
     model.load_state_dict(state, strict=True)
     return model
 
