@@ -22,6 +22,7 @@ from ambisam.errors import InputError
 from ambisam.io import atomic_path, run_record, write_json
 from ambisam.inferers.layout import OUTPUT_NAMES
 from ambisam.outputs import write_case_outputs
+from ambisam.registry import method_registry
 
 __all__ = [
     "ResumeFromCheckpoint",
@@ -168,11 +169,12 @@ def require_weights(path: str | os.PathLike, bundle: str) -> str:
         InputError: no weights at ``path``.
     """
     if not Path(path).is_file():
-        raise InputError(
-            path,
-            f"no trained weights; train them first: python -m monai.bundle run --config_file "
-            f"bundles/{bundle}/configs/train.json (or pass --ckpt_path PATH to weights you have)",
-        )
+        spec = method_registry.get(bundle)
+        if spec is not None and len(spec.stages) > 1:
+            how = f"python -m ambisam train {bundle} (its {len(spec.stages)} training stages in order)"
+        else:
+            how = f"python -m monai.bundle run --config_file bundles/{bundle}/configs/train.json"
+        raise InputError(path, f"no trained weights; train them first: {how} (or pass --ckpt_path PATH to weights you have)")
     return str(path)
 
 

@@ -156,26 +156,48 @@ class DensePromptMapping(nn.Module):
     convolutions run on one ``1 x 1`` cell per prompt and the result is expanded over the grid: the same values
     as on the full grid, without ``h * w`` times the work.
 
+    With ``residual`` (default) the result is **added** to the default dense prompt and the last convolution
+    starts at ``residual_init_scale`` times PyTorch's default initialisation, so stage 2 starts close to stage 1's
+    masks, each prompt draw moving them a little, and learns from there; without, the result **replaces** the
+    default prompt (the reference code, orthogonally initialised there), and stage 2 starts from whatever masks
+    the untrained mapping gives (on LiteMedSAM: none, every logit below zero), which its learning rate of 1e-5 takes
+    many epochs to undo. Both map ``(dense, z)`` to a dense prompt: the residual form is a re-parameterisation.
+
     Args:
         embedding_dim: ``C``.
         latent_dim: ``L``.
         num_convs: convolutions, at least 2 (3 in the paper's description; the reference code's default is 4).
+        residual: add to the default dense prompt (default) instead of replacing it.
+        residual_init_scale: with ``residual``, the factor on the last convolution's initial weights and bias.
 
     Raises:
         ValueError: when ``num_convs`` is below 2.
     """
 
-    def __init__(self, embedding_dim: int = 256, latent_dim: int = 256, num_convs: int = 3) -> None:
+    def __init__(
+        self,
+        embedding_dim: int = 256,
+        latent_dim: int = 256,
+        num_convs: int = 3,
+        residual: bool = True,
+        residual_init_scale: float = 0.1,
+    ) -> None:
         super().__init__()
         if num_convs < 2:
             raise ValueError(f"num_convs must be at least 2, got {num_convs}")
         self.embedding_dim = int(embedding_dim)
         self.latent_dim = int(latent_dim)
+        self.residual = bool(residual)
         sizes = [self.embedding_dim + self.latent_dim] + [self.embedding_dim] * num_convs
         self.layers = nn.Sequential(*(
             Convolution(2, sizes[i], sizes[i + 1], kernel_size=1, act="RELU", norm=None, conv_only=i == num_convs - 1)
             for i in range(num_convs)
         ))
+        if self.residual:
+            last = self.layers[-1].conv
+            with torch.no_grad():
+                last.weight.mul_(residual_init_scale)
+                last.bias.mul_(residual_init_scale)
 
     def forward(self, dense: torch.Tensor, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The dense prompt embeddings.
@@ -190,7 +212,10 @@ class DensePromptMapping(nn.Module):
         """
         dense = dense.expand(latents.shape[0], -1) if dense.ndim == 1 else dense
         cell = torch.cat([dense.to(latents.dtype), latents], dim=1)[:, :, None, None]  # (P, C + L, 1, 1)
-        return self.layers(cell).expand(-1, -1, *size)
+        mapped = self.layers(cell)
+        if self.residual:
+            mapped = mapped + dense.to(mapped.dtype)[:, :, None, None]
+        return mapped.expand(-1, -1, *size)
 
 
 def _checkpointed_forward(block: nn.Module, *args, **kwargs):
@@ -262,6 +287,8 @@ class P2Sam(MaskSamplingNetwork):
     - ``log sigma`` of the prompt distribution is clamped (``log_sigma_clamp``; the reference does not clamp);
     - the layers use PyTorch's / MONAI's default initialisation (the reference: He-normal for the prompt
       generator, orthogonal for the mapping);
+    - ``dense_prompt_mapping`` adds to SAM's default dense prompt, its last convolution starting small, so stage 2
+      starts near stage 1's masks (``dense_residual=False``: it replaces the default prompt, as the reference);
     - ``dense_prompt_mapping`` has 3 convolutions by default as the paper says (``dense_convs=4`` is the
       reference code's default);
     - in eval mode with ``N = 1`` the Gaussian's mean is decoded (a deterministic ``forward``); the reference
@@ -283,6 +310,8 @@ class P2Sam(MaskSamplingNetwork):
         prompt_image_size: the grid the prompt generator reads the image on.
         log_sigma_clamp: ``(min, max)`` of the prompt distribution's ``log sigma``.
         dense_convs: 1x1 convolutions of ``dense_prompt_mapping``.
+        dense_residual: ``dense_prompt_mapping`` adds to the default dense prompt, starting near stage 1 (default),
+            instead of replacing it as the reference code does (see :class:`DensePromptMapping`).
         gradient_checkpointing: checkpoint the encoder blocks in training (stage 1; saves activation memory at
             about one more encoder forward per step).
 
@@ -306,6 +335,7 @@ class P2Sam(MaskSamplingNetwork):
         prompt_image_size: int = 128,
         log_sigma_clamp: tuple[float, float] = (-5.0, 5.0),
         dense_convs: int = 3,
+        dense_residual: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
         if stage not in (1, 2):
@@ -331,7 +361,7 @@ class P2Sam(MaskSamplingNetwork):
             self.prompt_generator = PromptGenerationNetwork(
                 latent_dim, prompt_channels, image_size=prompt_image_size, log_sigma_clamp=log_sigma_clamp
             )
-            self.dense_prompt_mapping = DensePromptMapping(embedding_dim, latent_dim, dense_convs)
+            self.dense_prompt_mapping = DensePromptMapping(embedding_dim, latent_dim, dense_convs, dense_residual)
             self.capabilities = MethodCapabilities(
                 needs_prompt=False, training_target="rater", encoder="frozen", conditions=("image",), stochastic=True
             )
