@@ -126,11 +126,18 @@ def test_eval_forward_returns_one_tensor(trained):
     assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 128, 128)
 
 
-def test_stage2_resumes(trained):
+@pytest.fixture(scope="module")
+def resumed(trained):
+    """Stage 2 run again with max_epochs 2: it continues from its epoch-1 checkpoint."""
     tmp, datalist = trained["tmp"], trained["datalist"]
+    return run_workflow(BUNDLE, STAGE2, "train", **train_overrides(tmp, datalist.parent, max_epochs=2,
+                                                                    learning_rate=0.001))
+
+
+def test_stage2_resumes(trained, resumed):
+    tmp = trained["tmp"]
     first = trained["stage2"].parser.get_parsed_content("train#trainer").state.iteration
-    wf = run_workflow(BUNDLE, STAGE2, "train", **train_overrides(tmp, datalist.parent, max_epochs=2))
-    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer = resumed.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * first
     assert (tmp / "models" / "stage2_checkpoint_epoch=2.pt").is_file()
     assert (tmp / "models" / "stage1_checkpoint_epoch=1.pt").is_file()  # stage 1's own checkpoint untouched
@@ -162,6 +169,20 @@ def test_inference_outputs(trained):
     assert (probs[..., prompted].std(dim=0) > 1e-4).any(), "the prompt draws do not change the masks"
     unprompted = (case["box"][:, 0] < 0).nonzero().flatten()
     assert (probs[..., unprompted] == 0).all()
+
+
+def test_inference_with_a_snapshot_ensemble(trained, resumed):
+    """The reference code's snapshot ensemble: N split between stage-2 checkpoints, one image embedding."""
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    out = tmp / "inference_snapshots"
+    snapshots = [str(tmp / "models" / "model.pt"), str(tmp / "models" / "stage2_checkpoint_epoch=2.pt")]
+    wf = run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), snapshots=snapshots,
+                      ckpt_path=str(tmp / "models" / "absent.pt"), output_dir=str(out), num_samples=4)
+    network = wf.parser.get_parsed_content("network")
+    assert type(network).__name__ == "SnapshotEnsemble" and network.samples_per_member(4) == [2, 2]
+    check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False)
+    item = json.loads(datalist.read_text())["test"][0]
+    assert json.loads((out / f"{item['id']}.json").read_text())["snapshots"] == snapshots
 
 
 def test_evaluate_reports_the_papers_conventions_beside_ours(trained):
