@@ -186,7 +186,8 @@ def export_torchscript(
 
     First ``monai.bundle.ckpt_export`` as the zoo runs it (``torch.jit.script``). A network that does not script
     is traced instead: by ``ckpt_export --use_trace`` when the image is its only input; otherwise (a box prompt
-    too, which ``ckpt_export`` cannot pass) with MONAI's own ``convert_to_torchscript(use_trace=True)`` and
+    too, which ``ckpt_export`` cannot pass, or a trace whose graph differs between two calls, which its check
+    refuses) with MONAI's own ``convert_to_torchscript(use_trace=True)`` and
     ``save_net_with_metadata``, the same file ``ckpt_export`` writes. A traced model is valid for the metadata's
     input shape.
 
@@ -213,8 +214,13 @@ def export_torchscript(
     logger.info(f"{bundle_dir.name}: {reason}; tracing instead")
     image, extra = network_test_inputs(bundle_dir)
     if not extra:
-        ckpt_export(**common, use_trace=True, input_shape=list(image.shape))
-        return {"path": str(filepath), "method": "trace", "reason": reason}
+        try:
+            ckpt_export(**common, use_trace=True, input_shape=list(image.shape))
+            return {"path": str(filepath), "method": "trace", "reason": reason}
+        except torch.jit.TracingCheckError as e:  # the graph differs between two calls (e.g. a cached tensor)
+            why = f"; ckpt_export's trace check fails ({str(e).splitlines()[0]}), so the trace is verified on outputs"
+    else:
+        why = f"; ckpt_export --use_trace passes the image only, and forward() needs {', '.join(extra)} too"
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.read_meta(meta_file)
@@ -230,8 +236,7 @@ def export_torchscript(
     with atomic_path(filepath) as tmp:
         save_net_with_metadata(traced, str(tmp), include_config_vals=False, meta_values=parser.get().get("_meta_"),
                                more_extra_files=configs)
-    reason += f"; ckpt_export --use_trace passes the image only, and forward() needs {', '.join(extra)} too"
-    return {"path": str(filepath), "method": "trace", "reason": reason}
+    return {"path": str(filepath), "method": "trace", "reason": reason + why}
 
 
 def _check_declares_ambisam(bundle_dir: Path, metadata: Mapping) -> None:

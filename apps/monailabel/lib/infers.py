@@ -105,7 +105,9 @@ class SamplingBundleInferTask(BundleInferTask):
         if not self.valid:
             return
         network = self.network
-        self.needs_box = bool(network.capabilities.needs_prompt)  # the method contract's declaration
+        # a box prompt (the method contract's declaration), or a box placing the region of interest (roi_size)
+        roi_size = self.bundle_config.get_parsed_content("roi_size") if "roi_size" in self.bundle_config else None
+        self.needs_box = bool(network.capabilities.needs_prompt) or roi_size is not None
         self.encoder_frozen = bool(getattr(network, "encoder_frozen", False))
         self.point_box_half_size = int(point_box_half_size)
         # the sampling inferer processes whole volumes slice by slice: clients treat the model as 3D
