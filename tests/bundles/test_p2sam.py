@@ -209,3 +209,13 @@ def test_multi_gpu_train_both_stages_under_torchrun_gloo(tmp_path):
     check_torchrun_with(BUNDLE, tmp_path, written=("model_stage1.pt", "stage1_checkpoint_epoch=1.pt"))
     # stage 2 starts from the weights stage 1 just wrote (its default init_weights)
     check_torchrun_with(BUNDLE, tmp_path, config=STAGE2, written=("model.pt", "stage2_checkpoint_epoch=1.pt"))
+
+
+def test_limited_data_is_chosen_by_patient(trained):
+    """``train_limit``: the paper's 500-slice setting, as a count or a fraction of the training cases."""
+    tmp, datalist = trained["tmp"], trained["datalist"]
+    everything = json.loads(datalist.read_text())["training"]
+    for limit, expected in ((1, 1), (0.5, 1), (None, len(everything))):
+        wf = workflow(BUNDLE, STAGE1, "train", **train_overrides(tmp / "limit", datalist.parent), train_limit=limit)
+        data = wf.parser.get_parsed_content("train#dataset#data")
+        assert len(data) == expected and {d["id"] for d in data} <= {d["id"] for d in everything}
