@@ -116,6 +116,19 @@ def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_wher
     assert len(rows) == 2 and "training-free" in rows[0] and rows[1].rstrip("|").strip().endswith("x")
 
 
+def test_bench_methods_table_reports_each_training_stage_of_a_method_with_several():
+    sampling = dict(num_samples=2, encoder_ms_per_slice=900.0, decoder_ms_per_sample=10.0, decoder_ms_one_sample=12.0,
+                    ratio=1.1, ratio_limit=1.02, volume_slices_per_s=1.0, backbone="litemedsam", threads=2,
+                    device="cpu", machine="x86_64", volume_slices=1, trainable=True, training_batch_size=1)
+    stage1 = dict(stage=1, encoder="trainable", speedup=None, step_ms_cached=None, step_ms_encoding=2900.0)
+    stage2 = dict(stage=2, encoder="frozen", speedup=14.2, step_ms_cached=10.0, step_ms_encoding=142.0)
+    results = [dict(sampling, method="p2sam", training_stages=[stage1, stage2]),
+               dict(sampling, method="psam", training_stages=[dict(stage2, stage=1)], training_speedup=14.2)]
+    rows = format_methods(results).splitlines()
+    assert rows[2].endswith("| stage 1: encoder trains, 2900 ms/step; stage 2: 14.2x |")
+    assert rows[3].endswith("| 14.2x |")
+
+
 def test_bench_methods_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown method"):
         bench_methods("psam,nonsense")
@@ -124,6 +137,7 @@ def test_bench_methods_rejects_unknown_names():
 def test_bench_training_times_the_trainers_own_step_with_and_without_the_cache():
     result = bench_training("psam", batch_size=1, repeats=1, threads=2)
     assert result["bundle"] == "psam" and result["configs"] == ["train"] and result["batch_size"] >= 1
+    assert result["stage"] == 1 and result["encoder"] == "frozen"
     assert result["step_ms_cached"] > 0 and result["step_ms_encoding"] > 0 and result["speedup"] > 0
     assert " hits" in result["cache"] and not result["cache"].startswith("embedding cache: 0 hits")
     assert "speed-up from cached embeddings" in format_training(result)
@@ -135,13 +149,31 @@ def test_bench_all_is_every_registered_method_with_a_network_and_training_free_o
 
     names = _method_names("all")
     assert set(names) <= set(method_registry) and {"psam", "baseline", "prob_unet"} <= set(names)
-    assert not {"p2sam", "proseg", "ursam"} & set(names)
+    assert "p2sam" in names and not {"proseg", "ursam"} & set(names)
     with pytest.raises(InputError, match="not implemented yet"):
         _method_names("psam,proseg")
-    with pytest.raises(InputError, match="bundle 'p2sam' does not exist yet"):
-        _method_names("p2sam")
+    with pytest.raises(InputError, match="not implemented yet"):
+        _method_names("ursam")
     with pytest.raises(InputError, match="training-free"):
         bench_training("baseline")
+
+
+def test_bench_sampling_measures_the_network_p2sam_infers_with():
+    """A bundle method's network is its evaluation's: P2SAM's stage 2, prompt-free, reading the image."""
+    result = bench_sampling(method="p2sam", num_samples=2, repeats=1, volume_slices=1, threads=2)
+    assert result["method"] == "p2sam" and result["network"] == "P2Sam"
+    assert result["configs"] == ["train", "train_stage2"] and result["ratio"] > 0
+    assert "network: P2Sam (train + train_stage2)" in format_sampling(result)
+
+
+def test_bench_training_times_a_stage_whose_encoder_trains_without_a_speedup():
+    """P2SAM's stage 1 trains the encoder (LoRA): no cache, only the step (one slice, one repeat: ~3 s here)."""
+    result = bench_training(method="p2sam", stage=1, batch_size=1, repeats=1, threads=2)
+    assert result["stage"] == 1 and result["configs"] == ["train"] and result["encoder"] == "trainable"
+    assert result["speedup"] is None and result["step_ms_cached"] is None and result["step_ms_encoding"] > 0
+    assert "the encoder trains in this stage: every step encodes; no cache" in format_training(result)
+    with pytest.raises(InputError, match="training stages 1 to 2, got stage 3"):
+        bench_training(method="p2sam", stage=3)
 
 
 def test_train_names_a_method_and_refuses_a_training_free_one():

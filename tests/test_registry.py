@@ -31,9 +31,7 @@ def registered():
 def test_methods_without_a_network_class_or_a_bundle_are_unavailable():
     for name in ("proseg", "ursam"):
         assert "not implemented yet" in method_availability(get_method(name))
-    # P2SAM's network exists, its bundle not yet
-    assert "bundle 'p2sam' does not exist yet" in method_availability(get_method("p2sam"))
-    for name in ("psam", "seqsam", "mcl", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
+    for name in ("psam", "seqsam", "mcl", "p2sam", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
         assert method_availability(get_method(name)) is None, name
 
 

@@ -2,15 +2,18 @@
 
 ``python -m ambisam bench training`` measures the speed-up of a training step from cached image embeddings
 over the same step re-encoding its images (the frozen-encoder methods train this way): the trainer's own step
-(``MultiRaterTrainer._iteration``), built from the method's first training stage through its bundle's configs on
-a tiny generated data set.
+(``MultiRaterTrainer._iteration``), built from one of the method's training stages (``--stage``, the first by
+default) through its bundle's configs on a tiny generated data set. In a stage whose encoder trains (P2SAM's
+first) there is no cache: every step encodes, and only that step is timed.
 
 ``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
 encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
 included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
-slicewise inferer's volume throughput. ``--method all`` (or a comma-separated list) measures every method of
-:mod:`ambisam.registry` whose network class exists and prints one Markdown table, with the training speed-up of
-the trainable ones beside their sampling figures.
+slicewise inferer's volume throughput. The network is the one the method infers with: a bundle method's is built
+from the configs of its evaluation (P2SAM's: stage 2), a harness method's from its spec. ``--method all`` (or a
+comma-separated list) measures every method of :mod:`ambisam.registry` whose network class exists and prints one
+Markdown table, with the training speed-up of the trainable ones (per stage for a method with several) beside
+their sampling figures.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from ambisam.errors import InputError
 from ambisam.inferers import SlicewiseSamplingInferer
+from ambisam.networks import Conditions
 from ambisam.registry import MethodSpec, get_method, method_registry
 from ambisam.sam import DEFAULT_BACKBONE, build_backbone
 
@@ -71,9 +75,26 @@ def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(image).float()[None, None], box
 
 
-def _build_network(spec: MethodSpec, backbone: str, checkpoint: str | None) -> torch.nn.Module:
-    """The method's network on the named backbone (a network that brings its own, the Probabilistic U-Net's
-    image grid, is built as it is)."""
+def _inference_configs(spec: MethodSpec) -> tuple[str, ...] | None:
+    """The bundle configs that define the network a method with its own bundle infers with: those its evaluation
+    merges ``evaluate.json`` over (P2SAM's ``train`` + ``train_stage2``: stage 2; MCL's ``train`` + ``train_mcl``);
+    ``None`` for a harness method (its network is its spec's)."""
+    return None if spec.bundle is None else spec.eval_configs[:-1]
+
+
+def _inference_network(spec: MethodSpec, backbone: str, checkpoint: str | None) -> torch.nn.Module:
+    """The network the method infers with, on the named backbone, untrained: a bundle method's ``network_def``
+    from its :func:`_inference_configs`; a harness method's built from its spec (a network that brings its own
+    backbone, the Probabilistic U-Net's image grid, as it is)."""
+    configs = _inference_configs(spec)
+    if configs is not None:
+        from ambisam.bundle import bundle_workflow
+
+        workflow = bundle_workflow(
+            spec.config_bundle, configs, "train" if spec.trainable else "infer",
+            **spec.config_overrides(), backbone=backbone, backbone_checkpoint=checkpoint,
+        )
+        return workflow.parser.get_parsed_content("network_def")
     if "backbone" in inspect.signature(spec.network_class).parameters:
         return spec.build(backbone=build_backbone(backbone, checkpoint))
     return spec.build()
@@ -91,8 +112,12 @@ def bench_sampling(
 ) -> dict:
     """Time encoding, sampling and a volume for one method.
 
+    The network is the one the method infers with (see :func:`_inference_network`); each call gets the box and
+    the image (:class:`~ambisam.networks.Conditions`), so that methods that read the image run and prompt-free
+    ones ignore the box.
+
     Args:
-        method: a name in :data:`ambisam.registry.method_registry` whose network class exists.
+        method: a name in :data:`ambisam.registry.method_registry` whose network class (and bundle) exist.
         backbone: backbone registry name.
         checkpoint: backbone weights, where the backbone needs them.
         num_samples: ``N`` for the ratio and the volume.
@@ -101,18 +126,20 @@ def bench_sampling(
         threads: torch threads (default: torch's own setting).
 
     Returns:
-        A dict of the figures (also what ``--json`` prints).
+        A dict of the figures (also what ``--json`` prints), with the ``network`` class measured and, for a
+        bundle method, the ``configs`` it was built from.
 
     Raises:
         InputError: an unknown method, or one not implemented yet.
     """
     if threads:
         torch.set_num_threads(int(threads))
-    net = _build_network(_implemented(method), backbone, checkpoint).eval()
+    spec = _implemented(method)
+    net = _inference_network(spec, backbone, checkpoint).eval()
     bb = net.backbone
     image, box = _ellipse_slice(bb.image_size)
     size = tuple(image.shape[-2:])
-    prompt = bb.boxes_to_input(box, size)
+    prompt = Conditions(boxes=bb.boxes_to_input(box, size), images=image)
     embedding = bb.encode(image)
 
     t_encode, t_sample_1, t_sample_n, t_1, t_n = _best_of(
@@ -130,8 +157,11 @@ def bench_sampling(
     inferer = SlicewiseSamplingInferer(num_samples=num_samples)
     (t_volume,) = _best_of(max(1, repeats - 2), lambda: inferer(volume, net, box=boxes))
 
+    configs = _inference_configs(spec)
     return {
         "method": method,
+        "network": type(net).__name__,
+        "configs": None if configs is None else list(configs),
         "backbone": getattr(bb, "name", backbone),
         "num_samples": num_samples,
         "threads": torch.get_num_threads(),
@@ -154,7 +184,9 @@ def format_sampling(r: dict) -> str:
     n = r["num_samples"]
     return "\n".join(
         [
-            f"method: {r['method']}  backbone: {r['backbone']}  threads: {r['threads']}  device: {r['device']}",
+            f"method: {r['method']}  network: {r['network']}"
+            + (f" ({' + '.join(r['configs'])})" if r.get("configs") else "")
+            + f"  backbone: {r['backbone']}  threads: {r['threads']}  device: {r['device']}",
             f"encoder ms per slice: {r['encoder_ms_per_slice']:.1f}",
             f"decoder ms per sample: {r['decoder_ms_per_sample']:.1f} (one sample alone: {r['decoder_ms_one_sample']:.1f})",
             f"ratio time({n})/time(1): {r['ratio']:.2f} (target <= 2.0; limit 1 + {n} x decoder/encoder = {r['ratio_limit']:.2f})",
@@ -176,6 +208,21 @@ def _tiny_training_data(folder: Path) -> Path:
     return synthesize(folder, cases=4, shape=(64, 64, 10), seed=0)
 
 
+def _stage_configs(spec: MethodSpec, stage: int) -> tuple[str, ...]:
+    """The configs of ``spec``'s training stage ``stage`` (1-based).
+
+    Raises:
+        InputError: a training-free method, or a stage it does not have.
+    """
+    if not spec.trainable:
+        raise InputError(None, f"method '{spec.name}' is training-free: it has no training step to time")
+    n = len(spec.stages)
+    if not 1 <= int(stage) <= n:
+        stages = "stage 1 only" if n == 1 else f"stages 1 to {n}"
+        raise InputError(None, f"method '{spec.name}' has training {stages}, got stage {stage}")
+    return spec.stages[int(stage) - 1]
+
+
 def bench_training(
     method: str = "psam",
     backbone: str = DEFAULT_BACKBONE,
@@ -183,13 +230,18 @@ def bench_training(
     batch_size: int = 4,
     repeats: int = 3,
     threads: int | None = None,
+    stage: int = 1,
 ) -> dict:
     """Time the trainer's own step from cached embeddings against the same step re-encoding its images.
 
-    The method's train workflow is built from its first training stage's configs (its bundle's, or the harness
-    bundle's with its network swapped in) on a tiny generated data set; the parsed ``train#trainer``'s iteration
-    (``trainer._iteration(trainer, batch)``) is timed on one batch with its embedding cache warm, and with the
-    cache taken away (``trainer.embedding_cache = None``: the frozen encoder runs every step).
+    The method's train workflow is built from the configs of its training stage ``stage`` (its bundle's, or the
+    harness bundle's with its network swapped in) on a tiny generated data set, from untrained weights (a later
+    stage's ``init_weights`` is dropped: the weights do not change a step's time); the parsed
+    ``train#trainer``'s iteration (``trainer._iteration(trainer, batch)``) is timed on one batch with its
+    embedding cache warm, and with the cache taken away (``trainer.embedding_cache = None``: the frozen encoder
+    runs every step). In a stage without a cache (its encoder trains, ``capabilities.encoder == "trainable"``,
+    or the stage caches nothing) every step encodes: only that step is timed, and ``step_ms_cached`` and
+    ``speedup`` are ``None``.
 
     Args:
         method: a trainable name in :data:`ambisam.registry.method_registry`.
@@ -199,65 +251,80 @@ def bench_training(
             slices the step trains on).
         repeats: timed repetitions (the best is kept).
         threads: torch threads.
+        stage: the training stage, 1-based (``spec.stages[stage - 1]``).
 
     Returns:
-        The figures, with ``speedup`` = encoding step time / cached step time.
+        The figures, with ``stage``, ``encoder`` (``"frozen"`` or ``"trainable"``) and ``speedup`` = encoding
+        step time / cached step time (``None`` without a cache).
 
     Raises:
-        InputError: an unknown, unavailable or training-free method.
+        InputError: an unknown, unavailable or training-free method, or a stage it does not have.
     """
-    from ambisam.benchmark import method_availability
     from ambisam.bundle import bundle_workflow
 
     if threads:
         torch.set_num_threads(int(threads))
-    spec = get_method(method)
-    if not spec.trainable:
-        raise InputError(None, f"method '{method}' is training-free: it has no training step to time")
-    reason = method_availability(spec)
-    if reason is not None:
-        raise InputError(None, reason)
+    spec = _implemented(method)
+    configs = _stage_configs(spec, stage)
     with tempfile.TemporaryDirectory(prefix="ambisam-bench-") as tmp:
         datalist = _tiny_training_data(Path(tmp) / "data")
         workflow = bundle_workflow(
-            spec.config_bundle, spec.stages[0], "train",
+            spec.config_bundle, configs, "train",
             **spec.config_overrides(),
             datalist=str(datalist), dataset_dir=str(datalist.parent), backbone=backbone,
             backbone_checkpoint=checkpoint, batch_size=int(batch_size), output_dir=str(Path(tmp) / "train"),
-            ckpt_dir=str(Path(tmp) / "models"),
+            ckpt_dir=str(Path(tmp) / "models"), init_weights=None,
         )
         trainer = workflow.parser.get_parsed_content("train#trainer")
         batch = next(iter(trainer.data_loader))
         cache = trainer.embedding_cache
+        encoder = trainer.method.capabilities.encoder
+        cached = cache is not None and encoder != "trainable"
 
         def step(embedding_cache) -> None:
             trainer.embedding_cache = embedding_cache
             trainer._iteration(trainer, batch)
 
         try:
-            t_cached, t_encode = _best_of(repeats, lambda: step(cache), lambda: step(None))
+            if cached:
+                t_cached, t_encode = _best_of(repeats, lambda: step(cache), lambda: step(None))
+            else:
+                t_cached, (t_encode,) = None, _best_of(repeats, lambda: step(cache))
         finally:
             trainer.embedding_cache = cache
         slices = int(batch["image"].shape[0])
     return {
         "method": method,
         "bundle": spec.config_bundle,
-        "configs": list(spec.stages[0]),
+        "stage": int(stage),
+        "configs": list(configs),
         "backbone": getattr(trainer.method.backbone, "name", backbone),
+        "encoder": encoder,
         "batch_size": slices,
         "threads": torch.get_num_threads(),
-        "step_ms_cached": 1000 * t_cached,
+        "step_ms_cached": None if t_cached is None else 1000 * t_cached,
         "step_ms_encoding": 1000 * t_encode,
-        "speedup": t_encode / t_cached,
+        "speedup": None if t_cached is None else t_encode / t_cached,
         "cache": None if cache is None else cache.log_stats(),
     }
 
 
+def _uncached_step(r: dict) -> str:
+    """Why a stage's steps all encode (``r``: :func:`bench_training`'s figures without a speed-up)."""
+    if r["encoder"] == "trainable":
+        return "the encoder trains in this stage: every step encodes; no cache"
+    return "this stage caches no embeddings: every step encodes"
+
+
 def format_training(r: dict) -> str:
     """The training benchmark's figures as the lines it prints."""
+    head = (f"method: {r['method']}  stage: {r['stage']} ({' + '.join(r['configs'])})  backbone: {r['backbone']}  "
+            f"batch: {r['batch_size']} slices  threads: {r['threads']}")
+    if r["speedup"] is None:
+        return "\n".join([head, f"training step: {r['step_ms_encoding']:.0f} ms ({_uncached_step(r)})"])
     return "\n".join(
         [
-            f"method: {r['method']}  backbone: {r['backbone']}  batch: {r['batch_size']} slices  threads: {r['threads']}",
+            head,
             f"training step from cached embeddings: {r['step_ms_cached']:.0f} ms",
             f"training step re-encoding the images: {r['step_ms_encoding']:.0f} ms",
             f"speed-up from cached embeddings: {r['speedup']:.1f}x (target >= 10x)",
@@ -320,8 +387,9 @@ def bench_methods(
     batch_size: int = 4,
     **kwargs,
 ) -> list[dict]:
-    """:func:`bench_sampling` for several methods, and :func:`bench_training` for the trainable ones, each in a
-    fresh process (see :func:`_in_fresh_process`), so that every row is measured as if alone.
+    """:func:`bench_sampling` for several methods, and :func:`bench_training` for each training stage of the
+    trainable ones, each in a fresh process (see :func:`_in_fresh_process`), so that every row is measured as if
+    alone.
 
     Args:
         methods: ``"all"`` (every registered method whose network class exists), a comma-separated string or a
@@ -334,7 +402,9 @@ def bench_methods(
 
     Returns:
         One dict per method: the sampling figures, ``trainable`` and, for a trainable method measured with
-        ``training``, ``training_speedup``, ``step_ms_cached`` and ``step_ms_encoding``.
+        ``training``, ``training_stages`` (per stage: ``stage``, ``encoder``, ``speedup``, ``step_ms_cached``,
+        ``step_ms_encoding``) and, for a method of one stage, that stage's ``training_speedup``,
+        ``step_ms_cached`` and ``step_ms_encoding``.
 
     Raises:
         InputError: an unknown method name, or one not implemented yet.
@@ -346,11 +416,35 @@ def bench_methods(
         result = _in_fresh_process(bench_sampling, method=name, **kwargs)
         result["trainable"] = get_method(name).trainable
         if training and result["trainable"]:
-            t = _in_fresh_process(bench_training, method=name, batch_size=batch_size, **shared)
-            result.update(training_speedup=t["speedup"], step_ms_cached=t["step_ms_cached"],
-                          step_ms_encoding=t["step_ms_encoding"], training_batch_size=batch_size)
+            stages = []
+            for stage in range(1, len(get_method(name).stages) + 1):
+                t = _in_fresh_process(bench_training, method=name, stage=stage, batch_size=batch_size, **shared)
+                stages.append({k: t[k] for k in ("stage", "encoder", "speedup", "step_ms_cached", "step_ms_encoding")})
+            result.update(training_stages=stages, training_batch_size=batch_size)
+            if len(stages) == 1:
+                result.update(training_speedup=stages[0]["speedup"], step_ms_cached=stages[0]["step_ms_cached"],
+                              step_ms_encoding=stages[0]["step_ms_encoding"])
         results.append(result)
     return results
+
+
+def _training_cell(r: dict) -> str:
+    """The table's training column for one method: the speed-up from cached embeddings, or the step time of a
+    stage without a cache; per stage (``stage 1: encoder trains, 2900 ms/step; stage 2: 14.2x``) for a method
+    of several."""
+    if not r.get("trainable"):
+        return "training-free"
+    stages = r.get("training_stages")
+    if not stages:
+        return "not measured"
+    cells = [
+        f"{t['speedup']:.1f}x" if t["speedup"] is not None else
+        f"{'encoder trains' if t['encoder'] == 'trainable' else 'no cache'}, {t['step_ms_encoding']:.0f} ms/step"
+        for t in stages
+    ]
+    if len(cells) == 1:
+        return cells[0]
+    return "; ".join(f"stage {t['stage']}: {cell}" for t, cell in zip(stages, cells))
 
 
 def format_methods(results: Sequence[dict]) -> str:
@@ -362,12 +456,10 @@ def format_methods(results: Sequence[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        speedup = f"{r['training_speedup']:.1f}x" if r.get("training_speedup") else (
-            "training-free" if not r.get("trainable") else "not measured")
         rows.append(
             f"| {r['method']} | {r['encoder_ms_per_slice']:.0f} | {r['decoder_ms_per_sample']:.1f} "
             f"| {r['decoder_ms_one_sample']:.1f} | {r['ratio']:.2f} | {r['ratio_limit']:.2f} "
-            f"| {r['volume_slices_per_s']:.2f} | {speedup} |"
+            f"| {r['volume_slices_per_s']:.2f} | {_training_cell(r)} |"
         )
     first = results[0]
     rows.append("")

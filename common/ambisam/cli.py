@@ -69,23 +69,26 @@ class Bench:
         batch_size: int = 4,
         repeats: int = 3,
         threads: int | None = None,
+        stage: int = 1,
         json: bool = False,
     ) -> None:
-        """A training step's time from cached embeddings against re-encoding, and the speed-up.
+        """A training step's time from cached embeddings against re-encoding, and the speed-up (in a stage whose
+        encoder trains, the step's time alone: every step encodes).
 
         Args:
-            method: a trainable method name (its first training stage's step, built from its bundle's configs).
+            method: a trainable method name (the step of its training stage STAGE, built from its bundle's configs).
             backbone: backbone registry name.
             checkpoint: backbone weights, where needed.
             batch_size: slices per step.
             repeats: timed repetitions (best kept).
             threads: torch threads.
+            stage: the training stage, 1-based (``ambisam.registry``'s ``stages``; P2SAM has 2).
             json: print JSON instead of lines.
         """
         from ambisam.bench import print_training
 
         print_training(as_json=json, method=method, backbone=backbone, checkpoint=checkpoint,
-                       batch_size=batch_size, repeats=repeats, threads=threads)
+                       batch_size=batch_size, repeats=repeats, threads=threads, stage=stage)
 
 
 class Commands:

@@ -99,15 +99,26 @@ def _config_item(bundle: str, configs: Sequence[str], id: str) -> Any:
     return parser.get(id)
 
 
-def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Mapping, job_dir: Path) -> dict:
+def _timed_cache(spec: MethodSpec, configs: Sequence[str], common: Mapping, cache_dir: str | None) -> dict:
+    """The overrides that make the embedding cache of ``configs`` a :class:`~ambisam.benchmark.TimedEmbeddingCache`
+    in ``cache_dir`` (one on-disk cache for all jobs, timed so that first-time encoding is reported apart), or
+    ``{}`` when those configs (or ``common``) cache nothing, as a stage whose encoder trains (P2SAM's first)."""
+    cache = common["embedding_cache"] if "embedding_cache" in common else _config_item(
+        spec.config_bundle, configs, "embedding_cache")
+    if cache is None:
+        return {}
+    return {"embedding_cache#_target_": "ambisam.benchmark.TimedEmbeddingCache", "embedding_cache#cache_dir": cache_dir}
+
+
+def _train_stages(spec: MethodSpec, common: Mapping, job: Mapping, job_dir: Path) -> dict:
     """Train ``spec``'s stages in order, each from the previous stage's weights (``init_weights``), within one
-    budget: each stage gets what the earlier ones left.
+    budget: each stage gets what the earlier ones left. A stage that caches embeddings caches them in the job's
+    shared, timed cache (its first-time encoding is not budgeted); one that caches none encodes on its clock.
 
     Args:
         spec: the method.
         common: the job's overrides of every stage.
-        clock: the config reference of the timed embedding cache (``"@embedding_cache"``), or ``None``.
-        job: the job (``budget_seconds``).
+        job: the job (``budget_seconds``, ``cache_dir``).
         job_dir: the job's folder (the budget records go to ``train/``).
 
     Returns:
@@ -123,13 +134,14 @@ def _train_stages(spec: MethodSpec, common: Mapping, clock: str | None, job: Map
     for i, configs in enumerate(spec.stages):
         spent = sum(s.get("seconds") or 0.0 for s in stages)
         record_path = job_dir / "train" / ("budget.json" if len(spec.stages) == 1 else f"budget_stage{i + 1}.json")
+        cache = _timed_cache(spec, configs, common, job.get("cache_dir"))
         handlers = list(_config_item(spec.config_bundle, configs, "train#handlers"))
         handlers.append({"_target_": "ambisam.benchmark.TrainingBudget",
                          "seconds": None if budget is None else max(0.0, float(budget) - spent),
-                         "record_path": str(record_path), "clock": clock,
+                         "record_path": str(record_path), "clock": "@embedding_cache" if cache else None,
                          "validator": "@validate#evaluator", "val_interval": "@val_interval"})
         logger.info(f"{spec.name}: training stage {i + 1}/{len(spec.stages)} ({' + '.join(configs)})")
-        workflow = run_bundle(spec.config_bundle, list(configs), **common, init_weights=init,
+        workflow = run_bundle(spec.config_bundle, list(configs), **common, **cache, init_weights=init,
                               **{"train#handlers": handlers})
         if i + 1 < len(spec.stages):
             init = stage_weights(workflow)
@@ -191,28 +203,24 @@ def run_job(job: Mapping) -> dict:
     common.update(spec.config_overrides())
     if job.get("max_epochs") is not None:
         common["max_epochs"] = int(job["max_epochs"])
-    cache = common["embedding_cache"] if "embedding_cache" in common else _config_item(
-        bundle, spec.eval_configs, "embedding_cache")
-    clock = None
-    if cache is not None:  # one on-disk cache for all jobs, timed so that first-time encoding is reported apart
-        common["embedding_cache#_target_"] = "ambisam.benchmark.TimedEmbeddingCache"
-        common["embedding_cache#cache_dir"] = job.get("cache_dir")
-        clock = "@embedding_cache"
 
     training: dict[str, Any] = {}
     train_seconds = 0.0
     if spec.trainable:
         started = time.perf_counter()
-        training = _train_stages(spec, common, clock, job, job_dir)
+        training = _train_stages(spec, common, job, job_dir)
         train_seconds = time.perf_counter() - started
 
     eval_dir = job_dir / "evaluate"
+    cache = _timed_cache(spec, spec.eval_configs, common, job.get("cache_dir"))
     handlers = list(_config_item(bundle, spec.eval_configs, "validate_handlers"))
     handlers.append({"_target_": "ambisam.benchmark.EvaluationRecorder", "save_dir": str(eval_dir),
-                     "num_samples": "@num_samples", "figure_cases": int(job.get("figure_cases", 4)), "clock": clock})
+                     "num_samples": "@num_samples", "figure_cases": int(job.get("figure_cases", 4)),
+                     "clock": "@embedding_cache" if cache else None})
     handlers.append({"_target_": "ignite.handlers.ProgressBar", "desc": f"evaluating {spec.name} (test cases)"})
     # a training-free method has no weights to load or require (evaluate.json's named switch)
-    evaluate = dict(common, eval_dir=str(eval_dir), validate_handlers=handlers, training_free=not spec.trainable)
+    evaluate = dict(common, **cache, eval_dir=str(eval_dir), validate_handlers=handlers,
+                    training_free=not spec.trainable)
     started = time.perf_counter()
     run_bundle(bundle, list(spec.eval_configs), **evaluate)
     eval_seconds = time.perf_counter() - started
