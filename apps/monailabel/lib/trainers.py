@@ -11,8 +11,10 @@ What differs from training from the command line, and why:
   ``model.pt`` replaces the served one, and the infer task reloads it.
 - Validation runs every ``val_interval`` epochs (default 1) so that a short run still writes ``model.pt``; with
   too few labelled images for a validation split, the training images are validated on.
-- A method with several training stages (``ambisam.registry``: ``stages``) runs them in order in one request, each
-  from the weights the previous stage wrote (``init_weights``); the last stage's weights are served.
+- A method with several training stages (``ambisam.registry``: ``stages``) fine-tunes its **last** stage only: the
+  served weights are that stage's (P2SAM: stage 2, the frozen merged encoder and the prompt distribution), and
+  the earlier stages built what it starts from (P2SAM's stage 1 trains the encoder, which an annotation session
+  should not redo; a stage-2 state dict is not even a stage-1 network's).
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
 
     @property
     def stages(self) -> list[list[str]]:
-        """The bundle's training stages (config names), from the method registry; ``[["train"]]`` by default."""
+        """The stages a request runs (config names): the bundle's last training stage, from the method registry
+        (the one whose weights are served); ``[["train"]]`` by default."""
         spec = method_registry.get(Path(self.bundle_path).name)
-        return [list(stage) for stage in spec.stages] if spec is not None and spec.stages else [["train"]]
+        return [list(spec.stages[-1])] if spec is not None and spec.stages else [["train"]]
 
     def _stage_files(self, stage: list[str]) -> list[str]:
         return [os.path.join(self.bundle_path, "configs", f"{name}.json") for name in stage]
@@ -116,7 +119,8 @@ class FrozenEncoderBundleTrainTask(BundleTrainTask):
         return str(flatten_config(self._stage_files(self.stages[-1])).get("model_file", "model.pt"))
 
     def run_single_gpu(self, request, overrides):
-        """Every stage in order, each from the weights the previous one saved."""
+        """The stages in order (one, see :attr:`stages`), the first from the served weights, each next one from the
+        weights the previous one saved."""
         run_id = request.get("run_id", "run")
         init = None
         for i, stage in enumerate(self.stages):
