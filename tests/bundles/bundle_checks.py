@@ -72,10 +72,18 @@ def train_overrides(tmp: Path, dataset_dir: Path, **extra) -> dict:
     }
 
 
-def check_properties(bundle: str, tmp: Path, dataset_dir: Path, ckpt_path: Path) -> None:
-    """``ConfigWorkflow.check_properties()`` for train and inference (properties resolve after ``initialize``)."""
+def check_properties(
+    bundle: str,
+    tmp: Path,
+    dataset_dir: Path,
+    ckpt_path: Path,
+    stages: tuple[tuple[str, ...], ...] = (("train",),),
+    **train_extra,
+) -> None:
+    """``ConfigWorkflow.check_properties()`` for each training stage's configs (``stages``, with ``train_extra``
+    overrides) and for inference (properties resolve after ``initialize``)."""
     for names, kind, override in (
-        (("train",), "train", train_overrides(tmp / "props", dataset_dir)),
+        *((stage, "train", train_overrides(tmp / "props", dataset_dir, **train_extra)) for stage in stages),
         (("inference",), "infer", {"dataset_dir": str(dataset_dir), "ckpt_path": str(ckpt_path),
                                     "output_dir": str(tmp / "props" / "inference")}),
     ):

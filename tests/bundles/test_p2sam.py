@@ -18,8 +18,8 @@ from bundle_checks import (
     check_cli_bad_input,
     check_inference_outputs,
     check_metadata,
+    check_properties,
     check_torchrun_with,
-    plain_workflow,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -47,16 +47,8 @@ def trained(tmp_path_factory):
 
 
 def test_properties(trained):
-    tmp, datalist = trained["tmp"], trained["datalist"]
-    for names, kind, override in (
-        (STAGE1, "train", train_overrides(tmp / "props", datalist.parent)),
-        (STAGE2, "train", train_overrides(tmp / "props", datalist.parent)),
-        (("inference",), "infer", {"dataset_dir": str(datalist.parent), "ckpt_path": str(tmp / "models" / "model.pt"),
-                                    "output_dir": str(tmp / "props" / "inference")}),
-    ):
-        wf = plain_workflow(BUNDLE, names, kind, **override)
-        wf.initialize()
-        assert not wf.check_properties(), names
+    tmp = trained["tmp"]
+    check_properties(BUNDLE, tmp, trained["datalist"].parent, tmp / "models" / "model.pt", stages=(STAGE1, STAGE2))
 
 
 def test_metadata_is_valid_offline():

@@ -14,8 +14,8 @@ from bundle_checks import (
     check_cli_bad_input,
     check_inference_outputs,
     check_metadata,
+    check_properties,
     check_torchrun_with,
-    plain_workflow,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -45,14 +45,7 @@ def trained(tmp_path_factory):
 def test_properties(trained):
     """As ``bundle_checks.check_properties``, with this data set's number of raters."""
     tmp, datalist, _ = trained
-    for names, kind, override in (
-        (("train",), "train", _overrides(tmp / "props", datalist.parent)),
-        (("inference",), "infer", {"dataset_dir": str(datalist.parent), "ckpt_path": str(tmp / "models" / "model.pt"),
-                                    "output_dir": str(tmp / "props" / "inference")}),
-    ):
-        wf = plain_workflow(BUNDLE, names, kind, **override)
-        wf.initialize()
-        assert not wf.check_properties(), names
+    check_properties(BUNDLE, tmp, datalist.parent, tmp / "models" / "model.pt", **SMALL)
 
 
 def test_metadata_is_valid_offline():
