@@ -127,3 +127,12 @@ def test_the_trainer_reads_the_declarations_and_honours_amp_and_prepare_batch():
     assert net.autocast == [True, True]  # the step ran under autocast
     assert trainer.target_key == "rater_mask" and trainer.conditions(batch).rater_ids.tolist() == [1, 0]
     assert float(net.bias.detach()) > 0  # the optimizer stepped through the scaled loss
+
+
+def test_the_inferer_conditions_on_its_own_rater_when_the_call_gives_none():
+    net = CoinPerSample().eval()
+    vol, boxes = _volume()
+    out = SlicewiseSamplingInferer(num_samples=8, rater_id=1)(vol, net, box=boxes[:, :1])
+    assert split_sampling_output(out[0], num_samples=8)["samples"][:, 8, 8, 1:5].all()
+    SlicewiseSamplingInferer(num_samples=2, rater_id=1)(vol, net, box=boxes[:, :1], rater_id=0)
+    assert net.seen[-1].rater_ids.tolist() == [0] * len(net.seen[-1].rater_ids)  # the call's rater wins

@@ -10,6 +10,7 @@ name and renamed when complete.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -52,6 +53,7 @@ def write_case_outputs(
     maps: dict[str, torch.Tensor],
     affine: np.ndarray | torch.Tensor,
     record: dict | None = None,
+    sample_names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write one case's maps and samples as NIfTI, plus its JSON record.
 
@@ -64,9 +66,14 @@ def write_case_outputs(
             and ``samples (S * N, H, W, D)`` (one 4D file, samples last, structure-major).
         affine: the input's 4x4 affine, so the outputs overlay the input.
         record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
+        sample_names: a name per sample (``N`` of them, one structure): each sample is also written on its own as
+            ``<id>_<name>.nii.gz`` (e.g. a rater-conditioned method's ``rater-<name>``, one mask per rater).
 
     Returns:
-        Output name -> written path (``"record"`` for the JSON).
+        Output name -> written path (``"record"`` for the JSON; ``sample:<name>`` for the named samples).
+
+    Raises:
+        ValueError: ``sample_names`` does not name every sample once, or the output has several structures.
     """
     out_dir = Path(out_dir)
     affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
@@ -80,6 +87,14 @@ def write_case_outputs(
         # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
         arr = arr[0] if arr.shape[0] == 1 and name != "samples" else np.moveaxis(arr, 0, -1)
         paths[name] = write_nifti(out_dir / f"{case_id}{suffix}", arr, affine)
+    if sample_names is not None:
+        samples = torch.as_tensor(maps["samples"]).detach().cpu().numpy().astype(np.uint8)
+        names = [str(n) for n in sample_names]
+        if len(names) != samples.shape[0] or len(set(names)) != len(names) or int(maps["mean"].shape[0]) != 1:
+            raise ValueError(f"sample_names must name each of the {samples.shape[0]} samples of one structure once, "
+                             f"got {names}")
+        for index, name in enumerate(names):
+            paths[f"sample:{name}"] = write_nifti(out_dir / f"{case_id}_{name}.nii.gz", samples[index], affine)
     rec = dict(record or {})
     structures = int(maps["mean"].shape[0])
     rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]) // structures, num_structures=structures,

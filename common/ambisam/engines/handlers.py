@@ -4,10 +4,11 @@ writes the CSV beside it)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import time
@@ -101,6 +102,12 @@ class MetricsReportWriter:
         case_ids: maps one iteration's (decollated) output to its case ids; default: each item's ``id``, else
             its image's file name.
         extra: fields written into the JSON as they are (settings).
+        merge: add this evaluation's metrics to the report already in ``save_dir`` (a second scoring of the same
+            cases, e.g. a rater-conditioned method's personalised metrics beside its distribution metrics; its
+            ``extra`` fields go under ``merged``) instead of replacing it.
+
+    Raises:
+        ValueError: (when writing, ``merge``) the report there scored other cases.
     """
 
     def __init__(
@@ -111,8 +118,10 @@ class MetricsReportWriter:
             "ged", "diversity", "hm_iou", "dice_max", "dice_mean", "hm_iou_untiled", "dice_max_pairs"),
         case_ids: Callable[[list], list] | None = None,
         extra: Mapping | None = None,
+        merge: bool = False,
     ) -> None:
         self.save_dir = Path(save_dir)
+        self.merge = bool(merge)
         self.num_samples = int(num_samples)
         self.sample_dependent = tuple(sample_dependent)
         self.case_ids = case_ids or self._default_ids
@@ -147,7 +156,16 @@ class MetricsReportWriter:
             if np.ndim(v) == 0
         }
         report = dict(self.extra, num_samples=self.num_samples, overall=overall, cases=list(self._ids), per_case=per_case)
-        write_json(self.save_dir / "metrics.json", report)
+        existing = self.save_dir / "metrics.json"
+        if self.merge and existing.is_file():
+            previous = json.loads(existing.read_text())
+            if previous.get("cases") != report["cases"]:
+                raise ValueError(f"{existing} scored the cases {previous.get('cases')}, not {report['cases']}")
+            previous["overall"].update(overall)
+            previous["per_case"].update(per_case)
+            previous.setdefault("merged", []).append(dict(self.extra, num_samples=self.num_samples, metrics=list(overall)))
+            report, overall, per_case = previous, previous["overall"], previous["per_case"]
+        write_json(existing, report)
         names = list(overall)
         lines = [",".join(["case", *names])]
         for i, case in enumerate(self._ids):
@@ -190,6 +208,8 @@ class SamplingOutputWriter:
         output_dir: the output folder.
         record: what was run (bundle, version, backbone, N, seed, ...).
         affine_key: the MetaTensor whose affine the outputs get.
+        sample_names: a name per sample: each sample is also written on its own as ``<id>_<name>.nii.gz`` (a
+            rater-conditioned method's personalised masks, one per rater).
 
     Each decollated item must hold the split output (``ambisam.data.SplitSamplingOutputd`` in the
     post-processing): ``pred``, ``mean``, ``uncertainty``, ``variance``, ``samples``.
@@ -200,8 +220,10 @@ class SamplingOutputWriter:
         output_dir: str | os.PathLike,
         record: Mapping | None = None,
         affine_key: str = "image",
+        sample_names: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.sample_names = None if sample_names is None else [str(n) for n in sample_names]
         self.record = dict(record or {})
         self.affine_key = affine_key
         self.cases: dict[str, float] = {}
@@ -229,7 +251,7 @@ class SamplingOutputWriter:
             case = case_id(item)
             record = dict(self.record, seconds=seconds, image=str(meta.get("filename_or_obj", "")))
             maps = {k: item[k] for k in OUTPUT_NAMES}
-            write_case_outputs(self.output_dir, case, maps, ref.affine, record)
+            write_case_outputs(self.output_dir, case, maps, ref.affine, record, self.sample_names)
             self.cases[case] = seconds
 
     def _write_run(self, _engine: Engine) -> None:

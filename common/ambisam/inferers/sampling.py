@@ -58,6 +58,8 @@ class SlicewiseSamplingInferer(Inferer):
             see :mod:`ambisam.inferers.layout`), as NCC needs; only the output of the batch being scored is held.
         roi_size: sample a ``roi_size x roi_size`` window centred on each structure's box instead of the whole
             slice (see the module docstring); ``None``: the whole slice.
+        rater_id: the rater id every call conditions on when the call gives none (a rater-conditioned method's
+            "what would rater r draw"); ``None``: the method's own default.
 
     Raises:
         ValueError: ``num_samples`` or ``roi_size`` below 1.
@@ -74,6 +76,7 @@ class SlicewiseSamplingInferer(Inferer):
         per_slice_draws: bool = False,
         keep_probabilities: bool = False,
         roi_size: int | None = None,
+        rater_id: int | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -89,6 +92,7 @@ class SlicewiseSamplingInferer(Inferer):
         self.mode = mode
         self.per_slice_draws = bool(per_slice_draws)
         self.keep_probabilities = bool(keep_probabilities)
+        self.rater_id = None if rater_id is None else int(rater_id)
 
     def _boxes(self, box, net, b: int, d: int, device) -> torch.Tensor | None:
         """``(B, S, D, 4)`` per-slice boxes of every structure, or ``None`` for a prompt-free call."""
@@ -171,7 +175,8 @@ class SlicewiseSamplingInferer(Inferer):
                 ``(B, 1, 4)`` for an image) in pixels, ``[x_min, y_min, x_max, y_max]`` with x along the second
                 spatial axis; a row of ``-1`` marks a slice without a prompt. ``None`` for prompt-free methods:
                 every slice is sampled.
-            rater_id: ``(B,)`` rater ids (or one int for the batch) for rater-conditioned methods.
+            rater_id: ``(B,)`` rater ids (or one int for the batch) for rater-conditioned methods; default: the
+                inferer's ``rater_id``.
             kwargs: ignored (engines may pass extra batch keys).
 
         Returns:
@@ -192,6 +197,7 @@ class SlicewiseSamplingInferer(Inferer):
         n = self.num_samples
         block = 3 + n * (2 if self.keep_probabilities else 1)
         rater_ids = None
+        rater_id = self.rater_id if rater_id is None else rater_id
         if rater_id is not None:
             rater_ids = torch.as_tensor(rater_id, device=volumes.device).long().reshape(-1).expand(b)
         seeds = None if self.per_slice_draws else torch.randint(0, 2**62, (b, s))  # one draw per volume, structure
