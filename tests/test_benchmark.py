@@ -243,8 +243,9 @@ def test_the_timed_cache_goes_only_to_stages_that_cache_embeddings():
 # ------------------------------------------------------------------------------------------------ benchmark
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory):
-    """psam (one epoch), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4; proseg, not
-    implemented yet, is listed as unavailable (p2sam, which now runs, trains too slowly on a CPU for this test)."""
+    """psam (one epoch), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4; proseg, whose
+    bundle is not written yet, is listed as unavailable (p2sam, which now runs, trains too slowly on a CPU for this
+    test)."""
     from ambisam.data import synthesize
 
     tmp = tmp_path_factory.mktemp("benchmark")
@@ -286,7 +287,7 @@ def test_benchmark_results_json(benchmark_run):
         assert float(r["ncc_undefined_raters"]).is_integer()
     assert jitter["diversity"] > 0
     assert results[3]["status"] == "unavailable" and "proseg" in results[3]["reason"]
-    assert "not implemented yet" in results[3]["reason"]  # no network class ambisam.networks.ProSeg
+    assert "does not exist yet" in results[3]["reason"]  # the network class exists, bundles/proseg does not
     assert psam["training"][0]["stages"][0]["configs"] == ["train"] and psam["training"][0]["stages"][0]["epochs"] == 1
     record = json.loads((out / "run.json").read_text())
     assert record["job"] == "benchmark" and record["num_samples"] == 4 and "torch" in record["versions"]

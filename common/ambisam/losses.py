@@ -9,6 +9,8 @@
   closest to it.
 - :class:`P2SamLoss`: P2SAM's BCE (or the reference code's cross-entropy) + Dice + focal loss of the assembled
   logit against one rater, plus an L2 term on the parameters the network names.
+- :class:`ProSegLoss`: ProSeg's generalised Dice against one rater, plus the cross-entropy of its rater
+  classifier, the image reconstruction MSE and the two latents' KL divergences.
 
 Every loss here takes the ``dict`` a method's ``training_outputs`` returns and keeps its last components in
 ``last_components`` (detached scalars), so a trainer can log them.
@@ -19,11 +21,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
+from monai.losses import DiceLoss, FocalLoss, GeneralizedDiceLoss
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss", "P2SamLoss"]
+__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss", "P2SamLoss", "ProSegLoss"]
 
 
 class LatentSegmentationLoss(nn.Module):
@@ -325,6 +327,27 @@ class WinnerTakesAllLoss(HungarianSetLoss):
         return cost.argmin(axis=0), np.arange(cost.shape[1])
 
 
+def _at_target_size(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rater's logits upsampled bilinearly to its mask's size, and the mask in the logits' dtype.
+
+    Args:
+        logits: ``(B, 1, h, w)``.
+        target: ``(B, 1, H, W)``.
+
+    Returns:
+        ``(B, 1, H, W)`` logits and target.
+
+    Raises:
+        ValueError: when they are not ``(B, 1, ...)`` with one ``B``.
+    """
+    if logits.ndim != 4 or target.ndim != 4 or logits.shape[:2] != target.shape[:2] or logits.shape[1] != 1:
+        raise ValueError(f"expected logits and target (B, 1, H, W), got {tuple(logits.shape)}, {tuple(target.shape)}")
+    target = target.to(logits.dtype)
+    if logits.shape[2:] != target.shape[2:]:
+        logits = F.interpolate(logits, size=tuple(target.shape[2:]), mode="bilinear", align_corners=False)
+    return logits, target
+
+
 class P2SamLoss(nn.Module):
     """P2SAM's loss: ``ce_weight * CE + dice_weight * Dice + focal_weight * focal + l2_weight * L2``.
 
@@ -413,12 +436,7 @@ class P2SamLoss(nn.Module):
         """
         if "logits" not in outputs:
             raise ValueError(f"outputs must hold 'logits', got keys {sorted(outputs)}")
-        logits = outputs["logits"]
-        if logits.ndim != 4 or target.ndim != 4 or logits.shape[:2] != target.shape[:2] or logits.shape[1] != 1:
-            raise ValueError(f"expected logits and target (B, 1, H, W), got {tuple(logits.shape)}, {tuple(target.shape)}")
-        target = target.to(logits.dtype)
-        if logits.shape[2:] != target.shape[2:]:
-            logits = F.interpolate(logits, size=tuple(target.shape[2:]), mode="bilinear", align_corners=False)
+        logits, target = _at_target_size(outputs["logits"], target)
         terms = {
             "ce": self.cross_entropy(outputs, logits, target),
             "dice": self.dice(logits, target),
@@ -429,6 +447,99 @@ class P2SamLoss(nn.Module):
         self.last_components = {k: v.detach() for k, v in terms.items()}
         self.last_components["l2_weighted"] = (self.weights["l2"] * terms["l2"]).detach()
         self.last_components["total"] = total.detach()
+        return total
+
+    def components(self) -> dict[str, float]:
+        """The last call's components as Python floats (for logging); empty before the first call."""
+        return {name: float(value) for name, value in self.last_components.items()}
+
+
+class ProSegLoss(nn.Module):
+    """ProSeg's loss: ``dice_weight * GDL + rater_weight * CE + reconstruction_weight * MSE
+    + kl_weight * (KL_dir + KL_gauss)``.
+
+    - GDL: MONAI's :class:`~monai.losses.GeneralizedDiceLoss` (``sigmoid=True``) of ``outputs["logits"]
+      (B, 1, h, w)``, upsampled bilinearly to the target's size as :class:`LatentSegmentationLoss` does. With one
+      channel its class weight cancels, so per image (``dice_batch=False``, the default) it is the soft Dice loss,
+      and an image whose rater mask is empty contributes 0 (no gradient); ``dice_batch=True`` pools it over the
+      batch instead (an empty mask then still penalises false positives);
+    - CE: the cross-entropy of ``outputs["rater_logits"] (B, K)`` against ``outputs["rater_ids"] (B,)``, one
+      softmax (the reference code applies softmax twice; not copied); 0 for one rater (``K = 1``);
+    - MSE: ``outputs["reconstruction"]`` against ``outputs["reconstruction_target"]``;
+    - KL: the batch means of ``outputs["kl_rater"]`` (``KL(Dir(softplus(alpha_r)) || Dir(1))``) and
+      ``outputs["kl_image"]`` (the per-pixel Gaussian KL, summed over channels, averaged over pixels).
+
+    The reference's small L2 (1e-5) is the optimizer's ``weight_decay``, not a term here.
+
+    Args:
+        kl_weight: weight of the two KL terms (0.1 in the reference code).
+        dice_weight: weight of the generalised Dice term.
+        rater_weight: weight of the rater cross-entropy.
+        reconstruction_weight: weight of the reconstruction MSE.
+        dice_batch: pool the generalised Dice over the batch.
+
+    Attributes:
+        last_components: after each call, detached scalars ``dice``, ``rater_ce``, ``reconstruction``,
+            ``kl_rater``, ``kl_image`` (batch means, before ``kl_weight``), ``kl_weighted`` and ``total``.
+
+    Raises:
+        ValueError: on a negative weight.
+    """
+
+    KEYS = ("logits", "rater_logits", "rater_ids", "reconstruction", "reconstruction_target", "kl_rater", "kl_image")
+
+    def __init__(
+        self,
+        kl_weight: float = 0.1,
+        dice_weight: float = 1.0,
+        rater_weight: float = 1.0,
+        reconstruction_weight: float = 1.0,
+        *,
+        dice_batch: bool = False,
+    ) -> None:
+        super().__init__()
+        weights = {"kl": kl_weight, "dice": dice_weight, "rater": rater_weight, "reconstruction": reconstruction_weight}
+        if min(weights.values()) < 0:
+            raise ValueError(f"weights must be non-negative, got {weights}")
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.dice = GeneralizedDiceLoss(sigmoid=True, batch=dice_batch)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The loss of one training step.
+
+        Args:
+            outputs: :meth:`ProSeg.training_outputs <ambisam.networks.ProSeg.compute_training_outputs>`: the keys
+                in :attr:`KEYS`.
+            target: ``(B, 1, H, W)`` the rater's mask, values in ``[0, 1]``.
+
+        Returns:
+            the scalar loss.
+
+        Raises:
+            ValueError: when ``outputs`` lacks a key, or logits and target are not ``(B, 1, ...)`` with one ``B``.
+        """
+        missing = [key for key in self.KEYS if key not in outputs]
+        if missing:
+            raise ValueError(f"outputs lack {missing} (got keys {sorted(outputs)})")
+        logits, target = _at_target_size(outputs["logits"], target)
+        kl_rater, kl_image = outputs["kl_rater"].mean(), outputs["kl_image"].mean()
+        terms = {
+            "dice": self.dice(logits, target),
+            "rater": F.cross_entropy(outputs["rater_logits"], outputs["rater_ids"].long()),
+            "reconstruction": F.mse_loss(outputs["reconstruction"], outputs["reconstruction_target"]),
+            "kl": kl_rater + kl_image,
+        }
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        self.last_components = {
+            "dice": terms["dice"].detach(),
+            "rater_ce": terms["rater"].detach(),
+            "reconstruction": terms["reconstruction"].detach(),
+            "kl_rater": kl_rater.detach(),
+            "kl_image": kl_image.detach(),
+            "kl_weighted": (self.weights["kl"] * terms["kl"]).detach(),
+            "total": total.detach(),
+        }
         return total
 
     def components(self) -> dict[str, float]:

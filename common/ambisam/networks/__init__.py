@@ -10,6 +10,7 @@ from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_diverg
 from ambisam.networks.mcl import MultipleChoiceSam
 from ambisam.networks.p2sam import DensePromptMapping, DiversityAwareAssembling, P2Sam, PromptGenerationNetwork
 from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
+from ambisam.networks.proseg import ProSeg
 from ambisam.networks.psam import ProbabilisticSam
 from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
 from ambisam.registry import get_method, method_registry
@@ -26,6 +27,7 @@ __all__ = [
     "FoldedPromptCell",
     "MultipleChoiceSam",
     "P2Sam",
+    "ProSeg",
     "DiversityAwareAssembling",
     "PromptGenerationNetwork",
     "DensePromptMapping",
