@@ -391,3 +391,34 @@ def test_unet_option_end_to_end_on_a_small_grid():
     assert torch.equal(out["reconstruction_target"], embeddings)
     ProSegLoss()(out, rater_masks).backward()
     assert all(p.grad is not None for p in model.unet.parameters())
+
+
+def test_the_rater_table_is_saved_with_the_weights_and_checked(tmp_path):
+    from ambisam.data import write_datalist
+    from ambisam.errors import InputError
+    from ambisam.networks import ProSeg, check_rater_table, rater_index, trained_raters
+
+    small = {"backbone": "unet", "num_raters": 3, "image_size": 32, "unet_features": (4, 4, 4, 4, 4, 4)}
+    torch.save(ProSeg(rater_names=["ann", "bob", "cy"], **small).state_dict(), tmp_path / "model.pt")
+    assert trained_raters(tmp_path / "model.pt") == {"rater_names": ["ann", "bob", "cy"], "rater_identity": "named"}
+    assert trained_raters(tmp_path / "absent.pt") is None
+    loaded = ProSeg(**small)
+    assert loaded.rater_names == ("0", "1", "2")
+    loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert loaded.rater_names == ("ann", "bob", "cy")  # the trained names replace the constructor's
+    with pytest.raises(ValueError, match="trained with the raters"):
+        ProSeg(rater_identity="ranked_by_area", **small).load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert rater_index(loaded.rater_names, "bob") == 1 and rater_index(loaded.rater_names, "2") == 2
+    with pytest.raises(InputError, match=r"unknown rater 'dee'.*\['ann', 'bob', 'cy'\]"):
+        rater_index(loaded.rater_names, "dee")
+    with pytest.raises(InputError, match="unknown rater 3"):
+        rater_index(loaded.rater_names, 3)
+    # a datalist whose raters are not the trained ones is refused by name; ranked by area only the count matters
+    def datalist(raters):
+        items = [{"image": str(tmp_path / "a.nii.gz"), "label": [str(tmp_path / f"a{r}.nii.gz") for r in range(3)]}]
+        return write_datalist(tmp_path / "-".join(raters), {"training": items}, raters=raters)
+
+    check_rater_table(datalist(["ann", "bob", "cy"]), tmp_path / "model.pt")
+    with pytest.raises(InputError, match=r"names the raters \['ann', 'cy', 'bob'\]"):
+        check_rater_table(datalist(["ann", "cy", "bob"]), tmp_path / "model.pt")
+    check_rater_table(datalist(["x", "y", "z"]), tmp_path / "model.pt", rater_order="area")

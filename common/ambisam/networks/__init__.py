@@ -10,7 +10,7 @@ from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_diverg
 from ambisam.networks.mcl import MultipleChoiceSam
 from ambisam.networks.p2sam import DensePromptMapping, DiversityAwareAssembling, P2Sam, PromptGenerationNetwork
 from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
-from ambisam.networks.proseg import ProSeg
+from ambisam.networks.proseg import ProSeg, check_rater_table, rater_index, trained_raters
 from ambisam.networks.psam import ProbabilisticSam
 from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
 from ambisam.registry import get_method, method_registry
@@ -28,6 +28,9 @@ __all__ = [
     "MultipleChoiceSam",
     "P2Sam",
     "ProSeg",
+    "trained_raters",
+    "rater_index",
+    "check_rater_table",
     "DiversityAwareAssembling",
     "PromptGenerationNetwork",
     "DensePromptMapping",

@@ -25,12 +25,21 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 from torch.distributions import Dirichlet, Normal
 
+from ambisam.data.conventions import datalist_raters
+from ambisam.errors import InputError
 from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabilities
 from ambisam.networks.latent import latent_kl_divergence
 from ambisam.networks.prob_unet import ImageGridBackbone, box_masks
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
 
-__all__ = ["ProSeg", "flat_dirichlet_from_normal", "gaussian_kl_to_prior"]
+__all__ = [
+    "ProSeg",
+    "flat_dirichlet_from_normal",
+    "gaussian_kl_to_prior",
+    "trained_raters",
+    "rater_index",
+    "check_rater_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,77 @@ def gaussian_kl_to_prior(mu: torch.Tensor, log_variance: torch.Tensor, prior_log
     prior_variance = math.exp(prior_log_variance)
     per_value = 0.5 * (prior_log_variance - log_variance + (log_variance.exp() + mu.square()) / prior_variance - 1.0)
     return per_value.sum(dim=1).flatten(1).mean(dim=1)
+
+
+def _check_rater_names(names: Sequence[str] | None, num_raters: int) -> tuple[str, ...]:
+    """``names`` as a tuple of ``num_raters`` distinct strings (positional ``"0"`` to ``"K-1"`` for ``None``)."""
+    if names is None:
+        return tuple(str(r) for r in range(num_raters))
+    names = tuple(str(n) for n in names)
+    if len(names) != num_raters or len(set(names)) != len(names):
+        raise ValueError(f"rater_names must name each of the {num_raters} raters once, got {list(names)}")
+    return names
+
+
+def trained_raters(ckpt_path: str | os.PathLike) -> dict | None:
+    """The raters a saved ProSeg model was trained with, read from its weights file without building it.
+
+    Args:
+        ckpt_path: a ``model.pt`` (a state dict, or a dict holding one under ``"model"``).
+
+    Returns:
+        ``{"rater_names": [...], "rater_identity": ...}``, or ``None`` when the file is absent or holds none.
+    """
+    if not os.path.isfile(ckpt_path):
+        return None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else {}
+    extra = state.get("_extra_state") if isinstance(state, dict) else None
+    return dict(extra) if isinstance(extra, dict) and "rater_names" in extra else None
+
+
+def rater_index(rater_names: Sequence[str], rater: str | int | None) -> int | None:
+    """The id of ``rater`` (a name in ``rater_names``, or an id), ``None`` for ``None``.
+
+    Raises:
+        InputError: an unknown name or an id out of range (listing the trained raters).
+    """
+    if rater is None:
+        return None
+    names = [str(n) for n in rater_names]
+    if str(rater) in names:
+        return names.index(str(rater))
+    if isinstance(rater, int) or str(rater).isdigit():
+        if 0 <= int(rater) < len(names):
+            return int(rater)
+    raise InputError(None, f"unknown rater {rater!r}: the model was trained with the raters {names} (give a name "
+                           f"or an id from 0 to {len(names) - 1})")
+
+
+def check_rater_table(datalist: str | os.PathLike, ckpt_path: str | os.PathLike, rater_order: str = "datalist") -> None:
+    """Check that a datalist's raters are the ones a saved model was trained with (evaluation: rater r of the
+    data must be rater r of the model).
+
+    Args:
+        datalist: the datalist JSON file.
+        ckpt_path: the model's weights.
+        rater_order: ``"area"`` when rater ids are ranks by area (any names then fit; the count must).
+
+    Raises:
+        InputError: naming the datalist, when its rater table differs from the trained one.
+    """
+    trained = trained_raters(ckpt_path)
+    if trained is None or trained.get("rater_identity") == "anonymous":
+        return
+    names = list(datalist_raters(datalist))
+    expected = list(trained["rater_names"])
+    if rater_order == "area" or trained.get("rater_identity") == "ranked_by_area":
+        if len(names) != len(expected):
+            raise InputError(datalist, f"has {len(names)} raters; the model ranks {len(expected)} by area")
+        return
+    if names != expected:
+        raise InputError(datalist, f"names the raters {names}, but the model {ckpt_path} was trained with "
+                                   f"{expected}: rater ids would not match (give the trained rater table)")
 
 
 def _rater_conv(heads: nn.ModuleList, rater_ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -166,6 +246,12 @@ class ProSeg(MaskSamplingNetwork):
         image_size: the grid side of the ``"unet"`` option.
         unet_features: :class:`~monai.networks.nets.BasicUNet` features of the ``"unet"`` option (six values; the
             last is the feature map's channels).
+        rater_names: the name of each rater id (the training datalist's rater table; default ``"0"`` to
+            ``"K-1"``). Saved with the weights (``get_extra_state``), so a loaded model knows whose predictions it
+            makes: loading replaces the names given here by the trained ones.
+
+    Attributes:
+        inference_modes: the modes ``conditions.mode`` takes (``"diverse"``, the default, and ``"personalised"``).
 
     Raises:
         ValueError: on an unknown ``rater_identity``, a non-positive size, ``rater_latent_dim < 2``, a
@@ -173,6 +259,7 @@ class ProSeg(MaskSamplingNetwork):
     """
 
     capabilities = MethodCapabilities(training_target="rater", conditions=("image", "rater_id", "mode"))
+    inference_modes = MODES
 
     def __init__(
         self,
@@ -186,6 +273,7 @@ class ProSeg(MaskSamplingNetwork):
         prior_log_variance: float = 0.0,
         image_size: int = 128,
         unet_features: Sequence[int] = (32, 32, 64, 128, 192, 32),
+        rater_names: Sequence[str] | None = None,
     ) -> None:
         if rater_identity not in RATER_IDENTITIES:
             raise ValueError(f"rater_identity must be one of {RATER_IDENTITIES}, got {rater_identity!r}")
@@ -211,6 +299,9 @@ class ProSeg(MaskSamplingNetwork):
         self.rater_latent_dim = int(rater_latent_dim)
         self.image_latent_dim = int(image_latent_dim)
         self.prior_log_variance = float(prior_log_variance)
+        if rater_identity == "anonymous":
+            rater_names = ("anonymous",)
+        self.rater_names = _check_rater_names(rater_names, self.num_raters)
         if rater_identity == "anonymous":
             self.capabilities = self.capabilities._replace(conditions=("image", "mode"))
             logger.info("ProSeg(rater_identity='anonymous'): one rater latent and one statistic head; it trains "
@@ -242,6 +333,27 @@ class ProSeg(MaskSamplingNetwork):
         )
         self.rater_classifier = nn.Linear(d, k)
         self.reconstruction_heads = nn.ModuleList(nn.Conv2d(d + dz, 1, 1) for _ in range(k))
+
+    # ------------------------------------------------------------------------------------ the saved raters
+    def get_extra_state(self) -> dict:
+        """Saved with the weights: the rater names and how rater ids were defined (plain types, so the state
+        dict loads with ``weights_only=True``)."""
+        return {"rater_names": list(self.rater_names), "rater_identity": self.rater_identity}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Take the trained rater names (their count must match this network's ``K``).
+
+        Raises:
+            ValueError: the checkpoint's raters do not fit this network (another ``K`` or rater identity).
+        """
+        names = tuple(str(n) for n in state.get("rater_names", ()))
+        identity = state.get("rater_identity", self.rater_identity)
+        if len(names) != self.num_raters or identity != self.rater_identity:
+            raise ValueError(
+                f"the weights were trained with the raters {list(names)} ({identity}); this network has "
+                f"{self.num_raters} ({self.rater_identity})"
+            )
+        self.rater_names = names
 
     # ------------------------------------------------------------------------------------------- the checks
     def check_inputs(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int | None = None) -> None:
