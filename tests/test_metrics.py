@@ -574,3 +574,95 @@ def test_presence_handler_gap_and_fractions(tmp_path):
     assert report["per_case"]["samples_empty"] == [0.25, 0.0]
     assert report["per_case"]["raters_empty"] == [0.5, 0.0]
     assert report["overall"]["presence_gap"] == pytest.approx(0.125)
+
+
+# ------------------------------------------------------------------------------------------ personalised Dice
+
+
+def test_personalised_dice_fixed_and_hungarian_by_hand():
+    from ambisam.metrics import personalised_dice
+
+    # predictions (C, B) for raters (A, C): the fixed pairs C~A and B~C share nothing -> 0; the best assignment
+    # C~C (Dice 1) and B~A (2 * 1 / (1 + 2) = 2/3) -> 5/6
+    preds, raters = masks(C, B), masks(A, C)
+    assert personalised_dice(preds, raters) == pytest.approx(0.0)
+    assert personalised_dice(preds, raters, matching="hungarian") == pytest.approx(5 / 6)
+    # in rater order the two agree: (B, C) -> (2/3 + 1) / 2
+    for matching in ("fixed", "hungarian"):
+        assert personalised_dice(masks(B, C), raters, matching=matching) == pytest.approx(5 / 6)
+    # torch input, a 2D spatial shape
+    swapped = torch.tensor(masks(C, A)).reshape(2, 2, 2)
+    assert personalised_dice(swapped, torch.tensor(masks(A, C)).reshape(2, 2, 2), "hungarian") == pytest.approx(1)
+
+
+def test_personalised_dice_empty_masks_score_one():
+    from ambisam.metrics import personalised_dice
+
+    # (E, A) for (E, B): E~E 1, A~B 2/3 -> 5/6 both ways; everything empty -> 1
+    assert personalised_dice(masks(E, A), masks(E, B)) == pytest.approx(5 / 6)
+    assert personalised_dice(masks(E, A), masks(E, B), matching="hungarian") == pytest.approx(5 / 6)
+    assert personalised_dice(masks(E, E), masks(E, E), matching="hungarian") == 1.0
+    assert personalised_dice(masks(A, E), masks(E, A)) == 0.0  # an empty prediction against a mask: 0
+
+
+def test_personalised_dice_rater_valid_and_row_count():
+    from ambisam.metrics import personalised_dice
+
+    preds, raters = masks(C, B, A), masks(A, C, E)
+    # every rater counts: fixed C~A 0, B~C 0, A~E 0 -> 0; hungarian C~C 1, A~A 1, B~E 0 -> 2/3
+    assert personalised_dice(preds, raters) == 0.0
+    assert personalised_dice(preds, raters, "hungarian") == pytest.approx(2 / 3)
+    # rater 2 did not read: it and prediction 2 are left out -> the 2-rater case of above
+    valid = [1, 1, 0]
+    assert personalised_dice(preds, raters, rater_valid=valid) == 0.0
+    assert personalised_dice(preds, raters, "hungarian", rater_valid=torch.tensor(valid)) == pytest.approx(5 / 6)
+    # the label as SelectReadRatersd leaves it (only the raters who read) gives the same
+    assert personalised_dice(preds, masks(A, C), "hungarian", rater_valid=valid) == pytest.approx(5 / 6)
+    # N = 2K: the first K rows count
+    assert personalised_dice(masks(B, C, E, E), masks(A, C)) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="K = 2 rows"):
+        personalised_dice(masks(B, C, A), masks(A, C))
+    with pytest.raises(ValueError, match="K = 3 rows"):
+        personalised_dice(masks(B, C), masks(A, C, E))
+    with pytest.raises(ValueError, match="raters has 1 masks for 3 rater flags"):
+        personalised_dice(preds, masks(A), rater_valid=valid)
+    with pytest.raises(ValueError, match="no rater read"):
+        personalised_dice(preds, raters, rater_valid=[0, 0, 0])
+    with pytest.raises(ValueError, match="'fixed', 'hungarian'"):
+        personalised_dice(preds, raters, matching="greedy")
+
+
+def test_personalised_dice_metric_and_handler():
+    from monai.handlers import from_engine
+
+    from ambisam.metrics import PersonalisedDiceHandler, PersonalisedDiceMetric
+
+    # case a: (C, B) for (A, C) as above: fixed 0, hungarian 5/6; case b: (B, C, A) for (A, C, E), rater 2 unread,
+    # label already reduced to (A, C) by SelectReadRatersd: fixed (2/3 + 1) / 2 = 5/6, hungarian 5/6
+    items = [
+        {"samples": torch.tensor(masks(C, B)), "label": torch.tensor(masks(A, C)), "rater_valid": torch.ones(2)},
+        {"samples": torch.tensor(masks(B, C, A)), "label": torch.tensor(masks(A, C)),
+         "rater_valid": torch.tensor([1.0, 1.0, 0.0])},
+    ]
+    engine, data = _engine_outputs(items)
+    inputs = from_engine(["samples", "label", "rater_valid"])
+    PersonalisedDiceHandler(output_transform=inputs).attach(engine, "pdice")
+    PersonalisedDiceHandler(matching="hungarian", output_transform=inputs).attach(engine, "pdice_matched")
+    engine.run(data, max_epochs=1)
+    assert engine.state.metrics["pdice"] == pytest.approx(5 / 12)
+    assert engine.state.metrics["pdice_matched"] == pytest.approx(5 / 6)
+    np.testing.assert_allclose(engine.state.metric_details["pdice"].squeeze(1).numpy(), [0.0, 5 / 6])
+    # without rater_valid (every rater read): (y_pred, y) as for the other handlers
+    engine, data = _engine_outputs(items[:1])
+    PersonalisedDiceHandler("hungarian", output_transform=from_engine(["samples", "label"])).attach(engine, "p")
+    engine.run(data, max_epochs=1)
+    assert engine.state.metrics["p"] == pytest.approx(5 / 6)
+    # the metric on batch-first tensors with (B, K) flags
+    metric = PersonalisedDiceMetric()
+    metric(torch.tensor(masks(B, C, A))[None], torch.tensor(masks(A, C, E))[None], rater_valid=torch.tensor([[1, 1, 0]]))
+    metric(torch.tensor(masks(C, B))[None], torch.tensor(masks(A, C))[None])
+    assert float(metric.aggregate()) == pytest.approx(5 / 12)
+    with pytest.raises(ValueError, match="'fixed', 'hungarian'"):
+        PersonalisedDiceHandler(matching="best")
+    with pytest.raises(ValueError, match="got 1 entries"):
+        PersonalisedDiceHandler().update([torch.zeros(1, 2, 4)])

@@ -97,11 +97,20 @@ class Commands:
     def __init__(self) -> None:
         self.bench = Bench()
 
-    def synth(self, out: str, cases: int = 8, raters: int = 4, seed: int = 0) -> None:
-        """Write a synthetic CT-like multi-rater data set (NIfTI + datalist.json) to OUT, deterministic for a seed."""
+    def synth(self, out: str, cases: int = 8, raters: int = 4, seed: int = 0, rater_styles: bool = False) -> None:
+        """Write a synthetic CT-like multi-rater data set (NIfTI + datalist.json) to OUT, deterministic for a seed.
+
+        Args:
+            out: the output folder.
+            cases: the number of cases.
+            raters: the number of raters K.
+            seed: the random seed.
+            rater_styles: (``--rater_styles`` or ``--rater-styles``) the 4 raters draw the same way on every case:
+                generous, conservative, misses_faint (some lesions are then faint), typical; the datalist names them.
+        """
         from ambisam.data.synth import synthesize
 
-        print(synthesize(out, cases=cases, raters=raters, seed=seed))
+        print(synthesize(out, cases=cases, raters=raters, seed=seed, rater_styles=rater_styles))
 
     def convert(
         self,

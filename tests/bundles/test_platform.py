@@ -66,3 +66,21 @@ def test_every_macro_resolves(bundle):
         assert MACRO + "common/" not in json.dumps(flat), file
     merged = flatten_config([BUNDLES[bundle] / "configs" / "train.json", BUNDLES[bundle] / "configs" / "evaluate.json"])
     assert merged["validate_split"] == "@eval_split" and merged["train"]["trainer"]["_target_"] == "ambisam.engines.MultiRaterTrainer"
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_the_synthetic_options_reach_ensure_dataset(bundle, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from ambisam.data import datalist_raters
+    from ambisam.data.synth import RATER_STYLES
+
+    synthetic = {"rater_styles": True, "cases": 2, "shape": [48, 48, 12]}
+    for name, key in (("train", "datalist"), ("inference", "dataset#data")):
+        parser = ConfigParser()
+        parser.read_config(BUNDLES[bundle] / "configs" / f"{name}.json")
+        assert parser["synthetic"] == f"{MACRO}common/ambisam/configs/{name}.json#synthetic", f"{bundle}/{name}.json"
+        parser["dataset_dir"] = str(tmp_path / name)
+        parser["synthetic"] = synthetic
+        parser.get_parsed_content(key)
+        assert datalist_raters(tmp_path / name / "datalist.json") == RATER_STYLES

@@ -22,7 +22,7 @@ from ambisam.data.datalist import (
 )
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
-from ambisam.data.pipelines import training_slice_transforms, volume_transforms
+from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volume_transforms
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
 from ambisam.data.transforms import (
     NO_BOX,
@@ -31,6 +31,7 @@ from ambisam.data.transforms import (
     LesionCropd,
     LoadBoxd,
     LoadRatersd,
+    RankRatersByAread,
     SelectReadRatersd,
     PromptBoxesd,
     ResizeBoxd,
@@ -68,6 +69,7 @@ __all__ = [
     "strip_image_extension",
     "check_inputs",
     "inference_items",
+    "RATER_ORDERS",
     "training_slice_transforms",
     "volume_transforms",
     "ensure_dataset",
@@ -79,6 +81,7 @@ __all__ = [
     "LesionCropd",
     "LoadBoxd",
     "LoadRatersd",
+    "RankRatersByAread",
     "SelectReadRatersd",
     "PromptBoxesd",
     "ResizeBoxd",

@@ -22,6 +22,7 @@ from ambisam.data.transforms import (
     LesionCropd,
     LoadBoxd,
     LoadRatersd,
+    RankRatersByAread,
     ResizeBoxd,
     SelectSlicesd,
     StructureMasksd,
@@ -29,7 +30,16 @@ from ambisam.data.transforms import (
     intensity_transform,
 )
 
-__all__ = ["volume_transforms", "training_slice_transforms"]
+__all__ = ["RATER_ORDERS", "volume_transforms", "training_slice_transforms"]
+
+#: the ``rater_order`` of the pipelines: the datalist's rater table, or the area rank (:class:`RankRatersByAread`)
+RATER_ORDERS = ("datalist", "area")
+
+
+def _check_rater_order(rater_order: str) -> str:
+    if rater_order not in RATER_ORDERS:
+        raise ValueError(f"rater_order must be one of {', '.join(map(repr, RATER_ORDERS))}, got {rater_order!r}.")
+    return rater_order
 
 
 def _load_and_check(
@@ -40,16 +50,20 @@ def _load_and_check(
     value_range: Sequence[float] | None,
     class_map: Mapping[str, int] | None,
     structures: Sequence[str] | None,
+    rater_order: str,
 ) -> list:
-    """``LoadImaged`` + :class:`LoadRatersd` + :class:`ValidateMultiRaterd` + intensity (+ :class:`StructureMasksd`
-    with a class map); the label may be absent when ``label_optional``."""
+    """``LoadImaged`` + :class:`LoadRatersd` + :class:`ValidateMultiRaterd` (+ :class:`RankRatersByAread` with
+    ``rater_order="area"``) + intensity (+ :class:`StructureMasksd` with a class map); the label may be absent when
+    ``label_optional``."""
     values = None if class_map is None else list(class_map.values())
     xs = [
         LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
         LoadRatersd("label", image_only=True, allow_missing_keys=label_optional),
         ValidateMultiRaterd("image", "label", num_raters, allow_missing_keys=label_optional, label_values=values),
-        intensity_transform("image", modality, window, value_range=value_range),
     ]
+    if _check_rater_order(rater_order) == "area":
+        xs.append(RankRatersByAread("label", allow_missing_keys=label_optional))
+    xs.append(intensity_transform("image", modality, window, value_range=value_range))
     if class_map is not None:
         xs.append(StructureMasksd("label", class_map, structures, allow_missing_keys=label_optional))
     return xs
@@ -65,11 +79,12 @@ def volume_transforms(
     value_range: Sequence[float] | None = None,
     class_map: Mapping[str, int] | None = None,
     structures: Sequence[str] | None = None,
+    rater_order: str = "datalist",
 ) -> Compose:
     """Pre-processing of whole volumes for inference and evaluation.
 
     ``LoadImaged`` (image) and :class:`LoadRatersd` (label, when present) -> :class:`ValidateMultiRaterd` ->
-    intensity to ``[0, 1]`` -> optional :class:`StructureMasksd` -> optional :class:`LoadBoxd` -> optional
+    optional :class:`RankRatersByAread` -> intensity to ``[0, 1]`` -> optional :class:`StructureMasksd` -> optional :class:`LoadBoxd` -> optional
     ``Orientationd`` / ``Spacingd`` (label nearest). Every step is invertible or metadata-free, so
     ``Invertd(transform=<this>, orig_keys="image")`` maps predictions back.
 
@@ -87,14 +102,22 @@ def volume_transforms(
         class_map: the datalist's ``labels`` (see :func:`~ambisam.data.datalist_class_map`): the label files hold
             these integer values, and ``label`` becomes ``(S * K, H, W, D)`` binary masks (:class:`StructureMasksd`).
         structures: with ``class_map``: the structures to keep, in order (``None``: all).
+        rater_order: ``"datalist"`` (default): label channel ``r`` is rater ``r`` of the datalist's rater table;
+            ``"area"``: the channels are reordered by ascending foreground area over the whole volume
+            (:class:`RankRatersByAread`, ProSeg's LIDC convention: rater ``r`` is the ``r``-th smallest mask, raters
+            who did not read the case last), when the item has a label.
 
     Returns:
         A ``Compose`` giving ``image (1, H, W, D)`` in ``[0, 1]``, ``label (K, H, W, D)`` (``(S * K, H, W, D)``
-        with a class map, plus ``structures``) and ``rater_valid (K,)`` when the item has a label, and
-        ``box (D, 4)`` when ``box`` is set and the item has one.
+        with a class map, plus ``structures``) and ``rater_valid (K,)`` when the item has a label (and
+        ``rater_order (K,)``, the datalist channel of each channel, with ``rater_order="area"``), and ``box (D, 4)``
+        when ``box`` is set and the item has one.
+
+    Raises:
+        ValueError: an unknown ``rater_order``.
     """
     resample = orientation is not None or spacing is not None
-    xs = _load_and_check(modality, window, num_raters, True, value_range, class_map, structures)
+    xs = _load_and_check(modality, window, num_raters, True, value_range, class_map, structures, rater_order)
     spatial_keys = ["image", "label"]
     if box:
         xs.append(LoadBoxd("box", "image", mask_key="box_mask" if resample else None, allow_missing_keys=True))
@@ -123,10 +146,12 @@ def training_slice_transforms(
     value_range: Sequence[float] | None = None,
     class_map: Mapping[str, int] | None = None,
     structures: Sequence[str] | None = None,
+    rater_order: str = "datalist",
 ) -> Compose:
     """Training pipeline: one volume -> a list of 2D slice dicts ready for a SAM backbone.
 
-    ``LoadImaged`` + :class:`LoadRatersd` -> :class:`ValidateMultiRaterd` -> intensity -> optional
+    ``LoadImaged`` + :class:`LoadRatersd` -> :class:`ValidateMultiRaterd` -> optional :class:`RankRatersByAread`
+    -> intensity -> optional
     :class:`StructureMasksd` -> :class:`SelectSlicesd` -> optional
     :class:`LesionCropd` -> :class:`BoxFromRaterd` -> :class:`ResizeBoxd` + ``Resized`` (image bilinear, masks
     nearest) to the backbone input.
@@ -142,17 +167,24 @@ def training_slice_transforms(
         jitter: box jitter in pixels (before resizing).
         spatial_size: the backbone's square input size (256 LiteMedSAM, 1024 SAM), or ``(H, W)``.
         value_range, class_map, structures: as :func:`volume_transforms`.
+        rater_order: as :func:`volume_transforms`; with ``"area"`` the volume's raters are ranked before the
+            slices are selected, so ``rater_id`` (and ``rater_index``) is the rater's area rank in the whole volume,
+            the same on every slice of the case.
 
     Returns:
         A ``Compose`` whose output is a list of dicts with ``image (1, S, S)``, ``label (K, S, S)`` (``S * K``
         channels with a class map), ``rater_valid (K,)``, ``rater_mask (1, S, S)``, ``box (4,)`` in input
         coordinates, ``rater_index`` (the label channel), ``rater_id`` (the rater's index in the datalist's rater
-        table, ``-1`` for the union), ``id`` and ``slice_index``.
+        table, or its area rank with ``rater_order="area"``; ``-1`` for the union), ``id`` and ``slice_index``
+        (and ``rater_order (K,)`` with ``rater_order="area"``).
         Use MONAI's ``list_data_collate`` (the default of ``monai.data.DataLoader``).
+
+    Raises:
+        ValueError: an unknown ``rater_order``.
     """
     size = list(spatial_size) if isinstance(spatial_size, Sequence) else [int(spatial_size)] * 2
     masks = ["label", "rater_mask"]
-    xs = _load_and_check(modality, window, num_raters, False, value_range, class_map, structures)
+    xs = _load_and_check(modality, window, num_raters, False, value_range, class_map, structures, rater_order)
     xs.append(SelectSlicesd("label", empty_share))
     if crop_size is not None:
         xs.append(LesionCropd(keys=["image", "label"], label_key="label", spatial_size=crop_size))

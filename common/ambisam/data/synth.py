@@ -7,10 +7,23 @@ where the lesion's signed distance (mm, positive outside) is below that rater's 
 rater who draws larger or smaller) plus a smooth random field, so outlines differ by about 1-2 voxels. For
 small lesions (in-plane radius below :data:`SMALL_RADIUS` voxels) each rater misses the lesion with
 probability :data:`MISS_PROBABILITY`, and at least one rater always marks it.
+
+With ``rater_styles`` the raters are four people who each draw the same way on every case (so that a method that
+models rater ``r`` can be checked against rater ``r``): :data:`RATER_STYLES` ``generous`` (outline
+:data:`STYLE_OFFSET_MM` +1.25 mm out), ``conservative`` (1.25 mm in), ``misses_faint`` (no bias, but never marks a
+faint lesion) and ``typical`` (no bias), each with a small per-case jitter (SD 0.1 mm, at most 0.25 mm) and a
+weaker smooth field than without styles (SD 0.25 mm). Offsets below the in-plane voxel size (0.8 mm) do not move
+an outline at all, which is why the conservative offset is -1.25 mm rather than -1 mm (with -1 mm its outline was
+sometimes the typical one). Every lesion that all three of generous, typical and conservative mark is then
+larger for generous than for typical, and larger for typical than for conservative (checked on 450 cases). A
+share :data:`FAINT_SHARE` of the lesions are then faint (ground-glass-like, about :data:`FAINT_HU` HU: 200 HU
+above the parenchyma instead of about 900, still plainly visible in the lung window); the small-lesion misses
+apply to every style alike.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +37,19 @@ from ambisam.outputs import write_nifti
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
-__all__ = ["synthesize", "synth_case", "SPACING", "SMALL_RADIUS", "MISS_PROBABILITY", "INTENSITY", "ensure_dataset"]
+__all__ = [
+    "synthesize",
+    "synth_case",
+    "SPACING",
+    "SMALL_RADIUS",
+    "MISS_PROBABILITY",
+    "INTENSITY",
+    "RATER_STYLES",
+    "STYLE_OFFSET_MM",
+    "FAINT_SHARE",
+    "FAINT_HU",
+    "ensure_dataset",
+]
 
 SPACING: tuple[float, float, float] = (0.8, 0.8, 2.0)
 """Voxel size in mm along i, j, k; the affine is ``diag(0.8, 0.8, 2.0, 1)`` (RAS)."""
@@ -41,10 +66,27 @@ MISS_PROBABILITY: float = 0.4
 INTENSITY = IntensityConvention("ct", (-1000.0, 400.0))
 """The intensity convention written to the datalist: CT in HU, the lung window."""
 
+RATER_STYLES: tuple[str, ...] = ("generous", "conservative", "misses_faint", "typical")
+"""The raters of ``rater_styles``, in label channel order (the datalist's ``raters`` table); K must be 4."""
+
+STYLE_OFFSET_MM: dict[str, float] = {"generous": 1.25, "conservative": -1.25, "misses_faint": 0.0, "typical": 0.0}
+"""Each style's outline offset in mm (positive: the rater draws larger than the lesion)."""
+
+FAINT_SHARE: float = 0.3
+"""With ``rater_styles``: the probability that a case's lesion is faint (``misses_faint`` never marks it)."""
+
+FAINT_HU: float = -650.0
+"""With ``rater_styles``: the mean density of a faint lesion (solid ones are about +40 HU, the parenchyma -850)."""
+
+_LESION_HU = 40.0  # mean density of a solid lesion
 _BIAS_SD_MM, _BIAS_MAX_MM = 0.5, 1.2  # systematic per-rater offset of the outline
 _FIELD_SD_MM, _FIELD_MAX_SD = 0.6, 3.0  # smooth per-rater outline perturbation (clipped at 3 SD)
 _FIELD_SIGMA_MM = 3.0  # smoothness of that perturbation
 _MAX_GROWTH_MM = _BIAS_MAX_MM + _FIELD_SD_MM * _FIELD_MAX_SD  # how far any rater's outline can grow
+# with rater styles: per-case jitter of each style's offset (clipped) and a weaker smooth field, so that a style
+# stays recognisable on every case; the largest growth, 1.25 + 0.25 + 0.25 * 3 mm, stays below _MAX_GROWTH_MM
+_STYLE_JITTER_SD_MM, _STYLE_JITTER_MAX_MM = 0.1, 0.25
+_STYLE_FIELD_SD_MM = 0.25
 
 
 def _offset_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: Sequence[float]) -> np.ndarray:
@@ -63,8 +105,29 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def _check_styles(raters: int, rater_styles: bool) -> tuple[str, ...]:
+    """The style of each rater (empty without ``rater_styles``); raises InputError unless ``raters`` is 4."""
+    if not rater_styles:
+        return ()
+    if int(raters) != len(RATER_STYLES):
+        raise InputError(
+            None,
+            f"rater_styles needs raters={len(RATER_STYLES)} (one rater per style: {', '.join(RATER_STYLES)}), "
+            f"got raters={raters}",
+        )
+    return RATER_STYLES
+
+
+def _outline_spread(style: str | None) -> tuple[float, float, float, float]:
+    """A rater's outline offset in mm: ``(centre, jitter SD, jitter cap, smooth field SD)`` of a style, or
+    (``None``, no styles) of the random systematic bias."""
+    if style is None:
+        return 0.0, _BIAS_SD_MM, _BIAS_MAX_MM, _FIELD_SD_MM
+    return STYLE_OFFSET_MM[style], _STYLE_JITTER_SD_MM, _STYLE_JITTER_MAX_MM, _STYLE_FIELD_SD_MM
+
+
 def synth_case(
-    rng: np.random.Generator, shape: Sequence[int] = (96, 96, 24), raters: int = 4
+    rng: np.random.Generator, shape: Sequence[int] = (96, 96, 24), raters: int = 4, rater_styles: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Draw one synthetic case.
 
@@ -72,15 +135,21 @@ def synth_case(
         rng: the random generator (consumed deterministically).
         shape: the volume shape ``(H, W, D)``; slices along the last axis.
         raters: the number of raters K.
+        rater_styles: rater ``r`` draws in the style :data:`RATER_STYLES` ``[r]`` (needs ``raters=4``), and the
+            lesion is faint with probability :data:`FAINT_SHARE`. ``False``: the case is exactly as before the
+            option existed.
 
     Returns:
         ``(image, masks, info)``: the image as ``int16`` Hounsfield units of ``shape``; the rater masks as
         ``uint8`` 0/1 of shape ``(K, H, W, D)``; and a JSON-serialisable dict describing the lesion (center
-        and radii in voxels, whether it is small, which raters missed it).
+        and radii in voxels, whether it is small, which raters missed it, and with ``rater_styles`` whether it is
+        ``faint``).
 
     Raises:
-        InputError: ``shape`` cannot hold a lesion of the smallest radius away from the border.
+        InputError: ``shape`` cannot hold a lesion of the smallest radius away from the border, or
+            ``rater_styles`` with ``raters`` other than 4.
     """
+    styles = _check_styles(raters, rater_styles)
     shape = tuple(int(s) for s in shape)
     spacing = np.asarray(SPACING)
     margin = np.ceil(_MAX_GROWTH_MM / spacing) + 1  # voxels kept clear between any outline and the border
@@ -130,22 +199,27 @@ def synth_case(
         distance = ndimage.distance_transform_edt(centerline, sampling=spacing)
         weight = np.clip(rng.uniform(0.8, 1.8) - distance + 0.5, 0.0, 1.0)
         image = image * (1 - weight) + rng.uniform(-150.0, 0.0) * weight
-    # lesion: soft tissue with a 0.8 mm partial-volume ramp
+    # lesion: soft tissue (or, faint, ground-glass-like) with a 0.8 mm partial-volume ramp
+    faint = bool(styles) and bool(rng.random() < FAINT_SHARE)  # no draw without styles
     weight = np.clip(0.5 - sdist / 0.8, 0.0, 1.0)
-    lesion_hu = 40.0 + 15.0 * _offset_field(rng, shape, 2.0 / spacing)
+    lesion_hu = (FAINT_HU if faint else _LESION_HU) + 15.0 * _offset_field(rng, shape, 2.0 / spacing)
     image = image * (1 - weight) + lesion_hu * weight
     image += rng.normal(0.0, 12.0, size=shape)
     image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
 
     # raters
     small = base < SMALL_RADIUS
+    blind = np.array([faint and style == "misses_faint" for style in styles] if styles else [False] * raters)
     missed = (rng.random(raters) < MISS_PROBABILITY) if small else np.zeros(raters, dtype=bool)
-    if missed.all():
-        missed[int(rng.integers(raters))] = False
+    missed |= blind
+    if missed.all():  # someone marks it: one of the raters who can see it
+        free = np.flatnonzero(~blind)
+        missed[int(free[int(rng.integers(len(free)))])] = False
     masks = np.zeros((raters,) + shape, dtype=np.uint8)
     for r in range(raters):
-        bias = float(np.clip(rng.normal(0.0, _BIAS_SD_MM), -_BIAS_MAX_MM, _BIAS_MAX_MM))
-        offset = bias + _FIELD_SD_MM * _offset_field(rng, shape, _FIELD_SIGMA_MM / spacing)
+        centre, sd, cap, field_sd = _outline_spread(styles[r] if styles else None)
+        bias = centre + float(np.clip(rng.normal(0.0, sd), -cap, cap))
+        offset = bias + field_sd * _offset_field(rng, shape, _FIELD_SIGMA_MM / spacing)
         if missed[r]:
             continue
         mask = _largest_component(sdist < offset)
@@ -159,6 +233,8 @@ def synth_case(
         "small": bool(small),
         "missed_by": [int(r) for r in np.flatnonzero(missed)],
     }
+    if styles:
+        info["faint"] = faint
     return image, masks, info
 
 
@@ -169,6 +245,7 @@ def synthesize(
     seed: int = 0,
     shape: Sequence[int] = (96, 96, 24),
     split: str | Sequence[float] = (0.5, 0.25, 0.25),
+    rater_styles: bool = False,
 ) -> Path:
     """Write a synthetic multi-rater CT data set and its datalist.
 
@@ -177,7 +254,9 @@ def synthesize(
     ``synth.json`` (the parameters, each case's lesion and the versions). The datalist's ``intensity`` block is
     :data:`INTENSITY` (CT, window ``[-1000, 400]``). Affine ``diag(0.8, 0.8, 2.0)``.
     Case ``n`` (id ``case<nnn>``) is drawn from ``numpy.random.default_rng([seed, n])``, so the arrays are the
-    same for the same seed, and a case does not change when ``cases`` grows.
+    same for the same seed, and a case does not change when ``cases`` grows. With ``rater_styles`` the datalist
+    names its raters (a ``raters`` table: :data:`RATER_STYLES`) and ``synth.json`` records the styles, their
+    offsets and the faint lesions; without it the files are exactly those of before the option existed.
 
     Args:
         out_dir: the output folder (created).
@@ -186,6 +265,7 @@ def synthesize(
         seed: the random seed.
         shape: the volume shape ``(H, W, D)``.
         split: train, validation, test fractions.
+        rater_styles: raters who draw consistently across cases (see :func:`synth_case`; needs ``raters=4``).
 
     Returns:
         The path of ``datalist.json``.
@@ -197,6 +277,7 @@ def synthesize(
         raise InputError(None, f"synth needs cases >= 1 and raters >= 1, got cases={cases}, raters={raters}")
     if len(shape) != 3 or any(int(s) < 1 for s in shape):
         raise InputError(None, f"synth shape must be three positive sizes (H, W, D), got {shape}")
+    styles = _check_styles(raters, rater_styles)
     fractions = parse_split(split)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -206,7 +287,7 @@ def synthesize(
 
     generated = []  # generate everything (may raise) before writing anything
     for n in range(cases):
-        image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters)
+        image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters, bool(styles))
         generated.append((f"case{n:03d}", image, masks, info))
 
     affine = np.diag([*SPACING, 1.0])
@@ -219,7 +300,18 @@ def synthesize(
         items.append({"id": case_id, "patient": case_id, "image": image_path, "label": label_paths})
         lesions[case_id] = info
     by_split = split_by_patient(items, fractions, seed)
-    datalist = write_datalist(out_dir, by_split, intensity=INTENSITY)
+    datalist = write_datalist(out_dir, by_split, raters=styles or None, intensity=INTENSITY)
+    style_record = {}
+    if styles:  # only then: the record of a data set without styles stays as it was
+        style_record = dict(
+            rater_styles=list(styles),
+            style_offsets_mm=[STYLE_OFFSET_MM[style] for style in styles],
+            style_jitter_mm={"sd": _STYLE_JITTER_SD_MM, "max": _STYLE_JITTER_MAX_MM},
+            style_field_sd_mm=_STYLE_FIELD_SD_MM,
+            faint_share=FAINT_SHARE,
+            faint_hu=FAINT_HU,
+            faint_cases=sorted(case_id for case_id, info in lesions.items() if info["faint"]),
+        )
     write_json(
         out_dir / "synth.json",
         run_record(
@@ -236,34 +328,58 @@ def synthesize(
             small_radius=SMALL_RADIUS,
             miss_probability=MISS_PROBABILITY,
             lesions=lesions,
+            **style_record,
         ),
     )
     return datalist
 
 
+def _has_styles(record: Path) -> bool:
+    """Whether the ``synth.json`` at ``record`` is of a data set made with rater styles."""
+    try:
+        return "rater_styles" in json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(record, f"cannot be read as the synthetic data set's record: {err}") from err
+
+
 def ensure_dataset(
-    dataset_dir: str | os.PathLike, cases: int = 8, raters: int = 4, seed: int = 0, shape: Sequence[int] = (96, 96, 24)
+    dataset_dir: str | os.PathLike,
+    cases: int = 8,
+    raters: int = 4,
+    seed: int = 0,
+    shape: Sequence[int] = (96, 96, 24),
+    rater_styles: bool = False,
 ) -> Path:
     """The datalist of ``dataset_dir``, writing the synthetic data set there first when the folder is new.
 
     This is how bundles run on the embedded default with no data to fetch: a missing or empty folder gets the
     synthetic data set; a folder with a ``datalist.json`` is used as it is; anything else is an error (it never
-    writes synthetic data into a folder of yours).
+    writes synthetic data into a folder of yours). Bundle configs call it as
+    ``ambisam.data.ensure_dataset(@dataset_dir, **@synthetic)``, ``synthetic`` holding these options.
 
     Args:
         dataset_dir: the data set folder.
-        cases, raters, seed, shape: as :func:`synthesize`, used only when the data set is generated.
+        cases, raters, seed, shape, rater_styles: as :func:`synthesize`, used only when the data set is generated.
 
     Returns:
         The path of ``dataset_dir/datalist.json``.
 
     Raises:
-        InputError: the folder exists, is not empty and has no ``datalist.json``.
+        InputError: the folder exists, is not empty and has no ``datalist.json``; or ``rater_styles`` is asked
+            for and the folder holds a synthetic data set (a ``synth.json``) made without them: its raters are not
+            the styled ones, so use another folder.
     """
     dataset_dir = Path(dataset_dir)
     datalist = dataset_dir / "datalist.json"
     if datalist.is_file():
+        record = dataset_dir / "synth.json"
+        if rater_styles and record.is_file() and not _has_styles(record):
+            raise InputError(
+                dataset_dir,
+                "holds a synthetic data set without rater styles, but rater_styles was asked for: give another "
+                "dataset_dir (an empty or new folder gets the styled set)",
+            )
         return datalist
     if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
         raise InputError(dataset_dir, "has no datalist.json (see docs/datalist.md, or `python -m ambisam convert`)")
-    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed, shape=shape)
+    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed, shape=shape, rater_styles=rater_styles)

@@ -41,6 +41,8 @@ __all__ = [
     "ece_from_bin_statistics",
     "ece",
     "empty_fractions",
+    "MATCHINGS",
+    "personalised_dice",
 ]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -50,6 +52,15 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 _CHUNK = 1 << 20
 #: the ``per`` values of :func:`dice_max`: over raters (ours), over samples, one maximum over all pairs (P2SAM)
 DICE_MAX_CONVENTIONS = ("rater", "sample", "pair")
+#: the ``matching`` values of :func:`personalised_dice`: prediction ``r`` with rater ``r``, or the best assignment
+MATCHINGS = ("fixed", "hungarian")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` when it is one of ``choices``; raises ValueError naming ``name`` and the choices otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -259,8 +270,7 @@ def dice_max(samples: ArrayLike, raters: ArrayLike, per: Literal["rater", "sampl
         ValueError: when the inputs are not binary mask stacks, their spatial shapes differ, or ``per`` is not
             one of ``"rater"``, ``"sample"``, ``"pair"``.
     """
-    if per not in DICE_MAX_CONVENTIONS:
-        raise ValueError(f"per must be one of {', '.join(map(repr, DICE_MAX_CONVENTIONS))}, got {per!r}.")
+    _check_choice("per", per, DICE_MAX_CONVENTIONS)
     s, r = _samples_raters(samples, raters)
     dice = _dice(s, r, 1.0)  # (N, K)
     if per == "pair":
@@ -495,3 +505,60 @@ def empty_fractions(samples: ArrayLike, raters: ArrayLike) -> tuple[float, float
     """
     s, r = _samples_raters(samples, raters)
     return float(np.mean(~s.reshape(s.shape[0], -1).any(1))), float(np.mean(~r.reshape(r.shape[0], -1).any(1)))
+
+
+def personalised_dice(
+    predictions: ArrayLike,
+    raters: ArrayLike,
+    matching: Literal["fixed", "hungarian"] = "fixed",
+    rater_valid: ArrayLike | None = None,
+) -> float:
+    """Personalised Dice: how well the prediction for rater ``r`` matches what rater ``r`` drew.
+
+    ``matching="fixed"`` ("what would Dr X draw"): the mean over raters ``r`` of Dice(prediction ``r``, rater
+    ``r``), the pairing fixed by the rater order. ``"hungarian"``: the one-to-one assignment of predictions to
+    raters maximising the total Dice (``scipy.optimize.linear_sum_assignment`` on the :func:`pairwise_dice`
+    matrix), and the mean matched Dice: what D-Persona's and ProSeg's reference code report as "personalised"
+    Dice; never below the fixed value. Two empty masks have Dice 1.
+
+    Raters who did not read the case (``rater_valid`` 0) are left out, with their predictions, before either
+    matching. ``raters`` may hold all ``K`` raters (the unread ones as zero channels) or only the ``sum(rater_valid)``
+    raters who read it, in order (what :class:`~ambisam.data.SelectReadRatersd` leaves).
+
+    Args:
+        predictions: binary masks ``(N, *spatial)``, row ``r`` the prediction for rater ``r``; ``N = K``, or a
+            multiple of ``K`` (e.g. ``N / K`` draws per rater laid out rater-major in blocks of ``K``), of which only
+            the first ``K`` rows count.
+        raters: binary masks ``(K, *spatial)``, or ``(K', *spatial)`` with ``K' = sum(rater_valid)``.
+        matching: ``"fixed"`` (default) or ``"hungarian"``.
+        rater_valid: ``(K,)`` 1 = the rater read the case, 0 = not; ``None``: every rater of ``raters`` read it.
+
+    Returns:
+        the mean (matched) Dice over the raters who read the case, a float in ``[0, 1]``.
+
+    Raises:
+        ValueError: the inputs are not binary mask stacks or their spatial shapes differ, ``N`` is not a positive
+            multiple of ``K``, ``raters`` has neither ``K`` nor ``sum(rater_valid)`` masks, no rater read the case,
+            or ``matching`` is unknown.
+    """
+    _check_choice("matching", matching, MATCHINGS)
+    p, r = _masks(predictions, "predictions"), _masks(raters, "raters")
+    _check_spatial(p, r, "predictions", "raters")
+    read = np.ones(r.shape[0], dtype=bool) if rater_valid is None else _to_numpy(rater_valid).reshape(-1) > 0
+    k = read.size
+    if not read.any():
+        raise ValueError("rater_valid: no rater read this case.")
+    if r.shape[0] == k:
+        r = r[read]
+    elif r.shape[0] != int(read.sum()):
+        raise ValueError(
+            f"raters has {r.shape[0]} masks for {k} rater flags ({int(read.sum())} read): give all {k} raters or "
+            "only the ones who read the case."
+        )
+    if p.shape[0] % k:
+        raise ValueError(f"predictions must have K = {k} rows (or a multiple of K), got {p.shape[0]}.")
+    dice = pairwise_dice(p[:k][read], r)
+    if matching == "fixed":
+        return float(np.diag(dice).mean())
+    rows, cols = linear_sum_assignment(dice, maximize=True)
+    return float(dice[rows, cols].mean())

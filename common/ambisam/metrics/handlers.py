@@ -19,6 +19,7 @@ With ``save_details`` (default) the per-image values go to ``engine.state.metric
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from ignite.engine import Engine
@@ -32,6 +33,7 @@ from ambisam.metrics.metric import (
     GEDMetric,
     HMIoUMetric,
     NCCMetric,
+    PersonalisedDiceMetric,
     PresenceMetric,
     SampleDiversityMetric,
     SoftDiceMetric,
@@ -47,6 +49,7 @@ __all__ = [
     "NCCHandler",
     "ECEHandler",
     "PresenceHandler",
+    "PersonalisedDiceHandler",
 ]
 
 
@@ -273,3 +276,45 @@ class PresenceHandler(IgniteMetricHandler):
         super().completed(engine, name)
         fractions = self.metric_fn.empty_fractions()
         _record_details(self, engine, name, {"samples_empty": fractions[:, 0], "raters_empty": fractions[:, 1]})
+
+
+class PersonalisedDiceHandler(IgniteMetricHandler):
+    """Mean personalised Dice (:class:`~ambisam.metrics.metric.PersonalisedDiceMetric`): for a personalised-mode
+    evaluation, where the samples are one prediction per rater, in rater order.
+
+    ``output_transform`` gives ``(y_pred, y)`` like for the other handlers, or ``(y_pred, y, rater_valid)`` (e.g.
+    ``monai.handlers.from_engine(["samples", "label", "rater_valid"])``): give ``rater_valid`` wherever a rater may
+    not have read a case, since :class:`~ambisam.data.SelectReadRatersd` in the evaluation's post-processing leaves
+    only the raters who read it and the predictions must be paired with them by rater (the label may then hold
+    all ``K`` raters or only those who read the case).
+
+    Args:
+        matching: ``"fixed"`` (default: prediction ``r`` against rater ``r``) or ``"hungarian"`` (the best
+            one-to-one assignment: D-Persona's and ProSeg's "personalised" Dice).
+        reduction: the MONAI reduction over images (default ``"mean"``; NaN values left out).
+        output_transform: turns ``engine.state.output`` into ``(y_pred, y)`` or ``(y_pred, y, rater_valid)``.
+        save_details: whether to store the per-image values in ``engine.state.metric_details``.
+
+    Raises:
+        ValueError: an unknown ``matching``; (from ``update``) an output of another length than 2 or 3.
+    """
+
+    def __init__(
+        self,
+        matching: str = "fixed",
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = PersonalisedDiceMetric(matching, reduction)
+        super().__init__(metric, output_transform=output_transform, save_details=save_details)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Hand the transformed output to :meth:`update` as it is (lists of per-image entries or batch-first
+        tensors: the metric pairs them up), not unrolled by Ignite, which unrolls only ``(y_pred, y)``."""
+        self.update(self._output_transform(engine.state.output))
+
+    def update(self, output: Sequence[Any]) -> None:
+        if len(output) not in (2, 3):
+            raise ValueError(f"output must be (y_pred, y) or (y_pred, y, rater_valid), got {len(output)} entries.")
+        self.metric_fn(*output)

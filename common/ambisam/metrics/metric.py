@@ -9,6 +9,8 @@ Input convention for every metric, per call (batch-first tensors or lists of cha
   samples' sigmoid maps: the mean sigmoid probability). :class:`NCCMetric` takes per-sample probability maps (the
   inferer's ``probabilities``; binary samples are accepted).
 - ``y``: ``(B, K, *spatial)`` the ``K`` rater masks of each image.
+- ``rater_valid`` (optional keyword, for the metrics whose function takes it: :class:`PersonalisedDiceMetric`):
+  ``(B, K)`` or a list of ``(K,)``, which raters read each image.
 
 Each call computes one value per image into the buffer (gathered across ranks by MONAI's ``Cumulative``);
 ``aggregate()`` reduces with :func:`monai.metrics.utils.do_metric_reduction` (default: the mean over images, NaN
@@ -29,6 +31,8 @@ from monai.utils import MetricReduction
 
 from ambisam.metrics.functional import (
     DICE_MAX_CONVENTIONS,
+    MATCHINGS,
+    _check_choice,
     dice_max,
     dice_mean,
     ece_bin_statistics,
@@ -37,6 +41,7 @@ from ambisam.metrics.functional import (
     ged,
     hm_iou,
     ncc,
+    personalised_dice,
     sample_diversity,
     soft_dice,
 )
@@ -52,6 +57,7 @@ __all__ = [
     "NCCMetric",
     "ECEMetric",
     "PresenceMetric",
+    "PersonalisedDiceMetric",
     "CONFIDENCES",
 ]
 
@@ -92,9 +98,33 @@ class DistributionMetric(CumulativeIterationMetric):
         self.get_not_nans = get_not_nans
         self.mean_over_samples = mean_over_samples
 
+    def __call__(self, y_pred: Any, y: Any = None, rater_valid: Any = None, **kwargs: Any) -> Any:
+        """Accumulate the values of a batch (see :meth:`_compute_tensor`).
+
+        Args:
+            y_pred: ``(B, N, *spatial)`` or a list of ``(N, *spatial)``.
+            y: ``(B, K, *spatial)`` or a list of ``(K, *spatial)``.
+            rater_valid: ``(B, K)`` or a list of ``(K,)`` flags handed per image to ``metric_fn`` (only for a
+                ``metric_fn`` taking ``rater_valid``); ``None``: not passed.
+            kwargs: as MONAI's ``CumulativeIterationMetric``.
+
+        Returns:
+            the per-image values ``(B, C)`` of this batch.
+        """
+        if rater_valid is None:
+            return super().__call__(y_pred, y, **kwargs)
+        if isinstance(y_pred, torch.Tensor) and isinstance(y, torch.Tensor):
+            valid = torch.stack([torch.as_tensor(v).reshape(-1) for v in rater_valid])
+            return super().__call__(y_pred, y, rater_valid=valid, **kwargs)
+        values = [
+            super(DistributionMetric, self).__call__(p[None], t[None], rater_valid=torch.as_tensor(v).reshape(1, -1))
+            for p, t, v in zip(y_pred, y, rater_valid, strict=True)
+        ]
+        return torch.cat(values)
+
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """Per-image values ``(B, C)`` (``C = 1`` for a scalar metric) for ``y_pred`` ``(B, N, *spatial)``, ``y``
-        ``(B, K, *spatial)``.
+        ``(B, K, *spatial)`` (and the keyword ``rater_valid (B, K)``, handed per image to ``metric_fn``).
 
         Raises:
             ValueError: when ``y`` is missing, an input has fewer than 3 dimensions, or the batch sizes differ.
@@ -108,11 +138,13 @@ class DistributionMetric(CumulativeIterationMetric):
             )
         if y_pred.shape[0] != y.shape[0]:
             raise ValueError(f"y_pred and y must share the batch size, got {tuple(y_pred.shape)} and {tuple(y.shape)}.")
+        valid = kwargs.get("rater_valid")
         values = []
-        for pred_i, y_i in zip(y_pred, y):
+        for i, (pred_i, y_i) in enumerate(zip(y_pred, y)):
             if self.mean_over_samples:
                 pred_i = pred_i.double().mean(dim=0)
-            values.append(np.atleast_1d(np.asarray(self.metric_fn(pred_i, y_i), dtype=np.float64)).ravel())
+            extra = {} if valid is None else {"rater_valid": valid[i]}
+            values.append(np.atleast_1d(np.asarray(self.metric_fn(pred_i, y_i, **extra), dtype=np.float64)).ravel())
         return torch.as_tensor(np.stack(values), dtype=torch.float64, device=y_pred.device)
 
     def _filled_buffer(self) -> torch.Tensor:
@@ -228,8 +260,7 @@ class DiceMaxMetric(DistributionMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        if per not in DICE_MAX_CONVENTIONS:
-            raise ValueError(f"per must be one of {', '.join(map(repr, DICE_MAX_CONVENTIONS))}, got {per!r}.")
+        per = _check_choice("per", per, DICE_MAX_CONVENTIONS)
         super().__init__(partial(dice_max, per=per), reduction, get_not_nans)
 
 
@@ -381,3 +412,29 @@ class PresenceMetric(DistributionMetric):
         """
         data = self._filled_buffer()
         return data[:, :2]
+
+
+class PersonalisedDiceMetric(DistributionMetric):
+    """Personalised Dice per image (:func:`~ambisam.metrics.functional.personalised_dice`): ``y_pred`` holds one
+    prediction per rater, in rater order (``(B, K, *spatial)``, or ``N`` a multiple of ``K`` of which the first
+    ``K`` count). Give ``rater_valid`` (see :meth:`DistributionMetric.__call__`) where some raters may not have read
+    a case, so that the predictions stay paired with their raters.
+
+    Args:
+        matching: ``"fixed"`` (default: prediction ``r`` against rater ``r``) or ``"hungarian"`` (the best
+            one-to-one assignment: D-Persona's and ProSeg's "personalised" Dice).
+        reduction: see :class:`DistributionMetric`.
+        get_not_nans: see :class:`DistributionMetric`.
+
+    Raises:
+        ValueError: an unknown ``matching``.
+    """
+
+    def __init__(
+        self,
+        matching: str = "fixed",
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        self.matching = _check_choice("matching", matching, MATCHINGS)
+        super().__init__(partial(personalised_dice, matching=matching), reduction, get_not_nans)

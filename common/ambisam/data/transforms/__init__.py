@@ -31,7 +31,7 @@ from ambisam.data.transforms.boxes import (
 )
 from ambisam.data.transforms.intensity import intensity_transform
 from ambisam.data.transforms.outputs import SplitSamplingOutputd
-from ambisam.data.transforms.raters import LoadRatersd, SelectReadRatersd
+from ambisam.data.transforms.raters import LoadRatersd, RankRatersByAread, SelectReadRatersd
 from ambisam.data.transforms.slices import LesionCropd, SelectSlicesd
 from ambisam.data.transforms.structures import StructureMasksd
 from ambisam.data.transforms.validation import ValidateMultiRaterd
@@ -52,6 +52,7 @@ __all__ = [
     "ResizeBoxd",
     "SplitSamplingOutputd",
     "LoadRatersd",
+    "RankRatersByAread",
     "SelectReadRatersd",
     "StructureMasksd",
 ]

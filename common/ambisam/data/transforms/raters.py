@@ -1,9 +1,12 @@
-"""Loading a case's rater masks in the datalist's rater order, with raters who did not read the case.
+"""Loading a case's rater masks in the datalist's rater order, with raters who did not read the case, and
+reordering them.
 
 A datalist ``label`` entry ``null`` (``None`` after :func:`~ambisam.data.load_datalist`) is a rater who did not
 read the case: that is not the same as an all-zero mask ("read it and saw nothing"). :class:`LoadRatersd` loads the
 files that are there with MONAI's own ``LoadImaged`` (stacked as channels, as always), puts a zero channel where a
-rater did not read the case, and says which channels are real in ``rater_valid``.
+rater did not read the case, and says which channels are real in ``rater_valid``. :class:`RankRatersByAread`
+replaces the datalist's rater identity by the area rank (ProSeg's LIDC convention), :class:`SelectReadRatersd`
+drops the raters who did not read the case.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform
 
+from ambisam.data.transforms._utils import _as_tensor
 from ambisam.errors import InputError
 
-__all__ = ["LoadRatersd", "SelectReadRatersd"]
+__all__ = ["LoadRatersd", "RankRatersByAread", "SelectReadRatersd"]
 
 
 class LoadRatersd(LoadImaged):
@@ -125,4 +130,76 @@ class SelectReadRatersd(MapTransform):
             if d[key].shape[0] != read.numel():
                 raise ValueError(f"'{key}' has {d[key].shape[0]} channels for {read.numel()} rater flags")
             d[key] = d[key][torch.nonzero(read).flatten().tolist()]
+        return d
+
+
+class RankRatersByAread(MapTransform):
+    """Reorder the rater channels by ascending foreground area: "rater ``r``" becomes the ``r``-th smallest mask of
+    the item (the LIDC convention of ProSeg's reference code), instead of the datalist's rater order.
+
+    The area of a rater is the number of non-zero voxels of its channel over the whole item (a 2D image, or the
+    whole volume: put this before any slice selection so that a rater keeps one identity across a volume's
+    slices). Ties keep the stored order (a stable sort); raters who did not read the case (``rater_valid`` 0) go
+    last, in their stored order. ``rater_valid`` is reordered the same way, and the stored channel of each new
+    channel is recorded.
+
+    Args:
+        keys: the keys whose rater channels are reordered, each ``(K, *spatial)`` (default ``label``).
+        label_key: the rater masks ``(K, H, W[, D])`` whose areas decide the order (default ``label``).
+        valid_key: the per-rater flags ``rater_valid (K,)``; an item without them counts every rater as read.
+        rater_order_key: output key of the order.
+        allow_missing_keys: do not fail when a key is absent; an item without ``label_key`` passes unchanged
+            (inference without a label).
+
+    Returns:
+        (from ``__call__``) the dict with each of ``keys`` reordered (a MetaTensor keeps its metadata),
+        ``rater_valid (K,)`` reordered where present, and ``rater_order``: ``int64 (K,)``, the stored (datalist)
+        channel of each new channel (new channel ``r`` was channel ``rater_order[r]``).
+
+    Raises:
+        ValueError: (from ``__call__``) a key or ``rater_valid`` does not have one entry per rater of
+            ``label_key``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        label_key: str = "label",
+        valid_key: str = "rater_valid",
+        rater_order_key: str = "rater_order",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_key = label_key
+        self.valid_key = valid_key
+        self.rater_order_key = rater_order_key
+
+    def order(self, label: Any, valid: Any = None) -> torch.Tensor:
+        """The new order of the rater channels of ``label (K, ...)`` given the flags ``valid (K,)`` (or ``None``).
+
+        Returns:
+            ``int64 (K,)``: the stored channel of each new channel.
+        """
+        masks = _as_tensor(label)
+        areas = torch.count_nonzero(masks.reshape(masks.shape[0], -1), dim=1).cpu().numpy()
+        read = np.ones(len(areas), dtype=bool) if valid is None else _as_tensor(valid).reshape(-1).cpu().numpy() > 0
+        if len(read) != len(areas):
+            raise ValueError(
+                f"'{self.label_key}' has {len(areas)} rater channels for {len(read)} '{self.valid_key}' flags"
+            )
+        return torch.as_tensor(np.lexsort((areas, ~read)), dtype=torch.int64)  # lexsort is stable
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.label_key not in d and self.allow_missing_keys:
+            return d
+        valid = d.get(self.valid_key)
+        order = self.order(d[self.label_key], valid)
+        for key in self.key_iterator(d):
+            if d[key].shape[0] != order.numel():
+                raise ValueError(f"'{key}' has {d[key].shape[0]} channels for {order.numel()} raters")
+            d[key] = d[key][order.tolist()]
+        if valid is not None:
+            d[self.valid_key] = torch.as_tensor(valid).reshape(-1)[order]
+        d[self.rater_order_key] = order
         return d
