@@ -112,9 +112,8 @@ def test_styles_need_four_raters_and_ensure_dataset_passes_them(tmp_path):
     assert ensure_dataset(tmp_path / "styled", rater_styles=True) == styled  # used as it is
     plain = ensure_dataset(tmp_path / "plain", cases=1, shape=SHAPE)
     assert datalist_raters(plain) == ("0", "1", "2", "3")
-    with pytest.raises(InputError, match="without rater styles") as err:
-        ensure_dataset(tmp_path / "plain", rater_styles=True)
-    assert err.value.path == str(tmp_path / "plain")
+    assert ensure_dataset(tmp_path / "plain", rater_styles=True) == plain  # a data set is used as it is
+    assert datalist_raters(plain) == ("0", "1", "2", "3")
 
 
 @pytest.mark.parametrize("flag", ["--rater-styles", "--rater_styles"])

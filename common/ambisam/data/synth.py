@@ -11,14 +11,15 @@ probability :data:`MISS_PROBABILITY`, and at least one rater always marks it.
 With ``rater_styles`` the raters are four people who each draw the same way on every case (so that a method that
 models rater ``r`` can be checked against rater ``r``): :data:`RATER_STYLES` ``generous`` (outline
 :data:`STYLE_OFFSET_MM` +1.25 mm out), ``conservative`` (1.25 mm in), ``misses_faint`` (no bias, but never marks a
-faint lesion) and ``typical`` (no bias), each with a small per-case jitter (SD 0.1 mm, at most 0.25 mm) and a
-weaker smooth field than without styles (SD 0.25 mm). Offsets below the in-plane voxel size (0.8 mm) do not move
+faint lesion) and ``typical`` (no bias), each with a small per-case jitter (SD 0.1 mm, at most 0.25 mm) and a weaker
+smooth field than without styles (SD 0.25 mm). Offsets below the in-plane voxel size (0.8 mm) do not move
 an outline at all, which is why the conservative offset is -1.25 mm rather than -1 mm (with -1 mm its outline was
 sometimes the typical one). Every lesion that all three of generous, typical and conservative mark is then
 larger for generous than for typical, and larger for typical than for conservative (checked on 450 cases). A
 share :data:`FAINT_SHARE` of the lesions are then faint (ground-glass-like, about :data:`FAINT_HU` HU: 200 HU
-above the parenchyma instead of about 900, still plainly visible in the lung window); the small-lesion misses
-apply to every style alike.
+above the parenchyma instead of about 900, still plainly visible in the lung window). No styled rater misses a
+small lesion at random (the random misses of the unstyled set would blur the styles a method should learn): a
+styled rater's empty mask is always ``misses_faint`` on a faint lesion.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def synth_case(
     # raters
     small = base < SMALL_RADIUS
     blind = np.array([faint and style == "misses_faint" for style in styles] if styles else [False] * raters)
-    missed = (rng.random(raters) < MISS_PROBABILITY) if small else np.zeros(raters, dtype=bool)
+    # with styles only the style misses (a rater who drew at random would blur the style a method should learn)
+    missed = (rng.random(raters) < MISS_PROBABILITY) if small and not styles else np.zeros(raters, dtype=bool)
     missed |= blind
     if missed.all():  # someone marks it: one of the raters who can see it
         free = np.flatnonzero(~blind)
@@ -334,14 +336,6 @@ def synthesize(
     return datalist
 
 
-def _has_styles(record: Path) -> bool:
-    """Whether the ``synth.json`` at ``record`` is of a data set made with rater styles."""
-    try:
-        return "rater_styles" in json.loads(record.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(record, f"cannot be read as the synthetic data set's record: {err}") from err
-
-
 def ensure_dataset(
     dataset_dir: str | os.PathLike,
     cases: int = 8,
@@ -365,20 +359,11 @@ def ensure_dataset(
         The path of ``dataset_dir/datalist.json``.
 
     Raises:
-        InputError: the folder exists, is not empty and has no ``datalist.json``; or ``rater_styles`` is asked
-            for and the folder holds a synthetic data set (a ``synth.json``) made without them: its raters are not
-            the styled ones, so use another folder.
+        InputError: the folder exists, is not empty and has no ``datalist.json``.
     """
     dataset_dir = Path(dataset_dir)
     datalist = dataset_dir / "datalist.json"
-    if datalist.is_file():
-        record = dataset_dir / "synth.json"
-        if rater_styles and record.is_file() and not _has_styles(record):
-            raise InputError(
-                dataset_dir,
-                "holds a synthetic data set without rater styles, but rater_styles was asked for: give another "
-                "dataset_dir (an empty or new folder gets the styled set)",
-            )
+    if datalist.is_file():  # a data set is used as it is, whatever the options would have generated
         return datalist
     if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
         raise InputError(dataset_dir, "has no datalist.json (see docs/datalist.md, or `python -m ambisam convert`)")
