@@ -49,6 +49,7 @@ def write_bundle_configs(
     train: Mapping[str, Any],
     inference: Mapping[str, Any],
     link_logging: bool = True,
+    evaluate: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write a bundle's configs: the method's ids first, then the base's by macro.
 
@@ -59,6 +60,7 @@ def write_bundle_configs(
             ``max_epochs``, ``batch_size``, ...).
         inference: what it states in ``inference.json``: ``bundle_name``, ``method``, ``network_def``.
         link_logging: ``logging.conf`` as a link to the base's (else a copy).
+        evaluate: what it states in ``evaluate.json`` beyond the base's (e.g. a second scoring); default none.
 
     Returns:
         The files written.
@@ -68,7 +70,7 @@ def write_bundle_configs(
     written = [
         _write(folder / "train.json", {**train, **base_macros("train", tuple(train))}),
         _write(folder / "inference.json", {**inference, **base_macros("inference", tuple(inference))}),
-        _write(folder / "evaluate.json", base_macros("evaluate")),
+        _write(folder / "evaluate.json", {**(evaluate or {}), **base_macros("evaluate", tuple(evaluate or ()))}),
         _write(folder / "multi_gpu_train.json", base_macros("multi_gpu_train")),
     ]
     logging_conf = folder / "logging.conf"
