@@ -27,10 +27,26 @@ K = 4
 
 @pytest.fixture
 def proseg(litemedsam):
+    """ProSeg whose mask head's last layer is drawn at random (it starts at zero, see the residual test), so that its
+    raters and latents already move the masks, as after training."""
     torch.manual_seed(0)
     model = ProSeg(backbone=litemedsam).eval()
+    torch.nn.init.normal_(model.mask_head[-1].weight, std=0.5)
     yield model
     litemedsam.eval()
+
+
+def test_an_untrained_model_is_box_prompted_sam_in_every_mode(litemedsam, example, crop, monkeypatch):
+    torch.manual_seed(0)
+    model = _with_features(ProSeg(backbone=litemedsam).eval(), crop["features"], monkeypatch)
+    sam_logit = crop["features"][:, -1]  # (1, h, w)
+    emb = _embeddings(example)
+    with torch.no_grad():
+        for mode in (None, "diverse", "personalised"):
+            logits = model.sample_logits(emb, _conditions(example, mode=mode), 5)
+            assert torch.allclose(logits, sam_logit[:, None].expand_as(logits), atol=1e-5), mode
+    unet = ProSeg("unet", image_size=32, unet_features=(4, 4, 4, 4, 4, 4), sam_residual=True)
+    assert not unet.sam_residual and unet.mask_head[-1].weight.abs().sum() > 0  # the paper's head, unchanged
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +153,7 @@ def test_eval_single_sample_is_the_mean_probability_of_the_raters(proseg, exampl
         rater_3 = proseg.sample_logits(emb, _conditions(example, rater_ids=torch.tensor([3])), 1)
     assert torch.equal(one, proseg.sample_logits(emb, _conditions(example), 1))
     assert torch.allclose(one.sigmoid(), personalised.sigmoid().mean(dim=1, keepdim=True), atol=1e-5)
-    assert torch.allclose(rater_3, personalised[:, 3:], atol=1e-4)
+    assert torch.allclose(rater_3.sigmoid(), personalised[:, 3:].sigmoid(), atol=1e-5)  # its logit is clamped at 1e-6
 
 
 def test_diverse_draws_follow_the_seeds(proseg, example, crop, monkeypatch):
@@ -282,6 +298,13 @@ def test_parameter_groups_give_the_rater_parts_their_own_rate(proseg):
     assert not {id(p) for p in network["params"]} & {id(p) for p in raters["params"]}
     assert id(next(proseg.statistic_heads.parameters())) in {id(p) for p in network["params"]}
     assert torch.optim.Adam(proseg.parameter_groups(1e-4, 1e-2)).param_groups[1]["lr"] == 1e-2
+    # the pretrained decoder at its own rate: three disjoint groups covering every trainable parameter
+    heads, raters, backbone = proseg.parameter_groups(1e-3, 1e-2, backbone_learning_rate=1e-4)
+    assert backbone["lr"] == 1e-4 and {id(p) for p in raters["params"]} == rater_parts
+    decoder = {id(p) for p in proseg.backbone.mask_decoder.parameters()}
+    assert decoder <= {id(p) for p in backbone["params"]} and not decoder & {id(p) for p in heads["params"]}
+    ids = [id(p) for g in (heads, raters, backbone) for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
 
 
 def test_a_few_steps_reduce_the_loss(litemedsam, example, crop, monkeypatch):
@@ -418,7 +441,7 @@ def test_the_rater_table_is_saved_with_the_weights_and_checked(tmp_path):
         items = [{"image": str(tmp_path / "a.nii.gz"), "label": [str(tmp_path / f"a{r}.nii.gz") for r in range(3)]}]
         return write_datalist(tmp_path / "-".join(raters), {"training": items}, raters=raters)
 
-    check_rater_table(datalist(["ann", "bob", "cy"]), tmp_path / "model.pt")
+    assert check_rater_table(datalist(["ann", "bob", "cy"]), tmp_path / "model.pt") == ["ann", "bob", "cy"]
     with pytest.raises(InputError, match=r"names the raters \['ann', 'cy', 'bob'\]"):
         check_rater_table(datalist(["ann", "cy", "bob"]), tmp_path / "model.pt")
     check_rater_table(datalist(["x", "y", "z"]), tmp_path / "model.pt", rater_order="area")

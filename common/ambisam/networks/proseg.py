@@ -134,7 +134,9 @@ def rater_index(rater_names: Sequence[str], rater: str | int | None) -> int | No
                            f"or an id from 0 to {len(names) - 1})")
 
 
-def check_rater_table(datalist: str | os.PathLike, ckpt_path: str | os.PathLike, rater_order: str = "datalist") -> None:
+def check_rater_table(
+    datalist: str | os.PathLike, ckpt_path: str | os.PathLike, rater_order: str = "datalist"
+) -> list[str]:
     """Check that a datalist's raters are the ones a saved model was trained with (evaluation: rater r of the
     data must be rater r of the model).
 
@@ -143,21 +145,25 @@ def check_rater_table(datalist: str | os.PathLike, ckpt_path: str | os.PathLike,
         ckpt_path: the model's weights.
         rater_order: ``"area"`` when rater ids are ranks by area (any names then fit; the count must).
 
+    Returns:
+        The datalist's rater names (checked), so a config can take them from this call.
+
     Raises:
         InputError: naming the datalist, when its rater table differs from the trained one.
     """
+    names = list(datalist_raters(datalist))
     trained = trained_raters(ckpt_path)
     if trained is None or trained.get("rater_identity") == "anonymous":
-        return
-    names = list(datalist_raters(datalist))
+        return names
     expected = list(trained["rater_names"])
     if rater_order == "area" or trained.get("rater_identity") == "ranked_by_area":
         if len(names) != len(expected):
             raise InputError(datalist, f"has {len(names)} raters; the model ranks {len(expected)} by area")
-        return
+        return names
     if names != expected:
         raise InputError(datalist, f"names the raters {names}, but the model {ckpt_path} was trained with "
                                    f"{expected}: rater ids would not match (give the trained rater table)")
+    return names
 
 
 def _rater_conv(heads: nn.ModuleList, rater_ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -210,6 +216,13 @@ class ProSeg(MaskSamplingNetwork):
     :class:`~ambisam.networks.prob_unet.ProbabilisticUNet` with ``use_box=True``), and its ``unet_features[-1]``
     output channels are the features.
 
+    **Departure on the SAM backbone: the mask is SAM's plus the latents' correction** (``sam_residual``, the
+    default). The reference head decodes the mask from the latents alone, its U-Net trained from scratch for 100
+    epochs; here the ``mask_head``'s output is added to SAM's own single-mask logit for the box, and its last
+    layer starts at zero, so an untrained model is box-prompted SAM and training (on a CPU, a few hundred steps)
+    spends itself on how each rater and each ambiguity moves that mask rather than on relearning segmentation.
+    ``sam_residual=False`` is the reference's head; the U-Net option never adds one.
+
     Inference modes (``conditions.mode``):
 
     - ``"diverse"`` (the default, ``None``): sample ``i`` draws ``z_r`` from the prior ``Dir(1)`` and ``z_x`` from
@@ -246,6 +259,8 @@ class ProSeg(MaskSamplingNetwork):
         image_size: the grid side of the ``"unet"`` option.
         unet_features: :class:`~monai.networks.nets.BasicUNet` features of the ``"unet"`` option (six values; the
             last is the feature map's channels).
+        sam_residual: on a SAM backbone, add SAM's own logit for the box to the ``mask_head``'s output, the head's
+            last layer initialised to zero (see the class docstring); ignored with ``"unet"``.
         rater_names: the name of each rater id (the training datalist's rater table; default ``"0"`` to
             ``"K-1"``). Saved with the weights (``get_extra_state``), so a loaded model knows whose predictions it
             makes: loading replaces the names given here by the trained ones.
@@ -274,6 +289,7 @@ class ProSeg(MaskSamplingNetwork):
         image_size: int = 128,
         unet_features: Sequence[int] = (32, 32, 64, 128, 192, 32),
         rater_names: Sequence[str] | None = None,
+        sam_residual: bool = True,
     ) -> None:
         if rater_identity not in RATER_IDENTITIES:
             raise ValueError(f"rater_identity must be one of {RATER_IDENTITIES}, got {rater_identity!r}")
@@ -316,6 +332,7 @@ class ProSeg(MaskSamplingNetwork):
             # the upscaled embedding has transformer_dim / 8 channels in SAM's mask decoder; SAM's logit is one more
             feature_channels = self.backbone.mask_decoder.transformer_dim // 8 + 1
         self.feature_channels = feature_channels
+        self.sam_residual = bool(sam_residual) and self.unet is None
 
         k, d, dz = self.num_raters, self.rater_latent_dim, self.image_latent_dim
         alphas = torch.full((k, d), 0.1)
@@ -331,6 +348,9 @@ class ProSeg(MaskSamplingNetwork):
             nn.ReLU(inplace=True),
             nn.Conv2d(head_channels, 1, 1),
         )
+        if self.sam_residual:  # an untrained model is box-prompted SAM; the latents learn what moves it
+            nn.init.zeros_(self.mask_head[-1].weight)
+            nn.init.zeros_(self.mask_head[-1].bias)
         self.rater_classifier = nn.Linear(d, k)
         self.reconstruction_heads = nn.ModuleList(nn.Conv2d(d + dz, 1, 1) for _ in range(k))
 
@@ -402,25 +422,38 @@ class ProSeg(MaskSamplingNetwork):
         return conditions.rater_ids.to(device).long().reshape(batch)
 
     # --------------------------------------------------------------------------------------- the pieces
-    def parameter_groups(self, learning_rate: float, rater_learning_rate: float) -> list[dict]:
-        """Optimizer parameter groups: everything trainable at ``learning_rate``, the rater latents
-        (``rater_alphas``) and the ``rater_classifier`` at ``rater_learning_rate``.
+    def parameter_groups(
+        self, learning_rate: float, rater_learning_rate: float, backbone_learning_rate: float | None = None
+    ) -> list[dict]:
+        """Optimizer parameter groups: the rater latents (``rater_alphas``) and the ``rater_classifier`` at
+        ``rater_learning_rate`` (the reference's two rates); the pretrained backbone's trainable parts (SAM's
+        prompt encoder and mask decoder) at ``backbone_learning_rate``; everything else trainable (the heads, the
+        U-Net) at ``learning_rate``.
 
         Args:
             learning_rate: the learning rate of the network.
             rater_learning_rate: the learning rate of the rater latents and classifier.
+            backbone_learning_rate: the learning rate of the backbone's trainable parameters; ``None``:
+                ``learning_rate`` (then the groups are the reference's two).
 
         Returns:
-            ``[{"params": [...], "lr": learning_rate}, {"params": [...], "lr": rater_learning_rate}]``, only
-            parameters with ``requires_grad``.
+            ``[{"params": [...], "lr": learning_rate}, {"params": [...], "lr": rater_learning_rate}]`` and, with
+            ``backbone_learning_rate`` and a trainable backbone, a third ``{"params": [...], "lr":
+            backbone_learning_rate}``; only parameters with ``requires_grad``.
         """
         rater_params = [self.rater_alphas, *self.rater_classifier.parameters()]
-        rater_ids = {id(p) for p in rater_params}
-        network = [p for p in self.parameters() if p.requires_grad and id(p) not in rater_ids]
-        return [
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if backbone_learning_rate is None:
+            backbone_params = []
+        own = {id(p) for p in (*rater_params, *backbone_params)}
+        network = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        groups = [
             {"params": network, "lr": float(learning_rate)},
             {"params": [p for p in rater_params if p.requires_grad], "lr": float(rater_learning_rate)},
         ]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": float(backbone_learning_rate)})
+        return groups
 
     def pixel_features(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """The features the statistic heads read, once per image (see the class docstring).
@@ -476,10 +509,19 @@ class ProSeg(MaskSamplingNetwork):
         tiled = rater_latents[..., None, None].expand(-1, -1, -1, *image_latents.shape[-2:])
         return torch.cat([tiled, image_latents], dim=2)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The ``mask_head`` on ``N`` latent maps per image, in one batch: ``(B, N, D + Dz, h, w) -> (B, N, h, w)``."""
+    def decode_latents(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The ``mask_head`` on ``N`` latent maps per image, in one batch, plus SAM's logit with ``sam_residual``.
+
+        Args:
+            latents: ``(B, N, D + Dz, h, w)``.
+            features: ``(B, F, h, w)`` the image's pixel features (SAM's logit is their last channel).
+
+        Returns:
+            ``(B, N, h, w)`` logits.
+        """
         b, n = latents.shape[:2]
-        return self.mask_head(latents.flatten(0, 1)).view(b, n, *latents.shape[-2:])
+        logits = self.mask_head(latents.flatten(0, 1)).view(b, n, *latents.shape[-2:])
+        return logits + features[:, -1:] if self.sam_residual else logits
 
     def personalised_logits(self, features: torch.Tensor, rater_ids: torch.Tensor) -> torch.Tensor:
         """Each rater's deterministic prediction from its posterior means (Dirichlet mean, ``mu``).
@@ -492,7 +534,7 @@ class ProSeg(MaskSamplingNetwork):
             ``(B, R, h, w)`` logits.
         """
         mu, _ = self.image_statistics(features, rater_ids)
-        return self.decode_latents(self.latents(self.rater_posteriors(rater_ids).mean, mu))
+        return self.decode_latents(self.latents(self.rater_posteriors(rater_ids).mean, mu), features)
 
     # ------------------------------------------------------------------------------------------- the hooks
     def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
@@ -529,7 +571,7 @@ class ProSeg(MaskSamplingNetwork):
         rater_latents = flat_dirichlet_from_normal(noise[..., :d])  # (B, N, D) from the prior Dir(1)
         mu, log_variance = self.image_statistics(features, raters)
         image_latents = mu[:, slots] + (0.5 * log_variance[:, slots]).exp() * noise[..., d:].view(b, n, dz, h, w)
-        return self.decode_latents(self.latents(rater_latents, image_latents))
+        return self.decode_latents(self.latents(rater_latents, image_latents), features)
 
     def compute_training_outputs(
         self, embeddings: torch.Tensor, conditions: Conditions, rater_masks: torch.Tensor
@@ -573,7 +615,7 @@ class ProSeg(MaskSamplingNetwork):
             target = F.interpolate(target, size=tuple(features.shape[-2:]), mode="bilinear", align_corners=False,
                                    antialias=True)
         return {
-            "logits": self.decode_latents(latents),
+            "logits": self.decode_latents(latents, features),
             "rater_logits": self.rater_classifier(rater_latents),
             "rater_ids": ids,
             "reconstruction": _rater_conv(self.reconstruction_heads, ids[:, None], latents)[:, 0],
