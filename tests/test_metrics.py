@@ -587,6 +587,9 @@ def test_personalised_dice_fixed_and_hungarian_by_hand():
     preds, raters = masks(C, B), masks(A, C)
     assert personalised_dice(preds, raters) == pytest.approx(0.0)
     assert personalised_dice(preds, raters, matching="hungarian") == pytest.approx(5 / 6)
+    # shuffled: each prediction against the other rater: C~C (1) and B~A (2/3) -> 5/6 here, (C~A 0, B~C 0) in order
+    assert personalised_dice(preds, raters, matching="shuffled") == pytest.approx(5 / 6)
+    assert personalised_dice(masks(B, C), raters, matching="shuffled") == pytest.approx(0.0)
     # in rater order the two agree: (B, C) -> (2/3 + 1) / 2
     for matching in ("fixed", "hungarian"):
         assert personalised_dice(masks(B, C), raters, matching=matching) == pytest.approx(5 / 6)

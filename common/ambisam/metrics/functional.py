@@ -53,7 +53,7 @@ _CHUNK = 1 << 20
 #: the ``per`` values of :func:`dice_max`: over raters (ours), over samples, one maximum over all pairs (P2SAM)
 DICE_MAX_CONVENTIONS = ("rater", "sample", "pair")
 #: the ``matching`` values of :func:`personalised_dice`: prediction ``r`` with rater ``r``, or the best assignment
-MATCHINGS = ("fixed", "hungarian")
+MATCHINGS = ("fixed", "hungarian", "shuffled")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -510,7 +510,7 @@ def empty_fractions(samples: ArrayLike, raters: ArrayLike) -> tuple[float, float
 def personalised_dice(
     predictions: ArrayLike,
     raters: ArrayLike,
-    matching: Literal["fixed", "hungarian"] = "fixed",
+    matching: Literal["fixed", "hungarian", "shuffled"] = "fixed",
     rater_valid: ArrayLike | None = None,
 ) -> float:
     """Personalised Dice: how well the prediction for rater ``r`` matches what rater ``r`` drew.
@@ -519,7 +519,10 @@ def personalised_dice(
     ``r``), the pairing fixed by the rater order. ``"hungarian"``: the one-to-one assignment of predictions to
     raters maximising the total Dice (``scipy.optimize.linear_sum_assignment`` on the :func:`pairwise_dice`
     matrix), and the mean matched Dice: what D-Persona's and ProSeg's reference code report as "personalised"
-    Dice; never below the fixed value. Two empty masks have Dice 1.
+    Dice; never below the fixed value. ``"shuffled"``: the control, the mean Dice of the prediction for rater
+    ``r`` against every *other* rater ``s != r`` (the expected fixed-pairing Dice when the rater ids are shuffled
+    among the raters, each id landing on another rater); a personalised model's fixed value should beat it (with one
+    rater who read the case it is that rater's fixed value). Two empty masks have Dice 1.
 
     Raters who did not read the case (``rater_valid`` 0) are left out, with their predictions, before either
     matching. ``raters`` may hold all ``K`` raters (the unread ones as zero channels) or only the ``sum(rater_valid)``
@@ -530,7 +533,7 @@ def personalised_dice(
             multiple of ``K`` (e.g. ``N / K`` draws per rater laid out rater-major in blocks of ``K``), of which only
             the first ``K`` rows count.
         raters: binary masks ``(K, *spatial)``, or ``(K', *spatial)`` with ``K' = sum(rater_valid)``.
-        matching: ``"fixed"`` (default) or ``"hungarian"``.
+        matching: ``"fixed"`` (default), ``"hungarian"`` or ``"shuffled"``.
         rater_valid: ``(K,)`` 1 = the rater read the case, 0 = not; ``None``: every rater of ``raters`` read it.
 
     Returns:
@@ -558,7 +561,9 @@ def personalised_dice(
     if p.shape[0] % k:
         raise ValueError(f"predictions must have K = {k} rows (or a multiple of K), got {p.shape[0]}.")
     dice = pairwise_dice(p[:k][read], r)
-    if matching == "fixed":
+    if matching == "fixed" or (matching == "shuffled" and dice.shape[0] == 1):
         return float(np.diag(dice).mean())
+    if matching == "shuffled":
+        return float(dice[~np.eye(dice.shape[0], dtype=bool)].mean())
     rows, cols = linear_sum_assignment(dice, maximize=True)
     return float(dice[rows, cols].mean())
