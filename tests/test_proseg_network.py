@@ -27,11 +27,10 @@ K = 4
 
 @pytest.fixture
 def proseg(litemedsam):
-    """ProSeg whose mask head's last layer is drawn at random (it starts at zero, see the residual test), so that its
-    raters and latents already move the masks, as after training."""
+    """ProSeg with PyTorch's random initialisation (not SAM's, see the next test), so that its raters and latents
+    already move the masks, as after training."""
     torch.manual_seed(0)
-    model = ProSeg(backbone=litemedsam).eval()
-    torch.nn.init.normal_(model.mask_head[-1].weight, std=0.5)
+    model = ProSeg(backbone=litemedsam, sam_init=False).eval()
     yield model
     litemedsam.eval()
 
@@ -39,14 +38,22 @@ def proseg(litemedsam):
 def test_an_untrained_model_is_box_prompted_sam_in_every_mode(litemedsam, example, crop, monkeypatch):
     torch.manual_seed(0)
     model = _with_features(ProSeg(backbone=litemedsam).eval(), crop["features"], monkeypatch)
-    sam_logit = crop["features"][:, -1]  # (1, h, w)
+    sam_logit = crop["features"][:, -1:]  # (1, 1, h, w)
     emb = _embeddings(example)
     with torch.no_grad():
-        for mode in (None, "diverse", "personalised"):
-            logits = model.sample_logits(emb, _conditions(example, mode=mode), 5)
-            assert torch.allclose(logits, sam_logit[:, None].expand_as(logits), atol=1e-5), mode
-    unet = ProSeg("unet", image_size=32, unet_features=(4, 4, 4, 4, 4, 4), sam_residual=True)
-    assert not unet.sam_residual and unet.mask_head[-1].weight.abs().sum() > 0  # the paper's head, unchanged
+        personalised = model.sample_logits(emb, _conditions(example, mode="personalised"), K)
+        diverse = model.sample_logits(emb, _conditions(example), 8)
+    # decoded through z_x's first channel: exact up to the near-zero weights; diverse adds its noise (0.3 logits SD)
+    assert torch.allclose(personalised, sam_logit.expand_as(personalised), rtol=0.01, atol=0.05)
+    assert (diverse - sam_logit).abs().max() < 2.0 and (diverse - sam_logit).std() > 0.01  # sigma 0.03 x 10
+    assert ((personalised > 0) == (sam_logit > 0)).float().mean() > 0.999  # the same mask but at its edge
+    # a rater's head moves its rater's mask at once: a bias on its mean of that channel is a boundary shift
+    with torch.no_grad():
+        model.statistic_heads[1].bias[0] = 5.0
+        moved = model.sample_logits(emb, _conditions(example, mode="personalised"), K)
+    assert (moved[:, 1] > 0).sum() > (moved[:, 0] > 0).sum() and torch.equal(moved[:, 0], personalised[:, 0])
+    unet = ProSeg("unet", image_size=32, unet_features=(4, 4, 4, 4, 4, 4), sam_init=True)
+    assert not unet.sam_init  # the paper's setting: PyTorch's initialisation
 
 
 @pytest.fixture(scope="module")

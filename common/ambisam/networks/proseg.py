@@ -216,12 +216,15 @@ class ProSeg(MaskSamplingNetwork):
     :class:`~ambisam.networks.prob_unet.ProbabilisticUNet` with ``use_box=True``), and its ``unet_features[-1]``
     output channels are the features.
 
-    **Departure on the SAM backbone: the mask is SAM's plus the latents' correction** (``sam_residual``, the
-    default). The reference head decodes the mask from the latents alone, its U-Net trained from scratch for 100
-    epochs; here the ``mask_head``'s output is added to SAM's own single-mask logit for the box, and its last
-    layer starts at zero, so an untrained model is box-prompted SAM and training (on a CPU, a few hundred steps)
-    spends itself on how each rater and each ambiguity moves that mask rather than on relearning segmentation.
-    ``sam_residual=False`` is the reference's head; the U-Net option never adds one.
+    **Initialisation on the SAM backbone (``sam_init``, the default; the architecture is the reference's).** The
+    reference trains its heads from random weights for 100 epochs. Here the heads start so that an untrained model
+    decodes SAM's own mask through the image latent: each statistic head's mean of ``z_x``'s first channel reads
+    SAM's logit (weight 0.1), every log-variance starts at ``log 0.03^2`` (sigma 0.03), and the ``mask_head`` passes
+    that channel through (two ReLU units for its positive and negative parts, then their difference, times 10); every other weight
+    starts near zero (SD 1e-3). So an untrained model is box-prompted SAM, the mask is still decoded from the
+    latents alone (a first try added SAM's logit to the head's output instead: the data then bypassed the latents,
+    which collapsed, and every rater got the same mask), and a rater's head moves its rater's mask from the first
+    step (a bias on that mean is a boundary shift). ``sam_init=False`` keeps PyTorch's random initialisation.
 
     Inference modes (``conditions.mode``):
 
@@ -259,8 +262,8 @@ class ProSeg(MaskSamplingNetwork):
         image_size: the grid side of the ``"unet"`` option.
         unet_features: :class:`~monai.networks.nets.BasicUNet` features of the ``"unet"`` option (six values; the
             last is the feature map's channels).
-        sam_residual: on a SAM backbone, add SAM's own logit for the box to the ``mask_head``'s output, the head's
-            last layer initialised to zero (see the class docstring); ignored with ``"unet"``.
+        sam_init: on a SAM backbone, initialise the heads so that an untrained model decodes SAM's logit through
+            the image latent (see the class docstring); ignored with ``"unet"``.
         rater_names: the name of each rater id (the training datalist's rater table; default ``"0"`` to
             ``"K-1"``). Saved with the weights (``get_extra_state``), so a loaded model knows whose predictions it
             makes: loading replaces the names given here by the trained ones.
@@ -289,7 +292,7 @@ class ProSeg(MaskSamplingNetwork):
         image_size: int = 128,
         unet_features: Sequence[int] = (32, 32, 64, 128, 192, 32),
         rater_names: Sequence[str] | None = None,
-        sam_residual: bool = True,
+        sam_init: bool = True,
     ) -> None:
         if rater_identity not in RATER_IDENTITIES:
             raise ValueError(f"rater_identity must be one of {RATER_IDENTITIES}, got {rater_identity!r}")
@@ -332,7 +335,7 @@ class ProSeg(MaskSamplingNetwork):
             # the upscaled embedding has transformer_dim / 8 channels in SAM's mask decoder; SAM's logit is one more
             feature_channels = self.backbone.mask_decoder.transformer_dim // 8 + 1
         self.feature_channels = feature_channels
-        self.sam_residual = bool(sam_residual) and self.unet is None
+        self.sam_init = bool(sam_init) and self.unet is None
 
         k, d, dz = self.num_raters, self.rater_latent_dim, self.image_latent_dim
         alphas = torch.full((k, d), 0.1)
@@ -348,11 +351,31 @@ class ProSeg(MaskSamplingNetwork):
             nn.ReLU(inplace=True),
             nn.Conv2d(head_channels, 1, 1),
         )
-        if self.sam_residual:  # an untrained model is box-prompted SAM; the latents learn what moves it
-            nn.init.zeros_(self.mask_head[-1].weight)
-            nn.init.zeros_(self.mask_head[-1].bias)
+        if self.sam_init:
+            self._initialise_from_sam()
         self.rater_classifier = nn.Linear(d, k)
         self.reconstruction_heads = nn.ModuleList(nn.Conv2d(d + dz, 1, 1) for _ in range(k))
+
+    @torch.no_grad()
+    def _initialise_from_sam(self, small: float = 1e-3, scale: float = 0.1, sigma: float = 0.03) -> None:
+        """Start the heads as an identity on SAM's logit through ``z_x``'s first channel (class docstring): that
+        mean is ``scale`` times the logit and the ``mask_head`` multiplies it back by ``1 / scale``, so a step on a
+        rater's head moves its logit ``1 / scale`` times as far (SAM's logits are steep, tens across a boundary)."""
+        d = self.rater_latent_dim
+        convs = [*self.statistic_heads, *(m for m in self.mask_head if isinstance(m, nn.Conv2d))]
+        for conv in convs:
+            nn.init.normal_(conv.weight, std=small)
+            nn.init.zeros_(conv.bias)
+        for head in self.statistic_heads:
+            head.weight[0, -1] = scale  # mu of z_x channel 0 <- SAM's logit (the features' last channel)
+            head.bias[self.image_latent_dim :] = math.log(sigma**2)  # every log-variance
+        first, second, last = (m for m in self.mask_head if isinstance(m, nn.Conv2d))
+        first.weight[0, d] = 1.0  # unit 0: the positive part of z_x channel 0, unit 1: the negative part
+        first.weight[1, d] = -1.0
+        second.weight[0, 0] = 1.0
+        second.weight[1, 1] = 1.0
+        last.weight[0, 0] = 1.0 / scale
+        last.weight[0, 1] = -1.0 / scale
 
     # ------------------------------------------------------------------------------------ the saved raters
     def get_extra_state(self) -> dict:
@@ -509,19 +532,18 @@ class ProSeg(MaskSamplingNetwork):
         tiled = rater_latents[..., None, None].expand(-1, -1, -1, *image_latents.shape[-2:])
         return torch.cat([tiled, image_latents], dim=2)
 
-    def decode_latents(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """The ``mask_head`` on ``N`` latent maps per image, in one batch, plus SAM's logit with ``sam_residual``.
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The ``mask_head`` on ``N`` latent maps per image, in one batch.
 
         Args:
             latents: ``(B, N, D + Dz, h, w)``.
-            features: ``(B, F, h, w)`` the image's pixel features (SAM's logit is their last channel).
 
         Returns:
             ``(B, N, h, w)`` logits.
         """
         b, n = latents.shape[:2]
         logits = self.mask_head(latents.flatten(0, 1)).view(b, n, *latents.shape[-2:])
-        return logits + features[:, -1:] if self.sam_residual else logits
+        return logits
 
     def personalised_logits(self, features: torch.Tensor, rater_ids: torch.Tensor) -> torch.Tensor:
         """Each rater's deterministic prediction from its posterior means (Dirichlet mean, ``mu``).
@@ -534,7 +556,7 @@ class ProSeg(MaskSamplingNetwork):
             ``(B, R, h, w)`` logits.
         """
         mu, _ = self.image_statistics(features, rater_ids)
-        return self.decode_latents(self.latents(self.rater_posteriors(rater_ids).mean, mu), features)
+        return self.decode_latents(self.latents(self.rater_posteriors(rater_ids).mean, mu))
 
     # ------------------------------------------------------------------------------------------- the hooks
     def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
@@ -571,7 +593,7 @@ class ProSeg(MaskSamplingNetwork):
         rater_latents = flat_dirichlet_from_normal(noise[..., :d])  # (B, N, D) from the prior Dir(1)
         mu, log_variance = self.image_statistics(features, raters)
         image_latents = mu[:, slots] + (0.5 * log_variance[:, slots]).exp() * noise[..., d:].view(b, n, dz, h, w)
-        return self.decode_latents(self.latents(rater_latents, image_latents), features)
+        return self.decode_latents(self.latents(rater_latents, image_latents))
 
     def compute_training_outputs(
         self, embeddings: torch.Tensor, conditions: Conditions, rater_masks: torch.Tensor
@@ -615,7 +637,7 @@ class ProSeg(MaskSamplingNetwork):
             target = F.interpolate(target, size=tuple(features.shape[-2:]), mode="bilinear", align_corners=False,
                                    antialias=True)
         return {
-            "logits": self.decode_latents(latents, features),
+            "logits": self.decode_latents(latents),
             "rater_logits": self.rater_classifier(rater_latents),
             "rater_ids": ids,
             "reconstruction": _rater_conv(self.reconstruction_heads, ids[:, None], latents)[:, 0],
