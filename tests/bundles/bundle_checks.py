@@ -53,11 +53,14 @@ def run_workflow(bundle: str, names: tuple[str, ...], workflow_type: str, **over
     return wf
 
 
-def small_dataset(path: Path, cases: int = 4, raters: int = 4, seed: int = 3, split=(0.5, 0.25, 0.25)) -> Path:
-    """A small synthetic multi-rater data set of 64x64x10 volumes: by default 2 training, 1 validation, 1 test."""
+def small_dataset(
+    path: Path, cases: int = 4, raters: int = 4, seed: int = 3, split=(0.5, 0.25, 0.25), **synthetic
+) -> Path:
+    """A small synthetic multi-rater data set of 64x64x10 volumes: by default 2 training, 1 validation, 1 test;
+    ``synthetic``: more options of ``synthesize`` (e.g. ``rater_styles=True``)."""
     from ambisam.data import synthesize
 
-    return synthesize(path, cases=cases, raters=raters, seed=seed, shape=(64, 64, 10), split=split)
+    return synthesize(path, cases=cases, raters=raters, seed=seed, shape=(64, 64, 10), split=split, **synthetic)
 
 
 def train_overrides(tmp: Path, dataset_dir: Path, **extra) -> dict:
@@ -211,13 +214,14 @@ def check_torchrun_with(
     raters: int = 4,
     config: tuple[str, ...] = ("train",),
     written: tuple[str, str] = ("model.pt", "checkpoint_epoch=1.pt"),
+    synthetic: dict | None = None,
     **extra,
 ) -> None:
     """:func:`check_torchrun` with a number of raters for the generated data set and more overrides (e.g. a
     bundle whose training step is costly trains a smaller problem): ``multi_gpu_train.json`` after ``config``
     under torchrun --nproc_per_node=2 with gloo on CPU, 2 training and 2 validation cases; ``written`` names the
-    best-model and the epoch-1 checkpoint files the stage writes."""
-    dataset_dir = small_dataset(tmp / "data", raters=raters, split=(0.5, 0.5, 0.0)).parent
+    best-model and the epoch-1 checkpoint files the stage writes; ``synthetic``: options of the generated data set."""
+    dataset_dir = small_dataset(tmp / "data", raters=raters, split=(0.5, 0.5, 0.0), **(synthetic or {})).parent
     overrides = train_overrides(tmp, dataset_dir, **extra)
     args = []
     for key, value in overrides.items():
@@ -234,3 +238,34 @@ def check_torchrun_with(
         assert (tmp / "models" / name).is_file(), name
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["world_size"] == 2
+
+
+class ContractChecks:
+    """The contract's checks as tests, written once (BUNDLE_CONTRACT.md, "Tests each bundle has"): a bundle's test
+    module subclasses this as ``class TestContract(ContractChecks)``, sets ``bundle``, and defines a module fixture
+    ``trained`` whose first two items are the training folder (``models/model.pt`` in it) and the datalist.
+
+    Attributes:
+        bundle: the bundle's name.
+        torchrun: :func:`check_torchrun_with` arguments (a smaller problem, the data set's options).
+    """
+
+    bundle: str = ""
+    torchrun: dict = {}
+
+    def test_properties(self, trained):
+        tmp, datalist = trained[:2]
+        check_properties(self.bundle, tmp, datalist.parent, tmp / "models" / "model.pt")
+
+    def test_metadata_is_valid_offline(self):
+        check_metadata(self.bundle)
+
+    def test_bad_inputs_stop_with_one_message_and_write_nothing(self, trained, tmp_path):
+        tmp, datalist = trained[:2]
+        check_bad_inputs(self.bundle, tmp_path, datalist.parent, tmp / "models" / "model.pt")
+
+    def test_bad_input_on_the_command_line_is_one_line(self, trained, tmp_path):
+        check_cli_bad_input(self.bundle, tmp_path, trained[0] / "models" / "model.pt")
+
+    def test_multi_gpu_train_under_torchrun_gloo(self, tmp_path):
+        check_torchrun_with(self.bundle, tmp_path, **self.torchrun)
