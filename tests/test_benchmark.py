@@ -243,15 +243,15 @@ def test_the_timed_cache_goes_only_to_stages_that_cache_embeddings():
 # ------------------------------------------------------------------------------------------------ benchmark
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory):
-    """psam (one epoch), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4; proseg, whose
-    bundle is not written yet, is listed as unavailable (p2sam, which now runs, trains too slowly on a CPU for this
-    test)."""
+    """psam and proseg (one epoch each), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4;
+    ursam, whose network is not written yet, is listed as unavailable (p2sam, which runs, trains too slowly on a
+    CPU for this test)."""
     from ambisam.data import synthesize
 
     tmp = tmp_path_factory.mktemp("benchmark")
     datalist = synthesize(tmp / "data", cases=4, shape=(64, 64, 10), seed=3)
     out = tmp / "out"
-    entries = run_benchmark(data=datalist, methods="psam,jitter,baseline,proseg", samples=4, out=out, budget=2,
+    entries = run_benchmark(data=datalist, methods="psam,jitter,baseline,proseg,ursam", samples=4, out=out, budget=2,
                             max_epochs=1, figure_cases=1, isolate=False)
     return out, entries, datalist
 
@@ -259,9 +259,9 @@ def benchmark_run(tmp_path_factory):
 def test_benchmark_results_json(benchmark_run):
     out, entries, _ = benchmark_run
     results = json.loads((out / "results.json").read_text())
-    assert isinstance(results, list) and [r["method"] for r in results] == ["psam", "jitter", "baseline", "proseg"]
+    assert isinstance(results, list) and [r["method"] for r in results] == ["psam", "jitter", "baseline", "proseg", "ursam"]
     assert results == json.loads(json.dumps(entries))
-    for r in results[:3]:
+    for r in results[:4]:
         assert r["status"] == "ok", r
         assert r["num_samples"] == 4 and r["seeds"] == [0]
         for key in METRIC_KEYS:
@@ -273,7 +273,7 @@ def test_benchmark_results_json(benchmark_run):
         assert isinstance(r["parameters_trained"], int)
         counts = r["reliability_bins"][0]
         assert len(counts) == 10 and sum(counts) > 0
-    psam, jitter, baseline = results[:3]
+    psam, jitter, baseline, proseg = results[:4]
     assert psam["parameters_trained"] > 0 and psam["timings"]["train_seconds"] > 0
     assert psam["training"][0]["epochs"] == 1
     assert jitter["parameters_trained"] == 0 and baseline["parameters_trained"] == 0
@@ -286,8 +286,11 @@ def test_benchmark_results_json(benchmark_run):
         assert r["presence_gap"] >= abs(r["samples_empty"] - r["raters_empty"]) - 1e-9
         assert float(r["ncc_undefined_raters"]).is_integer()
     assert jitter["diversity"] > 0
-    assert results[3]["status"] == "unavailable" and "proseg" in results[3]["reason"]
-    assert "does not exist yet" in results[3]["reason"]  # the network class exists, bundles/proseg does not
+    assert results[4]["status"] == "unavailable" and "ursam" in results[4]["reason"]
+    assert "not implemented yet" in results[4]["reason"]
+    # proseg runs beside the others, its personalised scoring beside the distribution metrics
+    assert proseg["parameters_trained"] > 0 and proseg["training"][0]["epochs"] == 1
+    assert 0.0 <= proseg["personalised_dice"] <= 1.0, proseg
     assert psam["training"][0]["stages"][0]["configs"] == ["train"] and psam["training"][0]["stages"][0]["epochs"] == 1
     record = json.loads((out / "run.json").read_text())
     assert record["job"] == "benchmark" and record["num_samples"] == 4 and "torch" in record["versions"]
@@ -302,9 +305,9 @@ def test_benchmark_markdown_table(benchmark_run):
     header = next(line for line in lines if line.startswith("| method"))
     assert [c.strip() for c in header.strip("|").split("|")] == [c.format(n=4) for c in TABLE_COLUMNS]
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline"]
+    assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline", "proseg"]
     assert all(len(r.strip("|").split("|")) == len(TABLE_COLUMNS) for r in rows)
-    assert any("proseg" in line and "unavailable" in line for line in lines)
+    assert any("ursam" in line and "unavailable" in line for line in lines)
 
 
 def test_benchmark_figures_are_valid_pngs(benchmark_run):
@@ -322,7 +325,7 @@ def test_benchmark_figures_are_valid_pngs(benchmark_run):
 def test_benchmark_reuses_completed_jobs(benchmark_run):
     out, entries, datalist = benchmark_run
     before = (out / "psam" / "seed0" / "models" / "model.pt").stat().st_mtime_ns
-    again = run_benchmark(data=datalist, methods="psam,jitter,baseline,proseg", samples=4, out=out, budget=2,
+    again = run_benchmark(data=datalist, methods="psam,jitter,baseline,proseg,ursam", samples=4, out=out, budget=2,
                           max_epochs=1, figure_cases=1, isolate=False)
     assert [e.get("ged") for e in again] == [e.get("ged") for e in entries]
     assert (out / "psam" / "seed0" / "models" / "model.pt").stat().st_mtime_ns == before

@@ -30,8 +30,7 @@ def registered():
 
 def test_methods_without_a_network_class_or_a_bundle_are_unavailable():
     assert "not implemented yet" in method_availability(get_method("ursam"))
-    assert "bundle 'proseg' does not exist yet" in method_availability(get_method("proseg"))  # its network does
-    for name in ("psam", "seqsam", "mcl", "p2sam", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
+    for name in ("psam", "seqsam", "mcl", "p2sam", "proseg", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
         assert method_availability(get_method(name)) is None, name
 
 

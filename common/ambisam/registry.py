@@ -24,7 +24,7 @@ __all__ = ["MethodSpec", "method_registry", "get_method", "HARNESS_BUNDLE", "DEF
 #: the bundle whose configs train and evaluate the methods without a bundle of their own
 HARNESS_BUNDLE = "psam"
 #: the methods the benchmark (``run_benchmark``, ``ambisam benchmark``) compares when none are named
-DEFAULT_METHODS = "psam,p2sam,baseline,multimask,jitter,mc_dropout,prob_unet"
+DEFAULT_METHODS = "psam,p2sam,proseg,baseline,multimask,jitter,mc_dropout,prob_unet"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ overrides name the handlers by their package path (``ambisam.benchmark.TrainingB
 from ambisam.benchmark.budget import TimedEmbeddingCache, TrainingBudget
 from ambisam.benchmark.jobs import (
     METRIC_KEYS,
+    OPTIONAL_METRIC_KEYS,
     method_availability,
     method_implemented,
     method_kind,
@@ -29,6 +30,7 @@ from ambisam.benchmark.run import MODALITIES, intensity_convention, run_benchmar
 
 __all__ = [
     "METRIC_KEYS",
+    "OPTIONAL_METRIC_KEYS",
     "MODALITIES",
     "TimedEmbeddingCache",
     "TrainingBudget",

@@ -26,6 +26,7 @@ from ambisam.registry import MethodSpec, get_method
 
 __all__ = [
     "METRIC_KEYS",
+    "OPTIONAL_METRIC_KEYS",
     "method_implemented",
     "method_availability",
     "method_kind",
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece", "presence_gap",
                "soft_dice_prob", "ece_prob", "ncc_undefined_raters", "samples_empty", "raters_empty", "hm_iou_untiled",
                "dice_max_pairs")
+#: metrics only some methods' evaluations score (a rater-conditioned method's personalised scoring); a result has
+#: them where its evaluation wrote them
+OPTIONAL_METRIC_KEYS = ("personalised_dice", "personalised_dice_hungarian", "personalised_dice_shuffled")
 
 #: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
 def method_implemented(spec: MethodSpec) -> bool:
@@ -229,7 +233,7 @@ def run_job(job: Mapping) -> dict:
     recorded = json.loads((eval_dir / "recorder.json").read_text())
     n = int(job["num_samples"])
     metrics = {}
-    for key in METRIC_KEYS:
+    for key in METRIC_KEYS + tuple(k for k in OPTIONAL_METRIC_KEYS if k in report["overall"]):
         value = report["overall"].get(f"{key}{n}", report["overall"].get(key))
         metrics[key] = None if value is None or not np.isfinite(value) else float(value)
     result = {

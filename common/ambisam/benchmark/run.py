@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from monai.utils import optional_import
 
-from ambisam.benchmark.jobs import METRIC_KEYS, method_availability, method_kind, run_job
+from ambisam.benchmark.jobs import METRIC_KEYS, OPTIONAL_METRIC_KEYS, method_availability, method_kind, run_job
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 from ambisam.registry import DEFAULT_METHODS, get_method, method_registry
@@ -159,7 +159,7 @@ def summarize_jobs(name: str, jobs: list[dict]) -> dict:
                 "reason": "; ".join(f"seed {j['seed']}: {j.get('reason')}" for j in failed)}
     entry: dict[str, Any] = {"method": name, "status": "ok", "kind": method_kind(spec), "description": spec.description}
     std = {}
-    for key in METRIC_KEYS:
+    for key in METRIC_KEYS + tuple(k for k in OPTIONAL_METRIC_KEYS if all(k in j["metrics"] for j in jobs)):
         entry[key], std[key] = _mean_std([j["metrics"][key] for j in jobs])
     timing_keys = ("train_seconds", "train_budgeted_seconds", "train_encoding_seconds", "eval_seconds",
                    "sampling_seconds", "encoding_seconds", "encoder_ms_per_slice", "ms_per_sample", "ms_per_slice")
