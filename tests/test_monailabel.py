@@ -316,6 +316,27 @@ def test_infer_returns_mask_uncertainty_samples_and_summary(server, bundle):
     assert not list(server.tmp.glob(f"ambisam_{bundle}_*")), "temporary outputs left behind"
 
 
+def test_a_rater_conditioned_bundle_takes_a_rater_and_a_mode(server):
+    """proseg: "what would rater 2 draw" (personalised: every sample that rater's one prediction); an unknown rater or
+    mode is a 400 naming it, and the server keeps serving."""
+    info = server.json("GET", "/info/")["models"]["proseg"]
+    assert info["config"]["rater"] == "" and info["config"]["mode"] == "diverse"
+    parts = server.multipart("/infer/proseg?image=case1&output=all",
+                             {"params": json.dumps({"box": BOX, "num_samples": 3, "rater": "2", "mode": "personalised"})})
+    params = json.loads(parts["params"])
+    assert params["rater"] == "2" and params["num_samples"] == 3
+    status, _, body = server.request("GET", params["outputs"]["samples"]["url"])
+    path = server.studies.parent / "proseg_rater2_samples.nii.gz"
+    path.write_bytes(body)
+    samples = np.asarray(nib.load(path).dataobj)
+    assert all(np.array_equal(samples[..., i], samples[..., 0]) for i in range(3))  # deterministic, one rater
+    for bad, expected in (({"rater": "dr_x"}, "unknown rater 'dr_x'"), ({"mode": "sometimes"}, "unknown mode 'sometimes'")):
+        status, _, body = server.request("POST", "/infer/proseg?image=case1&output=json",
+                                         fields={"params": json.dumps({"box": BOX, **bad})})
+        assert status == 400 and expected in json.loads(body)["detail"], body[:500]
+    assert server.json("GET", "/info/")["models"]["proseg"]  # still serving
+
+
 def test_bad_prompt_is_a_400_naming_the_image_and_the_problem(server):
     bundle = BUNDLES[0]
     status, _, body = server.request("POST", f"/infer/{bundle}?image=case1&output=json",
@@ -352,8 +373,11 @@ def test_active_learning_ranks_unlabelled_images_by_sample_disagreement(server, 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_training_from_monailabel_serves_new_weights(server, bundle, studies):
     info = server.json("GET", "/info/")
-    if bundle not in info["trainers"]:
-        pytest.skip(f"{bundle}: its image encoder is trained too; MONAI Label training is offered for frozen encoders")
+    if bundle not in info["trainers"]:  # not offered, and the log says why
+        reasons = ("the image encoder is trained too", "the datastore's labels name no rater")
+        assert any(f"{bundle}: {r}" in server.log.read_text() or f"{bundle}: trains on raters by identity, and {r}"
+                   in server.log.read_text() for r in reasons), server.log.read_text()[-3000:]
+        return
     served = server.app_dir / "model" / bundle / "models" / "model.pt"
     before = served.stat().st_mtime
     log_start = len(server.log.read_text())

@@ -38,6 +38,7 @@ from monailabel.utils.others.generic import strtobool
 
 import ambisam
 from ambisam.errors import find_input_error
+from ambisam.registry import method_registry
 
 from lib.activelearning import DisagreementScorer, SampleDisagreement
 from lib.bundles import default_bundles_dir, find_weights, make_working_copy, selected_bundles
@@ -121,6 +122,11 @@ class AmbisamApp(MONAILabelApp):
                 continue
             if not self._encoder_frozen(name):
                 logger.info(f"{name}: the image encoder is trained too; training from MONAI Label is not offered")
+                continue
+            spec = method_registry.get(name)
+            if spec is not None and "rater_id" in spec.capabilities.conditions:
+                logger.info(f"{name}: trains on raters by identity, and the datastore's labels name no rater; "
+                            "training from MONAI Label is not offered (train it on a datalist with its raters)")
                 continue
             task = FrozenEncoderBundleTrainTask(str(path), self.conf)
             if task.is_valid():

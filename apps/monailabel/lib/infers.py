@@ -31,6 +31,7 @@ from monailabel.utils.others.class_utils import unload_module
 
 from ambisam.errors import InputError
 from ambisam.inferers.layout import OUTPUT_NAMES
+from ambisam.networks import rater_index
 from ambisam.outputs import write_case_outputs
 
 from lib.prompts import BoxPromptFromRequestd
@@ -79,7 +80,9 @@ class SamplingBundleInferTask(BundleInferTask):
 
     A box-prompted method is offered to clients as an interactive model (``deepgrow``: 3D Slicer then shows its
     point and ROI/BBox prompt tools), a prompt-free one as ``segmentation``. ``num_samples`` and ``seed`` appear
-    in the client's options (defaults: the bundle's own).
+    in the client's options (defaults: the bundle's own). A rater-conditioned method (``"rater_id"`` among its
+    conditions, e.g. ProSeg) also takes ``rater`` (a rater name of the trained model, or its id: "what would this
+    rater draw"; empty: the method's default) and, where the bundle has one, ``mode`` (its inference modes).
 
     Args:
         path: the bundle's working copy (``configs/``, ``models/model.pt``).
@@ -118,6 +121,14 @@ class SamplingBundleInferTask(BundleInferTask):
         has_seed = self.bundle_config.get("seed") is not None
         self.default_seed = int(self.bundle_config.get_parsed_content("seed")) if has_seed else 0
         self._config.update({"num_samples": self.default_num_samples, "seed": self.default_seed})
+        self.rater_names = tuple(getattr(network, "rater_names", ()) or ())
+        self.rater_conditioned = "rater_id" in network.capabilities.conditions
+        if self.rater_conditioned:
+            self._config["rater"] = ""
+        self.modes = tuple(getattr(network, "inference_modes", ()) or ())
+        if self.modes and "mode" in self.bundle_config:
+            self.default_mode = self.bundle_config.get_parsed_content("mode")
+            self._config["mode"] = self.default_mode
 
     def info(self) -> dict[str, Any]:
         i = super().info()
@@ -142,10 +153,26 @@ class SamplingBundleInferTask(BundleInferTask):
             raise InputError(None, f"num_samples must be at least 1, got {num_samples}")
         return num_samples, seed
 
+    def _request_rater(self, data: Mapping | None) -> int | None:
+        """The rater id a request asks for (``rater``: a trained rater's name or id), ``None`` for none."""
+        rater = (data or {}).get("rater")
+        if rater is None or str(rater).strip() == "":
+            return None
+        if not self.rater_conditioned:
+            raise InputError(None, f"bundle {self.bundle_name} is not conditioned on a rater; drop 'rater'")
+        return rater_index(self.rater_names, str(rater).strip())
+
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         num_samples, _ = self._request_settings(data)
         if self.bundle_config.get("num_samples") != num_samples:
             self.bundle_config["num_samples"] = num_samples  # re-parsed: inferer and postprocessing follow
+        if self.modes and "mode" in self.bundle_config:
+            mode = (data or {}).get("mode") or self.default_mode
+            if mode not in self.modes:
+                raise InputError(None, f"unknown mode {mode!r}; bundle {self.bundle_name} offers {list(self.modes)}")
+            if self.bundle_config.get("mode") != mode:
+                self.bundle_config["mode"] = mode
+        self._request_rater(data)  # a bad rater fails before any work
         prompt = BoxPromptFromRequestd(self.needs_box, point_box_half_size=self.point_box_half_size)
         return [prompt, *super().pre_transforms(data)]
 
@@ -177,7 +204,7 @@ class SamplingBundleInferTask(BundleInferTask):
             box = (box[None] if convert_to_batch else box).to(torch.device(device))
         torch.manual_seed(seed)
         with torch.no_grad():
-            outputs = inferer(inputs, network, box=box)
+            outputs = inferer(inputs, network, box=box, rater_id=self._request_rater(data))
         data[self.output_label_key] = outputs[0] if convert_to_batch else outputs
         return data
 
@@ -196,6 +223,7 @@ class SamplingBundleInferTask(BundleInferTask):
             "bundle_version": self.version,
             "seed": seed,
             "prompt": data.get("prompt"),
+            **({"rater": data.get("rater") or None} if self.rater_conditioned else {}),
             **sampling_summary(maps),
             OUTPUT_FILES_KEY: {name: str(paths[name]) for name in EXTRA_OUTPUTS},
         }
