@@ -17,7 +17,6 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
-    check_metadata,
     check_properties,
     check_torchrun_with,
     run_workflow,
@@ -49,10 +48,6 @@ def trained(tmp_path_factory):
 def test_properties(trained):
     tmp = trained["tmp"]
     check_properties(BUNDLE, tmp, trained["datalist"].parent, tmp / "models" / "model.pt", stages=(STAGE1, STAGE2))
-
-
-def test_metadata_is_valid_offline():
-    check_metadata(BUNDLE)
 
 
 def test_stage1_adapts_sam_on_non_empty_raters(trained):

@@ -12,7 +12,6 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
-    check_metadata,
     check_properties,
     check_torchrun,
     run_workflow,
@@ -35,10 +34,6 @@ def trained(tmp_path_factory):
 def test_properties(trained):
     tmp, datalist, _ = trained
     check_properties(BUNDLE, tmp, datalist.parent, tmp / "models" / "model.pt")
-
-
-def test_metadata_is_valid_offline():
-    check_metadata(BUNDLE)
 
 
 def test_train_writes_weights_and_resumes(trained):

@@ -13,7 +13,6 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
-    check_metadata,
     check_properties,
     check_torchrun_with,
     run_workflow,
@@ -46,10 +45,6 @@ def test_properties(trained):
     """As ``bundle_checks.check_properties``, with this data set's number of raters."""
     tmp, datalist, _ = trained
     check_properties(BUNDLE, tmp, datalist.parent, tmp / "models" / "model.pt", **SMALL)
-
-
-def test_metadata_is_valid_offline():
-    check_metadata(BUNDLE)
 
 
 def test_train_writes_weights_and_resumes(trained):
