@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -340,6 +341,23 @@ def test_benchmark_job_in_its_own_process(benchmark_run, tmp_path):
     assert (tmp_path / "out" / "baseline" / "seed0" / "job.json").is_file()
 
 
+
+def test_benchmark_evaluation_prompt_is_a_named_protocol(benchmark_run, tmp_path):
+    """--prompt random_rater: each slice is prompted with one non-empty rater's box (seeded) instead of the
+    raters' union box; the protocol is recorded in the job's settings and in metrics.json."""
+    out, entries, datalist = benchmark_run
+    shutil.copytree(out / "embeddings", tmp_path / "out" / "embeddings")  # the same slices: no re-encoding
+    kwargs = dict(data=datalist, methods="baseline", samples=4, out=tmp_path / "out", figure_cases=0, isolate=False,
+                  prompt="random_rater")
+    (entry,) = run_benchmark(**kwargs)
+    (again,) = run_benchmark(**kwargs, rerun=True)
+    assert entry["status"] == "ok" and entry["ged"] == pytest.approx(again["ged"])  # seeded
+    assert entry["ged"] != pytest.approx(entries[2]["ged"])  # other boxes than the union's
+    job = json.loads((tmp_path / "out" / "baseline" / "seed0" / "job.json").read_text())
+    assert job["settings"]["prompt"] == job["settings"]["train_prompt"] == "random_rater"
+    metrics = json.loads((tmp_path / "out" / "baseline" / "seed0" / "evaluate" / "metrics.json").read_text())
+    assert metrics["prompt"] == "random_rater" and metrics["prompt_jitter"] == 0
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -348,6 +366,9 @@ def test_benchmark_job_in_its_own_process(benchmark_run, tmp_path):
         ({"budget": -1}, "budget"),
         ({"modality": "xray"}, "modality"),
         ({"window": "400,-1000"}, "window"),
+        ({"prompt": "centre"}, "prompt must be one of"),
+        ({"train_prompt": "centre"}, "prompt must be one of"),
+        ({"prompt_jitter": -2}, "prompt_jitter"),
     ],
 )
 def test_benchmark_bad_arguments_write_nothing(tmp_path, kwargs, message):

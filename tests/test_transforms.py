@@ -205,6 +205,51 @@ def test_boxes_from_label_minus_one_rows_and_jitter():
         assert b[3].min() >= 0
 
 
+
+def test_training_box_from_the_union_keeps_the_chosen_rater_as_target():
+    """prompt="union": one prompt for every rater (the raters' union box), the target still one rater's mask."""
+    d = slice_dict(three_raters())
+    union = BoxFromRaterd(rater="union")(d)["box"]
+    t = BoxFromRaterd(rater="random", prompt="union")
+    t.set_random_state(0)
+    targets = set()
+    for _ in range(30):
+        out = t(d)
+        assert torch.equal(out["box"], union)
+        assert torch.equal(out["rater_mask"][0], d["label"][out["rater_index"]])
+        targets.add(out["rater_index"])
+    assert targets == {0, 1, 2}
+    own = BoxFromRaterd(rater=1, prompt="random_rater")(d)["box"]
+    assert not torch.equal(own, union)  # the default protocol: the target rater's own box
+    lab = np.zeros((2, 20, 30), np.float32)  # an empty target rater: the union box, not "the other raters"
+    lab[0, 2:5, 3:9] = 1
+    out = BoxFromRaterd(rater=1, prompt="union")(slice_dict(lab))
+    assert out["box"].tolist() == [3, 2, 8, 4] and out["rater_mask"].sum() == 0
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        BoxFromRaterd(prompt="centre")
+
+
+def test_evaluation_boxes_of_a_random_nonempty_rater_per_slice():
+    lab = np.zeros((3, 10, 12, 3), np.float32)
+    lab[0, 2:4, 3:6, 0] = 1  # slice 0: raters 0 and 1
+    lab[1, 5:8, 8:11, 0] = 1
+    lab[2, 1:3, 1:3, 2] = 1  # slice 2: rater 2 alone; slice 1: nobody
+    t = BoxesFromLabeld(prompt="random_rater")
+    t.set_random_state(0)
+    seen = set()
+    for _ in range(30):
+        b = t({"label": torch.as_tensor(lab)})["box"]
+        assert b[1].eq(-1).all() and b[2].tolist() == [1, 1, 2, 2]
+        assert b[0].tolist() in ([3, 2, 5, 3], [8, 5, 10, 7])
+        seen.add(tuple(b[0].tolist()))
+    assert len(seen) == 2  # both raters drawn, never their union
+    again = BoxesFromLabeld(prompt="random_rater")
+    again.set_random_state(0)
+    t.set_random_state(0)
+    assert torch.equal(t({"label": torch.as_tensor(lab)})["box"], again({"label": torch.as_tensor(lab)})["box"])
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        BoxesFromLabeld(prompt="centre")
+
 # ---------------------------------------------------------------------------------------------------------------------
 # slices and crops
 # ---------------------------------------------------------------------------------------------------------------------

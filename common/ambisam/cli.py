@@ -210,6 +210,9 @@ class Commands:
         threads: int | None = None,
         isolate: bool = True,
         rerun: bool = False,
+        prompt: str = "union",
+        prompt_jitter: int = 0,
+        train_prompt: str | None = None,
     ) -> None:
         """Train (or reuse) and evaluate methods and baselines with the same data, prompts and metrics; writes
         OUT/results.json, OUT/results.md and OUT/figures/*.png (see docs/benchmarks.md).
@@ -232,13 +235,18 @@ class Commands:
             threads: torch threads per job.
             isolate: one process per job, so that each job's peak memory is its own.
             rerun: redo jobs already completed in OUT with the same settings.
+            prompt: the evaluation's box-prompt protocol: union (the raters' union box per slice) or random_rater
+                (a random non-empty rater's box per slice, seeded).
+            prompt_jitter: jitter of the evaluation boxes in pixels.
+            train_prompt: the training boxes' protocol (default: the same as prompt).
         """
         from ambisam.benchmark import run_benchmark
 
         run_benchmark(data=data, methods=methods, samples=samples, out=out, budget=budget, seeds=seeds,
                       max_epochs=max_epochs, backbone=backbone, checkpoint=checkpoint, modality=modality,
                       window=window, num_raters=num_raters, figure_cases=figure_cases, threads=threads,
-                      isolate=isolate, rerun=rerun)
+                      isolate=isolate, rerun=rerun, prompt=prompt, prompt_jitter=prompt_jitter,
+                      train_prompt=train_prompt)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,10 @@ def test_train_writes_weights_and_resumes(trained):
     assert any(k.startswith("prior_net.") for k in state)
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["bundle"] == BUNDLE and run["seed"] == 0 and "torch" in run["versions"]
+    # trained on the prompts it is scored with: the raters' union box (the target one random rater's mask)
+    assert run["train_prompt"] == run["prompt"] == "union" and run["prompt_jitter"] == 0
+    preprocessing = wf.parser.get_parsed_content("train#preprocessing")
+    assert any(getattr(t, "prompt", None) == "union" for t in preprocessing.transforms)
     # a second run with more epochs continues from epoch 1 instead of starting over
     wf2 = run_workflow(BUNDLE, ("train",), "train", **train_overrides(tmp, datalist.parent, max_epochs=2))
     trainer2 = wf2.parser.get_parsed_content("train#trainer")

@@ -170,7 +170,8 @@ def run_job(job: Mapping) -> dict:
     Args:
         job: the settings (see :func:`ambisam.benchmark.run_benchmark`): ``method``, ``seed``, ``job_dir``,
             ``datalist``, ``num_samples``, ``budget_seconds``, ``max_epochs``, ``backbone``, ``checkpoint``,
-            ``modality``, ``window``, ``value_range``, ``num_raters``, ``figure_cases``, ``cache_dir``, ``threads``.
+            ``modality``, ``window``, ``value_range``, ``num_raters``, ``prompt``, ``prompt_jitter``, ``train_prompt``,
+            ``figure_cases``, ``cache_dir``, ``threads``.
 
     Returns:
         The result: ``status`` ``"ok"``, the metrics, timings, memory, parameter counts and the training record
@@ -204,6 +205,9 @@ def run_job(job: Mapping) -> dict:
             common[key] = list(job[key])
     if job.get("num_raters") is not None:
         common["num_raters"] = int(job["num_raters"])
+    for key in ("prompt", "prompt_jitter", "train_prompt"):  # older job files have none: the bundle's default
+        if job.get(key) is not None:
+            common[key] = job[key]
     common.update(spec.config_overrides())
     if job.get("max_epochs") is not None:
         common["max_epochs"] = int(job["max_epochs"])

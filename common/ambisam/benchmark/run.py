@@ -16,7 +16,9 @@ that its peak memory is its own):
    same slices, boxes and epochs. Training-free methods skip this step.
 2. **evaluate** on the ``test`` split through the same bundle's ``evaluate.json`` merged over the method's
    ``eval_configs``: every method gets the same volumes, the same boxes (the raters' union per slice, no
-   jitter), the same seed and the same metric handlers, and writes ``metrics.json``.
+   jitter by default; ``--prompt``/``--prompt_jitter`` name another protocol of
+   :data:`ambisam.data.PROMPT_PROTOCOLS`, and training uses the same one unless ``--train_prompt`` says
+   otherwise), the same seed and the same metric handlers, and writes ``metrics.json``.
    :class:`~ambisam.benchmark.EvaluationRecorder` is added to the evaluator's handlers: it times the sampling
    inferer, pools the calibration statistics for the reliability diagram and keeps the slices the figures show.
 
@@ -56,6 +58,7 @@ import torch
 from monai.utils import optional_import
 
 from ambisam.benchmark.jobs import METRIC_KEYS, OPTIONAL_METRIC_KEYS, method_availability, method_kind, run_job
+from ambisam.data.transforms.boxes import PROMPT_PROTOCOLS
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 from ambisam.registry import DEFAULT_METHODS, get_method, method_registry
@@ -239,6 +242,9 @@ def run_benchmark(
     threads: int | None = None,
     isolate: bool = True,
     rerun: bool = False,
+    prompt: str = "union",
+    prompt_jitter: int = 0,
+    train_prompt: str | None = None,
 ) -> list[dict]:
     """Train (or reuse), evaluate and compare methods; see the module docstring.
 
@@ -262,6 +268,10 @@ def run_benchmark(
         threads: torch threads per job.
         isolate: one process per job (peak memory per job); ``False`` runs in this process.
         rerun: redo jobs whose result with the same settings is already in ``out``.
+        prompt: the evaluation's box-prompt protocol (:data:`ambisam.data.PROMPT_PROTOCOLS`).
+        prompt_jitter: jitter of the evaluation boxes, in pixels.
+        train_prompt: the training boxes' protocol; ``None``: the same as ``prompt`` (a method is scored on the
+            prompts it learned from).
 
     Returns:
         The entries written to ``results.json``.
@@ -281,6 +291,12 @@ def run_benchmark(
     if modality is not None and str(modality).lower() not in MODALITIES:
         raise InputError(None, f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     window = None if window is None else _parse_window(window)
+    train_prompt = prompt if train_prompt is None else train_prompt
+    for value in (prompt, train_prompt):
+        if value not in PROMPT_PROTOCOLS:
+            raise InputError(None, f"prompt must be one of {', '.join(PROMPT_PROTOCOLS)}, got {value!r}")
+    if isinstance(prompt_jitter, bool) or not isinstance(prompt_jitter, int) or prompt_jitter < 0:
+        raise InputError(None, f"prompt_jitter must be a whole number of pixels >= 0, got {prompt_jitter!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
@@ -304,6 +320,9 @@ def run_benchmark(
         "window": intensity["window"],
         "value_range": intensity["value_range"],
         "num_raters": None if num_raters is None else int(num_raters),
+        "prompt": prompt,
+        "prompt_jitter": int(prompt_jitter),
+        "train_prompt": train_prompt,
     }
     jobs = []
     for name in runnable:

@@ -26,6 +26,7 @@ from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volu
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
 from ambisam.data.transforms import (
     NO_BOX,
+    PROMPT_PROTOCOLS,
     BoxesFromLabeld,
     BoxFromRaterd,
     LesionCropd,
@@ -41,6 +42,7 @@ from ambisam.data.transforms import (
     ValidateMultiRaterd,
     box_from_mask,
     boxes_from_mask,
+    check_prompt,
     intensity_transform,
     slice_boxes_from_box3d,
 )
@@ -78,6 +80,8 @@ __all__ = [
     "NO_BOX",
     "BoxesFromLabeld",
     "BoxFromRaterd",
+    "PROMPT_PROTOCOLS",
+    "check_prompt",
     "LesionCropd",
     "LoadBoxd",
     "LoadRatersd",

@@ -147,6 +147,7 @@ def training_slice_transforms(
     class_map: Mapping[str, int] | None = None,
     structures: Sequence[str] | None = None,
     rater_order: str = "datalist",
+    prompt: str = "random_rater",
 ) -> Compose:
     """Training pipeline: one volume -> a list of 2D slice dicts ready for a SAM backbone.
 
@@ -170,6 +171,8 @@ def training_slice_transforms(
         rater_order: as :func:`volume_transforms`; with ``"area"`` the volume's raters are ranked before the
             slices are selected, so ``rater_id`` (and ``rater_index``) is the rater's area rank in the whole volume,
             the same on every slice of the case.
+        prompt: the box-prompt protocol (:data:`~ambisam.data.PROMPT_PROTOCOLS`): ``"random_rater"``: the target
+            rater's own box; ``"union"``: the raters' union box, whichever rater is the target.
 
     Returns:
         A ``Compose`` whose output is a list of dicts with ``image (1, S, S)``, ``label (K, S, S)`` (``S * K``
@@ -189,7 +192,7 @@ def training_slice_transforms(
     if crop_size is not None:
         xs.append(LesionCropd(keys=["image", "label"], label_key="label", spatial_size=crop_size))
     xs += [
-        BoxFromRaterd("label", rater=rater, jitter=jitter),
+        BoxFromRaterd("label", rater=rater, jitter=jitter, prompt=prompt),
         ResizeBoxd("box", ref_key="image", spatial_size=size),
         Resized(keys=["image"] + masks, spatial_size=size, mode=["bilinear"] + ["nearest"] * len(masks)),
     ]

@@ -20,6 +20,7 @@ inverting, saving) is done with MONAI's own transforms; :func:`intensity_transfo
 
 from ambisam.data.transforms.boxes import (
     NO_BOX,
+    PROMPT_PROTOCOLS,
     BoxesFromLabeld,
     BoxFromRaterd,
     LoadBoxd,
@@ -27,6 +28,7 @@ from ambisam.data.transforms.boxes import (
     ResizeBoxd,
     box_from_mask,
     boxes_from_mask,
+    check_prompt,
     slice_boxes_from_box3d,
 )
 from ambisam.data.transforms.intensity import intensity_transform
@@ -46,6 +48,8 @@ __all__ = [
     "SelectSlicesd",
     "LesionCropd",
     "BoxFromRaterd",
+    "PROMPT_PROTOCOLS",
+    "check_prompt",
     "BoxesFromLabeld",
     "PromptBoxesd",
     "LoadBoxd",

@@ -24,6 +24,8 @@ __all__ = [
     "boxes_from_mask",
     "slice_boxes_from_box3d",
     "RATER_CHOICES",
+    "PROMPT_PROTOCOLS",
+    "check_prompt",
     "BoxFromRaterd",
     "BoxesFromLabeld",
     "PromptBoxesd",
@@ -113,6 +115,26 @@ def slice_boxes_from_box3d(box: Sequence[int], depth: int) -> torch.Tensor:
 #: the ``rater`` choices of :class:`BoxFromRaterd` besides a fixed index
 RATER_CHOICES = ("random", "random_nonempty", "union")
 
+#: The named box-prompt protocols, for training (:class:`BoxFromRaterd`'s ``prompt``) and for validation and
+#: evaluation (:class:`BoxesFromLabeld`'s ``prompt``). The bundles' base configs name one as ``prompt`` (evaluation)
+#: and ``train_prompt`` (training; the same by default, so that a method is scored on the prompts it learned from).
+PROMPT_PROTOCOLS = {
+    "union": "the box of the raters' union on the slice (in training: whichever rater is the target)",
+    "random_rater": "the box of one random rater whose mask is not empty on the slice, seeded (in training: the "
+                    "target rater's own box, as the pSAM and SeqSAM reference code train; SeqSAM's evaluates so)",
+}
+
+
+def check_prompt(prompt: str) -> str:
+    """``prompt`` if it names a protocol of :data:`PROMPT_PROTOCOLS`.
+
+    Raises:
+        ValueError: an unknown protocol, naming the known ones.
+    """
+    if prompt not in PROMPT_PROTOCOLS:
+        raise ValueError(f"prompt must be one of {', '.join(map(repr, PROMPT_PROTOCOLS))}, got {prompt!r}.")
+    return prompt
+
 
 class BoxFromRaterd(RandomizableTransform, MapTransform):
     """Pick one rater of a 2D slice and make the SAM box prompt and the training target from that rater's mask.
@@ -126,8 +148,12 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             raters together; ``rater_index`` is then ``-1``).
         jitter: box augmentation: each of the 4 coordinates moves by an independent uniform random whole number of
             pixels in ``[-jitter, jitter]``; the box is then clipped to the image and kept with ``min <= max``.
-        empty: what box an empty rater mask gets: ``"other"``: the box of the union of the other raters (and
-            ``default_box`` when they are all empty too); ``"default"``: ``default_box``.
+        prompt: where the box comes from (:data:`PROMPT_PROTOCOLS`): ``"random_rater"``: the chosen rater's own
+            mask (the box then tells which rater to draw); ``"union"``: the raters' union, whichever rater is the
+            target (one prompt, several answers: the ambiguity the latent must carry).
+        empty: what box an empty rater mask gets (with ``prompt="random_rater"``; an empty union always gets
+            ``default_box``): ``"other"``: the box of the union of the other raters (and ``default_box`` when they
+            are all empty too); ``"default"``: ``default_box``.
         default_box: ``[x_min, y_min, x_max, y_max]``; ``None`` means the whole image ``[0, 0, W - 1, H - 1]``.
         box_key: output key of the box.
         rater_index_key: output key of the chosen rater index (int, ``-1`` for the union).
@@ -155,6 +181,7 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         label_key: str = "label",
         rater: str | int = "random",
         jitter: int = 0,
+        prompt: str = "random_rater",
         empty: str = "other",
         default_box: Sequence[float] | None = None,
         box_key: str = "box",
@@ -178,6 +205,7 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
         self.label_key = label_key
         self.rater = rater if isinstance(rater, str) else int(rater)
         self.jitter = _check_jitter(jitter)
+        self.prompt = check_prompt(prompt)
         self.empty = empty
         self.default_box = None if default_box is None else [float(v) for v in default_box]
         self.box_key = box_key
@@ -239,9 +267,13 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             raise InputError(
                 _filename(label), f"rater {r % raters} (label channel {r}) did not read this case; use rater='random'."
             )
-        mask = fg.any(dim=0) if r < 0 else fg[r]
+        if r < 0 or self.prompt == "union":
+            block = 0 if r < 0 else (r // raters) * raters  # the same structure's raters
+            mask = fg.any(dim=0) if r < 0 else fg[block : block + raters].any(dim=0)
+        else:
+            mask = fg[r]
         box = box_from_mask(mask)
-        if box is None and self.empty == "other" and r >= 0:
+        if box is None and self.empty == "other" and r >= 0 and self.prompt == "random_rater":
             block = (r // raters) * raters  # the same structure's raters
             others = torch.cat([fg[block:r], fg[r + 1 : block + raters]], dim=0)
             box = box_from_mask(others.any(dim=0)) if others.shape[0] else None
@@ -265,11 +297,14 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
 
 
 class BoxesFromLabeld(RandomizableTransform, MapTransform):
-    """Per-slice box prompts ``(D, 4)`` of a volume from the raters' union (e.g. to simulate a user's boxes).
+    """Per-slice box prompts ``(D, 4)`` of a volume from its rater masks (e.g. to simulate a user's boxes).
 
     Args:
-        label_key: key of the rater masks ``(K, H, W, D)`` (or any ``(C, H, W, D)`` mask: all channels are united).
+        label_key: key of the rater masks ``(K, H, W, D)`` (or any ``(C, H, W, D)`` mask).
         box_key: output key.
+        prompt: the protocol (:data:`PROMPT_PROTOCOLS`): ``"union"``: all channels united; ``"random_rater"``: per
+            slice, the box of one channel drawn uniformly among those not empty on that slice (seeded through
+            MONAI's random state, as every random transform).
         jitter: each coordinate of each marked slice's box moves by an independent uniform random whole number of
             pixels in ``[-jitter, jitter]``, then is clipped to the image (``min <= max`` kept).
         allow_missing_keys: do not fail when the label is absent.
@@ -283,13 +318,19 @@ class BoxesFromLabeld(RandomizableTransform, MapTransform):
     """
 
     def __init__(
-        self, label_key: str = "label", box_key: str = "box", jitter: int = 0, allow_missing_keys: bool = False
+        self,
+        label_key: str = "label",
+        box_key: str = "box",
+        jitter: int = 0,
+        allow_missing_keys: bool = False,
+        prompt: str = "union",
     ) -> None:
         MapTransform.__init__(self, label_key, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
         self.label_key = label_key
         self.box_key = box_key
         self.jitter = _check_jitter(jitter)
+        self.prompt = check_prompt(prompt)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -297,7 +338,13 @@ class BoxesFromLabeld(RandomizableTransform, MapTransform):
             lab = _as_tensor(d[key])
             if lab.ndim != 4:
                 raise ValueError(f"BoxesFromLabeld expects '{key}' as (C, H, W, D), got {tuple(lab.shape)}.")
-            boxes = boxes_from_mask((lab != 0).any(dim=0))
+            fg = lab != 0
+            boxes = boxes_from_mask(fg.any(dim=0))
+            if self.prompt == "random_rater":
+                marked = fg.flatten(1, 2).any(dim=1)  # (C, D): channel c not empty on slice k
+                for k in torch.nonzero(boxes[:, 0] >= 0).flatten().tolist():
+                    channels = torch.nonzero(marked[:, k]).flatten()
+                    boxes[k] = box_from_mask(fg[int(channels[self.R.randint(len(channels))]), :, :, k])
             if self.jitter:
                 height, width = lab.shape[1], lab.shape[2]
                 for k in torch.nonzero(boxes[:, 0] >= 0).flatten().tolist():
