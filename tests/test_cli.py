@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,31 +18,39 @@ from ambisam.bench import (
     format_sampling,
     format_training,
 )
-from ambisam.demo import run_demo, segment_file
+from ambisam.demo import collection_methods, run_demo, segment_file
 from ambisam.errors import InputError
 from conftest import dice, noisy_ellipse
 
 
-def test_demo_trains_psam_and_compares_with_the_baseline(tmp_path):
-    comparison = run_demo(tmp_path, cases=4, max_epochs=1, num_samples=3, seed=1, shape=(64, 64, 10))
-    assert set(comparison) == {"psam", "baseline"}
-    assert set(comparison["psam"]) == {"ged3", "diversity3", "hm_iou3", "dice_max3"}
-    assert comparison["baseline"]["diversity3"] == 0.0  # the baseline's samples never differ
-    assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == comparison
-    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
-    case = datalist["test"][0]
-    src = nib.load(tmp_path / "data" / case["image"])
-    out = tmp_path / "psam" / "inference"
-    for suffix in ("_mask", "_mean", "_uncertainty", "_variance"):
-        img = nib.load(out / f"{case['id']}{suffix}.nii.gz")
-        assert img.shape == src.shape and np.allclose(img.affine, src.affine)
-    assert nib.load(out / f"{case['id']}_samples.nii.gz").shape == (*src.shape, 3)
-    assert (tmp_path / "psam" / "evaluate" / "metrics.csv").is_file()
-    assert (tmp_path / "baseline" / "evaluate" / "metrics.csv").is_file()
-    run = json.loads((tmp_path / "run.json").read_text())
-    assert run["seed"] == 1 and run["bundle"] == "psam" and "torch" in run["versions"]
-    with Image.open(tmp_path / "overview.png") as png:
-        assert png.format == "PNG" and png.size[0] > png.size[1] > 50
+def test_demo_methods_are_every_bundle_then_the_training_free_baselines(monkeypatch):
+    """The main job reads the registry: a bundle that lands later joins it with no change to the command."""
+    from ambisam import registry
+
+    names = collection_methods()
+    assert names[:6] == ["psam", "seqsam", "mcl", "p2sam", "proseg", "ursam"]
+    assert {"baseline", "multimask", "jitter"} <= set(names[6:]) and "prob_unet" not in names
+    monkeypatch.setitem(registry.method_registry, "newmethod",
+                        registry.MethodSpec("newmethod", "a later bundle", "ambisam.networks.BoxPromptedSam",
+                                            bundle="newmethod"))
+    assert "newmethod" in collection_methods()[:7]
+
+
+def test_demo_is_a_small_benchmark_of_the_collection(tmp_path, capsys):
+    entries = run_demo(tmp_path, cases=4, budget=1, max_epochs=1, num_samples=3, seed=1, shape=(64, 64, 10),
+                       methods=["psam", "baseline", "ursam"])
+    assert [e["method"] for e in entries] == ["psam", "baseline", "ursam"]
+    psam, baseline, ursam = entries
+    assert psam["status"] == baseline["status"] == "ok" and ursam["status"] == "unavailable"
+    assert baseline["diversity"] == 0.0 and psam["training"][0]["epochs"] == 1
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(entries))
+    printed = capsys.readouterr().out
+    assert "| psam" in printed and str(tmp_path / "figures") in printed  # the table and where the figures are
+    assert (tmp_path / "psam" / "seed0" / "models" / "model.pt").is_file()
+    run = json.loads((tmp_path / "demo.json").read_text())
+    assert run["seed"] == 1 and run["methods"] == ["psam", "baseline", "ursam"] and "torch" in run["versions"]
+    with Image.open(tmp_path / "figures" / "metrics.png") as png:
+        assert png.format == "PNG"
 
 
 def test_segment_file_and_its_errors(tmp_path):

@@ -4,7 +4,7 @@ Commands:
     synth      a synthetic multi-rater CT-like data set (the embedded default data)
     convert    LIDC (folder or pickle) and QUBIQ layouts -> NIfTI + datalist.json
     segment    the deterministic box-prompted baseline on one 2D image
-    demo       the main job on the embedded default: data, sampling, NIfTI outputs and a PNG overview
+    demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
     bench      benchmarks that print figures (``bench sampling``, ``bench training``)
     export     a bundle as a self-contained model-zoo zip
     benchmark  every method and baseline trained and scored alike
@@ -160,12 +160,24 @@ class Commands:
             parser = workflow.parser
             print(f"{method}: weights in {parser.get_parsed_content('ckpt_dir')}/{parser.get_parsed_content('model_file')}")
 
-    def demo(self, out: str = "runs/demo", cases: int = 8, max_epochs: int = 6, num_samples: int = 16, seed: int = 0) -> None:
-        """The main job on the embedded default: synthetic data, pSAM trained briefly, evaluated against the
-        deterministic baseline with the same prompts, inference outputs (NIfTI) and a PNG overview."""
+    def demo(self, out: str = "runs/demo", cases: int = 8, budget: float = 0.75, num_samples: int = 16, seed: int = 0,
+             methods: str | None = None) -> None:
+        """The main job on the embedded default: a small benchmark of the whole collection. Synthetic data; every
+        bundle's method trained within BUDGET minutes and scored with the training-free SAM baselines on the test
+        split, alike; prints the table and where the figures are.
+
+        Args:
+            out: the output folder.
+            cases: synthetic cases.
+            budget: training minutes per trained method.
+            num_samples: N samples per slice.
+            seed: data, training and sampling seed.
+            methods: comma-separated methods (default: every bundle's, then the training-free baselines).
+        """
         from ambisam.demo import run_demo
 
-        run_demo(out, cases=cases, max_epochs=max_epochs, num_samples=num_samples, seed=seed)
+        run_demo(out, cases=cases, budget=budget, num_samples=num_samples, seed=seed,
+                 methods=None if methods is None else [m.strip() for m in str(methods).split(",")])
 
     def export(
         self,

@@ -1,32 +1,30 @@
 """The main job on the embedded default: no data or weights to fetch.
 
-``python -m ambisam demo --out runs/demo`` writes a synthetic multi-rater CT data set, then through the
-``psam`` bundle's own configs (through :func:`ambisam.bundle.run_bundle`, as ``python -m monai.bundle run``
-would run them): trains pSAM briefly from
-cached LiteMedSAM embeddings, evaluates it and the deterministic box-prompted baseline on the test split with
-the same prompts, runs pSAM's inference (NIfTI outputs per case), and writes ``overview.png`` (image, raters,
-8 samples, mean, uncertainty per test case), ``comparison.json`` and ``run.json``.
+``python -m ambisam demo --out runs/demo`` is a small benchmark of the whole collection
+(:func:`ambisam.benchmark.run_benchmark`): it writes the synthetic multi-rater CT data set, then trains every
+method that has a bundle (:func:`collection_methods`, read from :data:`ambisam.registry.method_registry`, so a
+bundle that lands later joins with no change to the command) within a short time budget each, from cached
+LiteMedSAM embeddings, and scores them and the training-free SAM baselines on the test split with the same
+prompts, seed and metrics. It prints the table and where the figures are; ``results.md``/``results.json``, the
+figures (per test case, metrics, reliability, convergence) and ``run.json`` (settings, versions, seed, timings) are
+written into the output folder, each method's weights under ``<method>/seed0/models``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from ambisam.bundle import run_bundle
 from ambisam.data.synth import ensure_dataset
-from ambisam.figures import lesion_slice, overview_png
 from ambisam.io import run_record, write_json
-from ambisam.registry import get_method
+from ambisam.registry import get_method, method_registry
 from ambisam.sam import DEFAULT_BACKBONE, segment_with_box
 
-__all__ = ["run_demo", "segment_file", "BASELINE_EVAL_OVERRIDES"]
+__all__ = ["run_demo", "collection_methods", "segment_file", "BASELINE_EVAL_OVERRIDES"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,72 +36,55 @@ BASELINE_EVAL_OVERRIDES = {
 }
 
 
+def collection_methods() -> list[str]:
+    """The main job's methods: every registered method with a bundle (one not written yet is reported as
+    unavailable), then the training-free baselines on the SAM backbone, in registry order."""
+    bundled = [name for name, spec in method_registry.items() if spec.bundle is not None]
+    free = [name for name, spec in method_registry.items() if spec.bundle is None and not spec.trainable]
+    return bundled + free
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     cases: int = 8,
-    max_epochs: int = 6,
+    budget: float = 0.75,
     num_samples: int = 16,
     seed: int = 0,
     shape: tuple[int, int, int] = (96, 96, 24),
-) -> dict:
+    methods: str | list[str] | None = None,
+    max_epochs: int | None = None,
+) -> list[dict]:
     """Run the embedded-default job; see the module docstring.
 
     Args:
         out: output folder.
         cases: synthetic cases to generate (half train, a quarter validation, a quarter test).
-        max_epochs: pSAM training epochs.
-        num_samples: N samples per slice for evaluation and inference.
+        budget: training minutes per trained method (all its stages together).
+        num_samples: N samples per slice.
         seed: data, training and sampling seed.
         shape: the synthetic volumes' shape.
+        methods: the methods (default: :func:`collection_methods`).
+        max_epochs: every trained method's upper bound on epochs (default: the bundles' own).
 
     Returns:
-        GED, HM-IoU and D_max of pSAM and of the baseline on the test split.
+        The benchmark's entries (``results.json``), one per method.
     """
+    from ambisam.benchmark import run_benchmark
+
     out = Path(out).resolve()
     started = time.time()
     datalist = ensure_dataset(out / "data", cases=cases, seed=seed, shape=shape)
-    common = {"dataset_dir": str(datalist.parent), "seed": seed, "num_samples": num_samples}
-    psam = out / "psam"
-    train = dict(common, ckpt_dir=str(psam / "models"), output_dir=str(psam / "train"), max_epochs=max_epochs,
-                 val_interval=max(1, max_epochs // 2))
-    run_bundle("psam", ["train"], **train)
-    run_bundle("psam", ["train", "evaluate"], **train, eval_dir=str(psam / "evaluate"))
-    run_bundle("psam", ["train", "evaluate"], **train, eval_dir=str(out / "baseline" / "evaluate"),
-               **BASELINE_EVAL_OVERRIDES)
-    run_bundle("psam", ["inference"], **common, ckpt_path=str(psam / "models" / "model.pt"),
-               output_dir=str(psam / "inference"))
-
-    reports = {m: json.loads((out / m / "evaluate" / "metrics.json").read_text()) for m in ("psam", "baseline")}
-    keys = [f"ged{num_samples}", f"diversity{num_samples}", f"hm_iou{num_samples}", f"dice_max{num_samples}"]
-    comparison = {m: {k: r["overall"][k] for k in keys} for m, r in reports.items()}
-    write_json(out / "comparison.json", {"num_samples": num_samples, "split": "test", "methods": comparison})
-    _overview(out, datalist, psam / "inference", num_samples)
-    write_json(out / "run.json", run_record(job="demo", bundle="psam", backbone=DEFAULT_BACKBONE, seed=seed,
-                                            cases=cases, max_epochs=max_epochs, num_samples=num_samples,
-                                            seconds=time.time() - started))
-    for m, values in comparison.items():
-        print(f"{m:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    print(f"outputs: {psam / 'inference'}  overview: {out / 'overview.png'}  comparison: {out / 'comparison.json'}")
-    return comparison
-
-
-def _overview(out: Path, datalist: Path, inference_dir: Path, num_samples: int) -> Path:
-    """The PNG: per test case, the slice where the raters' union is largest."""
-    rows = []
-    for item in json.loads(datalist.read_text())["test"]:
-        image = np.asarray(nib.load(datalist.parent / item["image"]).dataobj, dtype=np.float32)
-        raters = np.stack([np.asarray(nib.load(datalist.parent / p).dataobj) for p in item["label"]]) > 0
-        k = lesion_slice(raters)
-        load = lambda suffix: np.asarray(nib.load(inference_dir / f"{item['id']}_{suffix}.nii.gz").dataobj)  # noqa: E731
-        rows.append({
-            "image": np.clip((image[..., k] + 1000) / 1400, 0, 1),  # the lung window the bundle uses
-            "raters": raters[..., k],
-            "samples": np.moveaxis(load("samples")[..., k, :], -1, 0),
-            "mean": load("mean")[..., k],
-            "uncertainty": load("uncertainty")[..., k],
-            "label": f"{item['id']} z={k}",
-        })
-    return overview_png(out / "overview.png", rows, max_samples=8, title=f"pSAM on synthetic test cases (N={num_samples}, 8 shown)")
+    names = collection_methods() if methods is None else methods
+    entries = run_benchmark(data=datalist, methods=names, samples=num_samples, out=out, budget=budget, seeds=1,
+                            max_epochs=max_epochs, isolate=False, figure_cases=2)
+    write_json(out / "demo.json", run_record(job="demo", backbone=DEFAULT_BACKBONE, seed=seed, cases=cases,
+                                              budget_minutes=budget, num_samples=num_samples,
+                                              methods=[e["method"] for e in entries],
+                                              seconds=time.time() - started))
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.md'}  figures: {out / 'figures'}  weights: {out}/<method>/seed0/models  "
+          f"in {time.time() - started:.0f} s")
+    return entries
 
 
 def segment_file(image: str, box: str, out: str, backbone: str = DEFAULT_BACKBONE, checkpoint: str | None = None) -> Path:
