@@ -46,6 +46,12 @@ def test_train_writes_weights_and_resumes(trained):
     assert any(k.startswith("prior_net.") for k in state)
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["bundle"] == BUNDLE and run["seed"] == 0 and "torch" in run["versions"]
+    assert run["patience"] == 5 and run["budget_minutes"] is None
+    # the base's early stopping ran at the validation (trainer set); the base's TrainingBudget recorded it
+    training = json.loads((tmp / "runs" / "training.json").read_text())
+    assert training["budget_seconds"] is None and not training["stopped_early"] and not training["stopped_by_budget"]
+    (point,) = training["validation_curve"]
+    assert point["epoch"] == 1 and point["seconds"] > 0 and 0.0 <= point["val_ged"] <= 2.0
     # a second run with more epochs continues from epoch 1 instead of starting over
     wf2 = run_workflow(BUNDLE, ("train",), "train", **train_overrides(tmp, datalist.parent, max_epochs=2))
     trainer2 = wf2.parser.get_parsed_content("train#trainer")
