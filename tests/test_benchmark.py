@@ -334,6 +334,10 @@ def test_benchmark_results_json(benchmark_run):
     psam, jitter, baseline, proseg = results[:4]
     assert psam["parameters_trained"] > 0 and psam["timings"]["train_seconds"] > 0
     assert psam["training"][0]["epochs"] == 1
+    # one validation (the last epoch, which val_interval 2 skips), on the clock of the budget
+    (point,) = psam["training"][0]["validation_curve"]
+    assert point["epoch"] == 1 and 0 < point["seconds"] <= psam["training"][0]["seconds"]
+    assert 0.0 <= point["val_ged"] <= 2.0 and not psam["training"][0]["stopped_early"]
     assert jitter["parameters_trained"] == 0 and baseline["parameters_trained"] == 0
     assert baseline["diversity"] == 0.0
     # NCC on probability maps: a deterministic method's identical maps still vary over the pixels (E_ss is the
@@ -366,13 +370,14 @@ def test_benchmark_markdown_table(benchmark_run):
     assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline", "proseg"]
     assert all(len(r.strip("|").split("|")) == len(TABLE_COLUMNS) for r in rows)
     assert any("ursam" in line and "unavailable" in line for line in lines)
+    assert any("figures/convergence.png" in line and "validation" in line for line in lines)
 
 
 def test_benchmark_figures_are_valid_pngs(benchmark_run):
     out, _, _ = benchmark_run
     pngs = sorted((out / "figures").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"reliability.png", "metrics.png"} <= names and any(n.startswith("case_") for n in names)
+    assert {"reliability.png", "metrics.png", "convergence.png"} <= names and any(n.startswith("case_") for n in names)
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
