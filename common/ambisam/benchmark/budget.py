@@ -148,7 +148,8 @@ class TrainingBudget:
         """One point of the validation curve: the trainer's epoch, the budgeted seconds, the float metrics."""
         if not self._training:  # a run of the validator outside this training
             return
-        metrics = {k: float(v) for k, v in validator.state.metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        metrics = {k: float(v) for k, v in validator.state.metrics.items()
+                   if isinstance(v, numbers.Real) and not isinstance(v, bool)}
         self.validation_curve.append({"epoch": int(engine.state.epoch), "seconds": self.elapsed(), **metrics})
 
     def _epoch_completed(self, engine: Engine) -> None:
