@@ -215,6 +215,64 @@ def test_training_budget_does_not_count_first_time_encoding(tmp_path):
     assert record["encoding_seconds"] == pytest.approx(0.6) and record["seconds"] < 0.1
 
 
+def _base_early_stop_handlers(patience):
+    """The base train.json's early-stopping entry of ``validate_handlers``, parsed with ``patience``."""
+    from monai.bundle import ConfigParser
+
+    from ambisam.bundle import BASE_CONFIG_DIR
+
+    base = ConfigParser.load_config_file(str(BASE_CONFIG_DIR / "train.json"))
+    entries = [h for h in base["validate_handlers"] if h["_target_"] == "EarlyStopHandler"]
+    assert len(entries) == 1 and base["patience"] == 5
+    config = {"imports": base["imports"], "patience": patience, "early_stop_min_delta": base["early_stop_min_delta"],
+              "validate_handlers": entries}
+    return ConfigParser(config).get_parsed_content("validate_handlers")
+
+
+@pytest.mark.parametrize("patience", [2, None])
+def test_early_stopping_ends_training_when_the_key_metric_stops_improving(tmp_path, patience):
+    """The validator's key metric (lower is better) improves twice, then never again: with the base's early
+    stopping (patience 2) training ends two validations after the best, before max_epochs; ``None`` disables it.
+    The TrainingBudget records one curve point per validation and says whether early stopping ended training."""
+    geds = [0.5, 0.4, 0.45, 0.41, 0.42] + [0.43] * 5
+    validator = Engine(lambda e, b: None)
+    validator.state.key_metric_name = "val_ged"  # as MONAI's evaluators set it
+
+    @validator.on(Events.EPOCH_COMPLETED)
+    def _metrics(engine):  # before the handlers, as MONAI computes metrics first
+        engine.state.metrics = {"val_ged": geds[trainer.state.epoch - 1], "val_diversity": 0.1, "note": "text"}
+
+    handlers = _base_early_stop_handlers(patience)
+    for handler in handlers:
+        handler.attach(validator)
+    trainer = Engine(lambda e, b: time.sleep(0.01))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: validator.run([0]))  # ValidationHandler, interval 1
+    TrainingBudget(None, tmp_path / "budget.json", validator=validator, val_interval=1).attach(trainer)
+    for handler in handlers:  # the base's run list
+        handler.set_trainer(trainer)
+    trainer.run(range(2), max_epochs=10)
+
+    record = json.loads((tmp_path / "budget.json").read_text())
+    epochs = 4 if patience else 10
+    assert trainer.state.epoch == record["epochs"] == epochs and not record["stopped_by_budget"]
+    assert record["stopped_early"] is bool(patience)
+    curve = record["validation_curve"]
+    assert [p["epoch"] for p in curve] == list(range(1, epochs + 1))
+    assert [p["val_ged"] for p in curve] == geds[:epochs] and all(p["val_diversity"] == 0.1 for p in curve)
+    assert all("note" not in p for p in curve)  # float metrics only
+    seconds = [p["seconds"] for p in curve]
+    assert seconds == sorted(set(seconds)) and 0 < seconds[0] and seconds[-1] <= record["seconds"]
+
+
+def test_a_later_stage_curve_follows_the_earlier_stages_time():
+    from ambisam.benchmark.jobs import _joined_curve
+
+    stages = [{"stage": 1, "seconds": 10.0, "validation_curve": [{"epoch": 2, "seconds": 4.0, "val_ged": 0.5}]},
+              {"stage": 2, "seconds": 3.0, "validation_curve": [{"epoch": 2, "seconds": 1.5, "val_ged": 0.4}]}]
+    assert _joined_curve(stages) == [{"epoch": 2, "seconds": 4.0, "val_ged": 0.5, "stage": 1},
+                                     {"epoch": 2, "seconds": 11.5, "val_ged": 0.4, "stage": 2}]
+
+
 def test_timed_embedding_cache_times_its_misses_only():
     from ambisam.benchmark import TimedEmbeddingCache
     from ambisam.networks import ImageGridBackbone
@@ -277,6 +335,10 @@ def test_benchmark_results_json(benchmark_run):
     psam, jitter, baseline, proseg = results[:4]
     assert psam["parameters_trained"] > 0 and psam["timings"]["train_seconds"] > 0
     assert psam["training"][0]["epochs"] == 1
+    # one validation (the last epoch, which val_interval 2 skips), on the clock of the budget
+    (point,) = psam["training"][0]["validation_curve"]
+    assert point["epoch"] == 1 and 0 < point["seconds"] <= psam["training"][0]["seconds"]
+    assert 0.0 <= point["val_ged"] <= 2.0 and not psam["training"][0]["stopped_early"]
     assert jitter["parameters_trained"] == 0 and baseline["parameters_trained"] == 0
     assert baseline["diversity"] == 0.0
     # NCC on probability maps: a deterministic method's identical maps still vary over the pixels (E_ss is the
@@ -309,13 +371,14 @@ def test_benchmark_markdown_table(benchmark_run):
     assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline", "proseg"]
     assert all(len(r.strip("|").split("|")) == len(TABLE_COLUMNS) for r in rows)
     assert any("ursam" in line and "unavailable" in line for line in lines)
+    assert any("figures/convergence.png" in line and "validation" in line for line in lines)
 
 
 def test_benchmark_figures_are_valid_pngs(benchmark_run):
     out, _, _ = benchmark_run
     pngs = sorted((out / "figures").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"reliability.png", "metrics.png"} <= names and any(n.startswith("case_") for n in names)
+    assert {"reliability.png", "metrics.png", "convergence.png"} <= names and any(n.startswith("case_") for n in names)
     for png in pngs:
         with Image.open(png) as image:
             image.verify()

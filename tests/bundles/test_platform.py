@@ -85,3 +85,21 @@ def test_the_synthetic_options_reach_ensure_dataset(bundle, tmp_path):
         parser["synthetic"] = synthetic
         parser.get_parsed_content(key)
         assert datalist_raters(tmp_path / name / "datalist.json") == RATER_STYLES
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_training_config_stops_early_and_no_evaluation_does(bundle):
+    """Each training config list (train.json with its override files, multi-GPU included) keeps the base's early
+    stopping, the run step that gives it the trainer, and the TrainingBudget; evaluate.json replaces both the
+    validation handlers and the run list (an evaluation has no trainer)."""
+    folder = BUNDLES[bundle] / "configs"
+    overrides = [p.stem for p in folder.glob("train_*.json")] + ["multi_gpu_train"]
+    for names in [["train"], *(["train", o] for o in overrides)]:
+        flat = flatten_config([folder / f"{n}.json" for n in names])
+        assert [h for h in flat["validate_handlers"] if h["_target_"] == "EarlyStopHandler"], names
+        assert any("set_trainer(@train#trainer)" in step for step in flat["run"]), names
+        assert any(h["_target_"] == "ambisam.benchmark.TrainingBudget" for h in flat["train"]["handlers"]), names
+        assert isinstance(flat["max_epochs"], int) and flat["max_epochs"] >= 50, names
+    flat = flatten_config([folder / "train.json", folder / "evaluate.json"])
+    assert not [h for h in flat["validate_handlers"] if h["_target_"] == "EarlyStopHandler"]
+    assert not any("set_trainer" in step for step in flat["run"])

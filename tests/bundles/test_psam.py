@@ -50,6 +50,12 @@ def test_train_writes_weights_and_resumes(trained):
     assert run["train_prompt"] == run["prompt"] == "union" and run["prompt_jitter"] == 0
     preprocessing = wf.parser.get_parsed_content("train#preprocessing")
     assert any(getattr(t, "prompt", None) == "union" for t in preprocessing.transforms)
+    assert run["patience"] == 5 and run["budget_minutes"] is None
+    # the base's early stopping ran at the validation (trainer set); the base's TrainingBudget recorded it
+    training = json.loads((tmp / "runs" / "training.json").read_text())
+    assert training["budget_seconds"] is None and not training["stopped_early"] and not training["stopped_by_budget"]
+    (point,) = training["validation_curve"]
+    assert point["epoch"] == 1 and point["seconds"] > 0 and 0.0 <= point["val_ged"] <= 2.0
     # a second run with more epochs continues from epoch 1 instead of starting over
     wf2 = run_workflow(BUNDLE, ("train",), "train", **train_overrides(tmp, datalist.parent, max_epochs=2))
     trainer2 = wf2.parser.get_parsed_content("train#trainer")

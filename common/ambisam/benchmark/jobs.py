@@ -127,8 +127,10 @@ def _train_stages(spec: MethodSpec, common: Mapping, job: Mapping, job_dir: Path
 
     Returns:
         The training record: the totals over the stages (``seconds``, ``encoding_seconds``, ``epochs``,
-        ``iterations``, ``stopped_by_budget``), the last stage's parameter and cache counts, and ``stages``, each
-        stage's own :class:`~ambisam.benchmark.TrainingBudget` record with its configs.
+        ``iterations``, ``stopped_by_budget``), ``validation_curve``: every stage's validations in order, each
+        with its ``stage`` and ``seconds`` counted from the start of the first stage, the last stage's
+        ``stopped_early``, parameter and cache counts, and ``stages``, each stage's own
+        :class:`~ambisam.benchmark.TrainingBudget` record with its configs.
     """
     from ambisam.bundle import run_bundle, stage_weights
 
@@ -139,14 +141,11 @@ def _train_stages(spec: MethodSpec, common: Mapping, job: Mapping, job_dir: Path
         spent = sum(s.get("seconds") or 0.0 for s in stages)
         record_path = job_dir / "train" / ("budget.json" if len(spec.stages) == 1 else f"budget_stage{i + 1}.json")
         cache = _timed_cache(spec, configs, common, job.get("cache_dir"))
-        handlers = list(_config_item(spec.config_bundle, configs, "train#handlers"))
-        handlers.append({"_target_": "ambisam.benchmark.TrainingBudget",
-                         "seconds": None if budget is None else max(0.0, float(budget) - spent),
-                         "record_path": str(record_path), "clock": "@embedding_cache" if cache else None,
-                         "validator": "@validate#evaluator", "val_interval": "@val_interval"})
+        # the base's TrainingBudget (clocked by the timed cache) takes what the earlier stages left
+        minutes = None if budget is None else max(0.0, float(budget) - spent) / 60.0
         logger.info(f"{spec.name}: training stage {i + 1}/{len(spec.stages)} ({' + '.join(configs)})")
         workflow = run_bundle(spec.config_bundle, list(configs), **common, **cache, init_weights=init,
-                              **{"train#handlers": handlers})
+                              budget_minutes=minutes, training_record=str(record_path))
         if i + 1 < len(spec.stages):
             init = stage_weights(workflow)
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -160,8 +159,20 @@ def _train_stages(spec: MethodSpec, common: Mapping, job: Mapping, job_dir: Path
         "epochs": sum(int(s.get("epochs") or 0) for s in stages),
         "iterations": sum(int(s.get("iterations") or 0) for s in stages),
         "stopped_by_budget": any(s.get("stopped_by_budget") for s in stages),
+        "validation_curve": _joined_curve(stages),
         "stages": stages,
     }
+
+
+def _joined_curve(stages: Sequence[Mapping]) -> list[dict]:
+    """The stages' validation curves as one, each point with its ``stage``, a stage's seconds after the earlier
+    stages' (training time of the method so far)."""
+    joined, offset = [], 0.0
+    for stage in stages:
+        joined += [{**point, "stage": stage["stage"], "seconds": offset + float(point["seconds"])}
+                   for point in stage.get("validation_curve") or ()]
+        offset += float(stage.get("seconds") or 0.0)
+    return joined
 
 
 def run_job(job: Mapping) -> dict:

@@ -1,5 +1,6 @@
 """The benchmark's report: ``results.json``, the Markdown table ``results.md`` and the PNG figures (per test
-case every method's samples, a reliability diagram, metric bars with their spread over seeds).
+case every method's samples, a reliability diagram, metric bars with their spread over seeds, the trained
+methods' validation curves).
 
 Everything here reads the entries :func:`ambisam.benchmark.run_benchmark` builds (one per method, see
 :func:`ambisam.benchmark.summarize_jobs`) and the per-case arrays its jobs saved; nothing is recomputed.
@@ -17,9 +18,11 @@ from ambisam.io import atomic_path, write_json
 
 __all__ = [
     "TABLE_COLUMNS",
+    "CURVE_METRIC",
     "results_markdown",
     "reliability_png",
     "metric_bars_png",
+    "convergence_png",
     "case_pngs",
     "write_report",
 ]
@@ -55,6 +58,9 @@ _METRICS = {
     "ece": ("ECE (lower is better)", False),
     "presence_gap": ("presence gap (lower is better)", False),
 }
+
+#: the validation curve's key metric (the base ``train.json``'s ``validate_key_metric``)
+CURVE_METRIC = "val_ged"
 
 #: the metric keys of the table's columns, in order (``TABLE_COLUMNS`` after ``method``)
 _TABLE_METRICS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ncc_undefined_raters",
@@ -146,6 +152,9 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
             f"{e['memory']['peak_rss_mb'] / 1024:.2f} GiB",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    if _curves(ok, CURVE_METRIC):
+        lines += ["", f"Convergence: `figures/convergence.png`, each trained method's GED{n} on the validation "
+                  "split against its training time (one line per seed; the test split above is not in it)."]
     others = [e for e in entries if e["status"] != "ok"]
     if others:
         lines += ["", "Not in the table:", ""]
@@ -261,6 +270,52 @@ def metric_bars_png(path: str | os.PathLike, entries: Sequence[Mapping], num_sam
     return _save(fig, path)
 
 
+def _curves(entries: Sequence[Mapping], key: str) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """``(method, seed, seconds, values)`` per trained method and seed whose training recorded ``key`` in its
+    validation curve."""
+    curves = []
+    for e in entries:
+        for seed, training in zip(e.get("seeds") or (), e.get("training") or ()):
+            points = [p for p in (training or {}).get("validation_curve") or () if p.get(key) is not None]
+            if points:
+                curves.append((e["method"], seed, np.array([p["seconds"] for p in points], dtype=float),
+                               np.array([p[key] for p in points], dtype=float)))
+    return curves
+
+
+def convergence_png(
+    path: str | os.PathLike, entries: Sequence[Mapping], num_samples: int, key: str = CURVE_METRIC
+) -> Path | None:
+    """The validation curves: the key metric on the validation split against the training seconds the budget
+    counts, one line per trained method and seed (a later stage's validations after the earlier stages' time).
+
+    Args:
+        path: the PNG.
+        entries: ``results.json``'s entries (``status`` ``"ok"``), ``training`` holding each seed's record with
+            its ``validation_curve``.
+        num_samples: N, for the label.
+        key: the curve's metric (default the validation GED).
+
+    Returns:
+        The written path, or ``None`` when no entry has a curve.
+    """
+    curves = _curves(entries, key)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(method for method, *_ in curves))
+    for method, seed, seconds, values in curves:
+        ax.plot(seconds, values, marker="o", markersize=3, label=f"{method} (seed {seed})",
+                color=colours[methods.index(method) % len(colours)])
+    ax.set(xlabel="training seconds (budgeted: without first-time encoding)", ylabel=f"{key} (lower is better)",
+           title=f"GED{num_samples} on the validation split against training time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def case_pngs(out: str | os.PathLike, entries: Sequence[Mapping], num_samples: int, max_samples: int = 8) -> list[Path]:
     """Per test case kept by the jobs: one overview (:func:`ambisam.figures.overview_png`) with a row per method
     (image, raters, samples, mean, uncertainty on the slice where the raters' union is largest), first seed.
@@ -313,6 +368,9 @@ def write_report(out: str | os.PathLike, entries: Sequence[Mapping], record: Map
     if ok:
         paths["reliability"] = reliability_png(out / "figures" / "reliability.png", ok)
         paths["metrics"] = metric_bars_png(out / "figures" / "metrics.png", ok, record["num_samples"])
+        convergence = convergence_png(out / "figures" / "convergence.png", ok, record["num_samples"])
+        if convergence is not None:
+            paths["convergence"] = convergence
         for p in case_pngs(out, ok, record["num_samples"]):
             paths[p.name] = p
     return paths

@@ -5,6 +5,7 @@ from ambisam.engines.handlers import (
     MetricsReportWriter,
     ResumeFromCheckpoint,
     SamplingOutputWriter,
+    key_metric_score,
     latest_checkpoint,
     lower_is_better,
     require_weights,
@@ -20,4 +21,5 @@ __all__ = [
     "require_weights",
     "latest_checkpoint",
     "lower_is_better",
+    "key_metric_score",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "SamplingOutputWriter",
     "latest_checkpoint",
     "lower_is_better",
+    "key_metric_score",
     "require_weights",
 ]
 
@@ -40,6 +41,19 @@ logger = logging.getLogger(__name__)
 def lower_is_better(current: float, best: float) -> bool:
     """``metric_cmp_fn`` for error-like key metrics (GED): a new best is a smaller value."""
     return current < best
+
+
+def key_metric_score(engine: Engine) -> float:
+    """``score_function`` of MONAI's ``EarlyStopHandler`` (and ignite's ``EarlyStopping``), which count a higher
+    score as an improvement, for an evaluator whose key metric is error-like (:func:`lower_is_better`).
+
+    Args:
+        engine: a MONAI evaluator after a run (``engine.state.key_metric_name`` names its key metric).
+
+    Returns:
+        The key metric, negated.
+    """
+    return -float(engine.state.metrics[engine.state.key_metric_name])
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> Path | None:
