@@ -349,6 +349,9 @@ def test_benchmark_results_json(benchmark_run):
         assert r["presence_gap"] >= abs(r["samples_empty"] - r["raters_empty"]) - 1e-9
         assert float(r["ncc_undefined_raters"]).is_integer()
     assert jitter["diversity"] > 0
+    # the raters' own diversity, the reference for every method's: the same test cases, the same for all
+    assert 0.0 < psam["rater_diversity"] <= 1.0
+    assert all(r["rater_diversity"] == pytest.approx(psam["rater_diversity"]) for r in results[:4])
     assert results[4]["status"] == "unavailable" and "ursam" in results[4]["reason"]
     assert "not implemented yet" in results[4]["reason"]
     # proseg runs beside the others, its personalised scoring beside the distribution metrics
@@ -371,6 +374,9 @@ def test_benchmark_markdown_table(benchmark_run):
     assert [r.split("|")[1].strip() for r in rows] == ["psam", "jitter", "baseline", "proseg"]
     assert all(len(r.strip("|").split("|")) == len(TABLE_COLUMNS) for r in rows)
     assert any("ursam" in line and "unavailable" in line for line in lines)
+    assert any(line.startswith("The raters' own diversity on the test cases") for line in lines)
+    assert any("prompt: `union`: the box of the raters' union" in line and "training boxes the same" in line
+               for line in lines)
     assert any("figures/convergence.png" in line and "validation" in line for line in lines)
 
 

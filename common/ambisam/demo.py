@@ -50,7 +50,7 @@ def run_demo(
     budget: float = 0.75,
     num_samples: int = 16,
     seed: int = 0,
-    shape: tuple[int, int, int] = (96, 96, 24),
+    shape: tuple[int, int, int] = (96, 96, 12),
     methods: str | list[str] | None = None,
     max_epochs: int | None = None,
 ) -> list[dict]:
@@ -62,7 +62,8 @@ def run_demo(
         budget: training minutes per trained method (all its stages together).
         num_samples: N samples per slice.
         seed: data, training and sampling seed.
-        shape: the synthetic volumes' shape.
+        shape: the synthetic volumes' shape (12 slices: about 3-5 marked slices per volume, so every trained method
+            gets several epochs within the budget on a CPU).
         methods: the methods (default: :func:`collection_methods`).
         max_epochs: every trained method's upper bound on epochs (default: the bundles' own).
 

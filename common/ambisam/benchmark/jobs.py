@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 METRIC_KEYS = ("ged", "diversity", "hm_iou", "dice_max", "dice_mean", "soft_dice", "ncc", "ece", "presence_gap",
                "soft_dice_prob", "ece_prob", "ncc_undefined_raters", "samples_empty", "raters_empty", "hm_iou_untiled",
                "dice_max_pairs")
-#: metrics only some methods' evaluations score (a rater-conditioned method's personalised scoring); a result has
-#: them where its evaluation wrote them
-OPTIONAL_METRIC_KEYS = ("personalised_dice", "personalised_dice_hungarian", "personalised_dice_shuffled")
+#: metrics only some evaluations score (a rater-conditioned method's personalised scoring; the raters' own
+#: diversity, which evaluations before 0.2.x did not write); a result has them where its evaluation wrote them
+OPTIONAL_METRIC_KEYS = ("personalised_dice", "personalised_dice_hungarian", "personalised_dice_shuffled",
+                        "rater_diversity")
 
 #: an evaluation's ``initialize`` for a method with no weights to load (the bundles' own requires them)
 def method_implemented(spec: MethodSpec) -> bool:

@@ -109,6 +109,30 @@ def _load(load: Mapping | None) -> str:
     return f"; load average (1 min) {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
 
 
+def _prompt(record: Mapping) -> str:
+    """The prompt protocol in words: evaluation boxes, their jitter, and the training boxes when they differ."""
+    from ambisam.data.transforms.boxes import PROMPT_PROTOCOLS
+
+    prompt = record.get("prompt", "union")
+    words = {"union": "the box of the raters' union on every slice they mark",
+             "random_rater": "the box of one random non-empty rater per slice (seeded)"}
+    text = f"`{prompt}`: {words.get(prompt, PROMPT_PROTOCOLS.get(prompt, prompt))}"
+    jitter = int(record.get("prompt_jitter") or 0)
+    text += f" (jitter up to {jitter} px)" if jitter else " (no jitter)"
+    train = record.get("train_prompt", prompt)
+    return text + (f"; training boxes `{train}` (not the evaluation's protocol)" if train != prompt else
+                   "; training boxes the same protocol")
+
+
+def _rater_diversity(entries: Sequence[Mapping]) -> str:
+    """The raters' own diversity on the test cases (the same for every method), as a sentence, or ``""``."""
+    values = [e["rater_diversity"] for e in entries if e.get("status") == "ok" and e.get("rater_diversity") is not None]
+    if not values:
+        return ""
+    return (f"The raters' own diversity on the test cases (E d(Y, Y') over their K masks, the same d): "
+            f"{values[0]:.3f}; a method's sample diversity is read against it.")
+
+
 def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
     """The Markdown report: settings, the table, what could not run, and the conventions.
 
@@ -130,8 +154,7 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
         f"modality {record['modality']}" + (f", window {record['window']}" if record.get("window") else "")
         + (f", value range {record['value_range']}" if record.get("value_range") else "")
         + (f" ({record['intensity']['source']})" if record.get("intensity") else ""),
-        f"- N = {n} samples per prompted slice; prompt: the box of the raters' union on every slice they mark "
-        "(no jitter), the same for every method",
+        f"- N = {n} samples per prompted slice; prompt: {_prompt(record)}, the same for every method",
         f"- seeds: {record['seeds']} (mean ± std over seeds; deterministic methods run once); training budget: "
         + (f"{budget:g} min per method and seed" if budget else "none (the bundles' max_epochs)")
         + (f", max_epochs {record['max_epochs']}" if record.get("max_epochs") else ""),
@@ -152,6 +175,8 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
             f"{e['memory']['peak_rss_mb'] / 1024:.2f} GiB",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    if _rater_diversity(ok):
+        lines += ["", _rater_diversity(ok)]
     if _curves(ok, CURVE_METRIC):
         lines += ["", f"Convergence: `figures/convergence.png`, each trained method's GED{n} on the validation "
                   "split against its training time (one line per seed; the test split above is not in it)."]
