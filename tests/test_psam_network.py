@@ -15,6 +15,7 @@ import torch
 from ambisam.losses import LatentSegmentationLoss
 from ambisam.networks import (
     AxisAlignedGaussianEncoder,
+    Conditions,
     MaskSamplingNetwork,
     ProbabilisticSam,
     latent_kl_divergence,
@@ -24,8 +25,10 @@ from ambisam.networks import (
 
 @pytest.fixture
 def psam(litemedsam):
+    """pSAM whose prior and posterior read the embedding (the tests below pass embeddings and boxes only);
+    ``prior_input="image"``, the default, has its own tests at the end."""
     torch.manual_seed(0)
-    model = ProbabilisticSam(backbone=litemedsam)
+    model = ProbabilisticSam(backbone=litemedsam, prior_input="embedding")
     yield model
     litemedsam.eval()  # model.train() switched the shared backbone too
 
@@ -166,7 +169,8 @@ def test_loss_components_and_beta():
 
 def test_loss_decreases_from_cached_embedding(litemedsam, example):
     torch.manual_seed(0)
-    model = ProbabilisticSam(backbone=copy.deepcopy(litemedsam))  # training must not touch the shared weights
+    # training must not touch the shared weights
+    model = ProbabilisticSam(backbone=copy.deepcopy(litemedsam), prior_input="embedding")
     model.train()
     loss_fn = LatentSegmentationLoss(beta=10.0)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -193,3 +197,41 @@ def test_forward_eval_is_one_deterministic_mask(psam, example):
     assert logits.shape == (1, 1, 160, 200)
     expected = psam.backbone.postprocess(psam.sample_logits(example["embeddings"], example["boxes"], 1), (160, 200))
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ prior_input="image"
+def _image_conditions(example, litemedsam):
+    s = litemedsam.image_size
+    image = torch.nn.functional.interpolate(example["image"], size=(s, s), mode="bilinear")
+    return Conditions(boxes=example["boxes"], images=image)
+
+
+def test_image_prior_reads_the_image_and_the_posterior_the_mask(litemedsam, example):
+    """The reference's setting (the default): the prior reads the image, the posterior the image and the rater
+    mask as two channels, so the mask is half of what the posterior sees."""
+    torch.manual_seed(0)
+    psam = ProbabilisticSam(backbone=litemedsam)
+    assert psam.prior_input == "image" and "image" in psam.capabilities.conditions
+    assert "image" not in ProbabilisticSam(backbone=litemedsam, prior_input="embedding").capabilities.conditions
+    assert psam.prior_net.in_channels == 1 and psam.posterior_net.in_channels == 2
+    conditions = _image_conditions(example, litemedsam)
+    psam.train()
+    with torch.no_grad():
+        out = psam.training_outputs(example["embeddings"], conditions, example["rater_mask"])
+        assert out["logits"].shape == (1, 1, 256, 256) and out["kl"].shape == (1,) and out["kl"] > 0
+        inputs = psam.prior_inputs(example["embeddings"], conditions)
+        empty = psam.posterior(inputs, torch.zeros_like(example["rater_mask"])).mean
+        assert not torch.allclose(psam.posterior(inputs, example["rater_mask"]).mean, empty)  # the mask moves q
+        psam.eval()
+        samples = psam.sample_logits(example["embeddings"], conditions, 4)
+        assert samples.shape == (1, 4, 256, 256) and _pairwise_distinct(samples[0])
+        # a slice at its own size is resized as the training pipeline resizes it
+        own_size = Conditions(boxes=example["boxes"], images=example["image"])
+        assert psam.prior_inputs(example["embeddings"], own_size).shape == (1, 1, 256, 256)
+        with pytest.raises(ValueError, match="reads the image"):
+            psam.sample_logits(example["embeddings"], example["boxes"], 2)
+        logits = psam(example["image"], example["pixel_box"])  # forward hands the image to the prior
+    litemedsam.eval()
+    assert logits.shape == (1, 1, 160, 200)
+    with pytest.raises(ValueError, match="prior_input must be one of"):
+        ProbabilisticSam(backbone=litemedsam, prior_input="pixels")

@@ -15,7 +15,10 @@ from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabil
 from ambisam.networks.latent import AxisAlignedGaussianEncoder, latent_kl_divergence
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
 
-__all__ = ["ProbabilisticSam"]
+__all__ = ["ProbabilisticSam", "PRIOR_INPUTS"]
+
+#: what pSAM's prior and posterior nets may read
+PRIOR_INPUTS = ("image", "embedding")
 
 
 class ProbabilisticSam(MaskSamplingNetwork):
@@ -34,28 +37,31 @@ class ProbabilisticSam(MaskSamplingNetwork):
     Sampling (:meth:`sample_logits`) draws ``N`` codes from the prior and decodes all of them from the one
     image embedding (``SamBackbone.decode``: all in one mask decoder call on a GPU, two at a time on a CPU).
 
-    **Departure from the reference code: the prior and the posterior are conditioned on the image embedding,
-    not on the raw image.** The reference prior and posterior nets read the ``(B, 3, H, W)`` image (and the
-    mask). Here ``x`` enters both nets as SAM's frozen image embedding ``(B, C, h, w)`` (``(B, 256, 64, 64)``
-    for LiteMedSAM), and the posterior's mask is the rater mask average-pooled to ``(h, w)`` (the fraction of
-    each embedding cell the rater marked, so a nodule of a few pixels is not lost), concatenated as channel
-    ``C + 1``. Reasons:
+    **What the prior and the posterior read** (``prior_input``):
 
-    - training needs nothing but cached embeddings and masks, like every frozen-encoder method here (the method
-      contract could hand the prior the image too, ``Conditions.images``; pSAM does not ask for it);
-    - the embedding is a deterministic function of the image, so ``p(z | embedding)`` is still a prior on
-      ``z`` given ``x``; it is also a richer and cheaper input (64 x 64) than the pixels.
+    - ``"image"`` (default, as the reference code): the image itself, ``(B, 1, S, S)`` at backbone input size
+      (the channel mean of a 3-channel input), for the prior, and the image with the rater mask as a second
+      channel for the posterior: four stride-2 stages of ``image_channels``. The mask is then half of the
+      posterior's input. Training still needs no encoder pass: the image is in the batch, the embedding cached.
+    - ``"embedding"``: SAM's frozen image embedding ``(B, C, h, w)`` (``(B, 256, 64, 64)`` for LiteMedSAM), and for
+      the posterior the rater mask average-pooled to ``(h, w)`` as channel ``C + 1``: three stride-2 stages of
+      ``prior_channels``. Cheaper, but the mask is one channel of 257, and on the LIDC sample the posterior
+      learnt to ignore it (KL(q || p) about 1e-4 after training, the samples' diversity a tenth of the raters':
+      docs/benchmarks.md, "Why trained methods lost the ambiguity").
 
     Args:
         backbone: a built :class:`~ambisam.sam.SamBackbone` or a registry name.
         checkpoint: backbone weights for a registry name that needs them.
         latent_dim: dimension of ``z`` (6 in the reference code).
-        prior_channels: channels of the strided stages of ``prior_net`` and ``posterior_net`` (on the
-            ``h x w`` embedding grid: three stages take 64 x 64 to 8 x 8).
+        prior_channels: channels of the strided stages of ``prior_net`` and ``posterior_net`` with
+            ``prior_input="embedding"`` (on the ``h x w`` embedding grid: three stages take 64 x 64 to 8 x 8).
         latent_hidden: hidden width of ``latent_to_prompt`` (256 in the reference code).
+        prior_input: ``"image"`` or ``"embedding"`` (see above).
+        image_channels: channels of the strided stages with ``prior_input="image"`` (four stages take 256 x 256
+            to 16 x 16).
 
     Raises:
-        ValueError: on a non-positive ``latent_dim`` or ``latent_hidden``.
+        ValueError: on a non-positive ``latent_dim`` or ``latent_hidden``, or an unknown ``prior_input``.
     """
 
     capabilities = MethodCapabilities(training_target="rater")
@@ -67,38 +73,63 @@ class ProbabilisticSam(MaskSamplingNetwork):
         latent_dim: int = 6,
         prior_channels: Sequence[int] = (64, 128, 192),
         latent_hidden: int = 256,
+        prior_input: str = "image",
+        image_channels: Sequence[int] = (32, 64, 128, 192),
     ) -> None:
         super().__init__(backbone, checkpoint)
         if latent_dim < 1 or latent_hidden < 1:
             raise ValueError(f"latent_dim and latent_hidden must be positive, got {latent_dim}, {latent_hidden}")
+        if prior_input not in PRIOR_INPUTS:
+            raise ValueError(f"prior_input must be one of {', '.join(PRIOR_INPUTS)}, got {prior_input!r}")
+        self.prior_input = prior_input
+        if prior_input == "image":  # the prior and posterior read the image: the trainer and inferer hand it over
+            self.capabilities = MethodCapabilities(training_target="rater", conditions=("image",))
         self.latent_dim = int(latent_dim)
         embedding_dim = self.backbone.embedding_dim
-        self.prior_net = AxisAlignedGaussianEncoder(embedding_dim, self.latent_dim, prior_channels)
-        self.posterior_net = AxisAlignedGaussianEncoder(embedding_dim + 1, self.latent_dim, prior_channels)
+        inputs, channels = (1, image_channels) if prior_input == "image" else (embedding_dim, prior_channels)
+        self.prior_net = AxisAlignedGaussianEncoder(inputs, self.latent_dim, channels)
+        self.posterior_net = AxisAlignedGaussianEncoder(inputs + 1, self.latent_dim, channels)
         self.latent_to_prompt = nn.Sequential(
             nn.Linear(self.latent_dim, latent_hidden),
             nn.ReLU(inplace=True),
             nn.Linear(latent_hidden, embedding_dim),
         )
 
-    def prior(self, embeddings: torch.Tensor) -> torch.distributions.Independent:
+    def prior_inputs(self, embeddings: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        """What the prior and posterior read: ``(B, 1, S, S)`` the image (its channel mean, resized to the backbone
+        input size ``S`` when it is not) with ``prior_input="image"``, else the ``(B, C, h, w)`` embeddings.
+
+        Raises:
+            ValueError: ``prior_input="image"`` and the conditions carry no images.
+        """
+        if self.prior_input == "embedding":
+            return embeddings
+        if conditions.images is None:
+            raise ValueError("pSAM with prior_input='image' needs conditions.images (B, 1|3, H, W)")
+        images = conditions.images.mean(dim=1, keepdim=True).to(embeddings.dtype)
+        size = (self.backbone.image_size, self.backbone.image_size)
+        if tuple(images.shape[-2:]) != size:  # a slice at its own size (inference): as the training pipeline does
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images
+
+    def prior(self, inputs: torch.Tensor) -> torch.distributions.Independent:
         """``p(z | x)``.
 
         Args:
-            embeddings: ``(B, C, h, w)`` image embeddings.
+            inputs: :meth:`prior_inputs`: ``(B, 1, S, S)`` images or ``(B, C, h, w)`` embeddings.
 
         Returns:
             a distribution with ``batch_shape (B,)``, ``event_shape (latent_dim,)``.
         """
-        return self.prior_net(embeddings)
+        return self.prior_net(inputs)
 
-    def posterior(self, embeddings: torch.Tensor, rater_masks: torch.Tensor) -> torch.distributions.Independent:
+    def posterior(self, inputs: torch.Tensor, rater_masks: torch.Tensor) -> torch.distributions.Independent:
         """``q(z | x, y)``.
 
         Args:
-            embeddings: ``(B, C, h, w)`` image embeddings.
+            inputs: :meth:`prior_inputs`: ``(B, 1, S, S)`` images or ``(B, C, h, w)`` embeddings.
             rater_masks: ``(B, 1, H, W)`` one rater's binary mask per image, any ``H, W`` (normally the backbone
-                input size ``S x S``); average-pooled to ``(h, w)``.
+                input size ``S x S``); resized to the inputs' grid by area averaging.
 
         Returns:
             a distribution with ``batch_shape (B,)``, ``event_shape (latent_dim,)``.
@@ -106,12 +137,12 @@ class ProbabilisticSam(MaskSamplingNetwork):
         Raises:
             ValueError: when ``rater_masks`` is not ``(B, 1, H, W)`` with the embeddings' ``B``.
         """
-        if rater_masks.ndim != 4 or rater_masks.shape[1] != 1 or rater_masks.shape[0] != embeddings.shape[0]:
+        if rater_masks.ndim != 4 or rater_masks.shape[1] != 1 or rater_masks.shape[0] != inputs.shape[0]:
             raise ValueError(
-                f"expected rater_masks of shape ({embeddings.shape[0]}, 1, H, W), got {tuple(rater_masks.shape)}"
+                f"expected rater_masks of shape ({inputs.shape[0]}, 1, H, W), got {tuple(rater_masks.shape)}"
             )
-        masks = F.adaptive_avg_pool2d(rater_masks.to(embeddings.dtype), tuple(embeddings.shape[-2:]))
-        return self.posterior_net(torch.cat([embeddings, masks], dim=1))
+        masks = F.adaptive_avg_pool2d(rater_masks.to(inputs.dtype), tuple(inputs.shape[-2:]))
+        return self.posterior_net(torch.cat([inputs, masks], dim=1))
 
     def decode_latents(self, embeddings: torch.Tensor, boxes: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Decode ``N`` latent codes per image with its box, from the one embedding of each image (``SamBackbone.decode``).
@@ -157,7 +188,7 @@ class ProbabilisticSam(MaskSamplingNetwork):
         Returns:
             ``(B, N, 4h, 4w)`` low-resolution mask logits.
         """
-        prior = self.prior(embeddings)
+        prior = self.prior(self.prior_inputs(embeddings, conditions))
         if num_samples == 1 and not self.training:
             latents = prior.mean.unsqueeze(1)  # (B, 1, L)
         else:
@@ -183,8 +214,9 @@ class ProbabilisticSam(MaskSamplingNetwork):
         Raises:
             ValueError: on shapes that do not match (see :meth:`posterior` and :meth:`decode_latents`).
         """
-        prior = self.prior(embeddings)
-        posterior = self.posterior(embeddings, rater_masks)
+        inputs = self.prior_inputs(embeddings, conditions)
+        prior = self.prior(inputs)
+        posterior = self.posterior(inputs, rater_masks)
         latents = posterior.rsample().unsqueeze(1)  # (B, 1, L)
         logits = self.decode_latents(embeddings, conditions.boxes, latents)
         return {"logits": logits, "kl": latent_kl_divergence(posterior, prior)}
