@@ -45,9 +45,10 @@ class ProbabilisticSam(MaskSamplingNetwork):
       posterior's input. Training still needs no encoder pass: the image is in the batch, the embedding cached.
     - ``"embedding"``: SAM's frozen image embedding ``(B, C, h, w)`` (``(B, 256, 64, 64)`` for LiteMedSAM), and for
       the posterior the rater mask average-pooled to ``(h, w)`` as channel ``C + 1``: three stride-2 stages of
-      ``prior_channels``. Cheaper, but the mask is one channel of 257, and on the LIDC sample the posterior
-      learnt to ignore it (KL(q || p) about 1e-4 after training, the samples' diversity a tenth of the raters':
-      docs/benchmarks.md, "Why trained methods lost the ambiguity").
+      ``prior_channels``. Cheaper, but the mask is one channel of 257.
+
+    With beta = 10 the trained posterior collapsed onto the prior with either input on the LIDC sample (KL(q || p)
+    below 0.003 nats; docs/benchmarks.md, "Why trained methods lost the ambiguity").
 
     Args:
         backbone: a built :class:`~ambisam.sam.SamBackbone` or a registry name.
