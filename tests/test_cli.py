@@ -36,6 +36,15 @@ def test_demo_methods_are_every_bundle_then_the_training_free_baselines(monkeypa
     assert "newmethod" in collection_methods()[:7]
 
 
+def test_demo_unknown_method_is_one_message_and_writes_nothing(tmp_path, capsys):
+    from ambisam.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--methods", "psam,nonsense", "--out", str(tmp_path / "demo")])
+    assert exit_info.value.code != 0 and "unknown method" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_is_a_small_benchmark_of_the_collection(tmp_path, capsys):
     entries = run_demo(tmp_path, cases=4, budget=1, max_epochs=1, num_samples=3, seed=1, shape=(64, 64, 10),
                        methods=["psam", "baseline", "ursam"])

@@ -161,7 +161,7 @@ class Commands:
             print(f"{method}: weights in {parser.get_parsed_content('ckpt_dir')}/{parser.get_parsed_content('model_file')}")
 
     def demo(self, out: str = "runs/demo", cases: int = 8, budget: float = 0.75, num_samples: int = 16, seed: int = 0,
-             methods: str | None = None) -> None:
+             methods: str | tuple[str, ...] | None = None) -> None:
         """The main job on the embedded default: a small benchmark of the whole collection. Synthetic data; every
         bundle's method trained within BUDGET minutes and scored with the training-free SAM baselines on the test
         split, alike; prints the table and where the figures are.
@@ -176,8 +176,7 @@ class Commands:
         """
         from ambisam.demo import run_demo
 
-        run_demo(out, cases=cases, budget=budget, num_samples=num_samples, seed=seed,
-                 methods=None if methods is None else [m.strip() for m in str(methods).split(",")])
+        run_demo(out, cases=cases, budget=budget, num_samples=num_samples, seed=seed, methods=methods)
 
     def export(
         self,

@@ -51,7 +51,7 @@ def run_demo(
     num_samples: int = 16,
     seed: int = 0,
     shape: tuple[int, int, int] = (96, 96, 12),
-    methods: str | list[str] | None = None,
+    methods: str | tuple[str, ...] | list[str] | None = None,
     max_epochs: int | None = None,
 ) -> list[dict]:
     """Run the embedded-default job; see the module docstring.
@@ -64,18 +64,23 @@ def run_demo(
         seed: data, training and sampling seed.
         shape: the synthetic volumes' shape (12 slices: about 3-5 marked slices per volume, so every trained method
             gets several epochs within the budget on a CPU).
-        methods: the methods (default: :func:`collection_methods`).
+        methods: the methods, comma-separated or a sequence (default: :func:`collection_methods`).
         max_epochs: every trained method's upper bound on epochs (default: the bundles' own).
 
     Returns:
         The benchmark's entries (``results.json``), one per method.
+
+    Raises:
+        InputError: an unknown method, before anything is written.
     """
     from ambisam.benchmark import run_benchmark
 
+    from ambisam.benchmark.run import _parse_methods
+
+    names = collection_methods() if methods is None else _parse_methods(methods)  # before anything is written
     out = Path(out).resolve()
     started = time.time()
     datalist = ensure_dataset(out / "data", cases=cases, seed=seed, shape=shape)
-    names = collection_methods() if methods is None else methods
     entries = run_benchmark(data=datalist, methods=names, samples=num_samples, out=out, budget=budget, seeds=1,
                             max_epochs=max_epochs, isolate=False, figure_cases=2)
     write_json(out / "demo.json", run_record(job="demo", backbone=DEFAULT_BACKBONE, seed=seed, cases=cases,
