@@ -73,11 +73,9 @@ def run_demo(
     Raises:
         InputError: an unknown method, before anything is written.
     """
-    from ambisam.benchmark import run_benchmark
+    from ambisam.benchmark.run import parse_methods, run_benchmark
 
-    from ambisam.benchmark.run import _parse_methods
-
-    names = collection_methods() if methods is None else _parse_methods(methods)  # before anything is written
+    names = collection_methods() if methods is None else parse_methods(methods)  # before anything is written
     out = Path(out).resolve()
     started = time.time()
     datalist = ensure_dataset(out / "data", cases=cases, seed=seed, shape=shape)

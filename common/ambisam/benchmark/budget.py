@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 
 from ambisam.io import write_json

@@ -114,9 +114,7 @@ def _prompt(record: Mapping) -> str:
     from ambisam.data.transforms.boxes import PROMPT_PROTOCOLS
 
     prompt = record.get("prompt", "union")
-    words = {"union": "the box of the raters' union on every slice they mark",
-             "random_rater": "the box of one random non-empty rater per slice (seeded)"}
-    text = f"`{prompt}`: {words.get(prompt, PROMPT_PROTOCOLS.get(prompt, prompt))}"
+    text = f"`{prompt}`: {PROMPT_PROTOCOLS.get(prompt, prompt)}"
     jitter = int(record.get("prompt_jitter") or 0)
     text += f" (jitter up to {jitter} px)" if jitter else " (no jitter)"
     train = record.get("train_prompt", prompt)
@@ -175,8 +173,9 @@ def results_markdown(entries: Sequence[Mapping], record: Mapping) -> str:
             f"{e['memory']['peak_rss_mb'] / 1024:.2f} GiB",
         ]
         lines.append("| " + " | ".join(row) + " |")
-    if _rater_diversity(ok):
-        lines += ["", _rater_diversity(ok)]
+    rater_diversity = _rater_diversity(ok)
+    if rater_diversity:
+        lines += ["", rater_diversity]
     if _curves(ok, CURVE_METRIC):
         lines += ["", f"Convergence: `figures/convergence.png`, each trained method's GED{n} on the validation "
                   "split against its training time (one line per seed; the test split above is not in it)."]

@@ -58,14 +58,15 @@ import torch
 from monai.utils import optional_import
 
 from ambisam.benchmark.jobs import METRIC_KEYS, OPTIONAL_METRIC_KEYS, method_availability, method_kind, run_job
-from ambisam.data.transforms.boxes import PROMPT_PROTOCOLS
+from ambisam.data.transforms._utils import _check_jitter
+from ambisam.data.transforms.boxes import check_prompt
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 from ambisam.registry import DEFAULT_METHODS, get_method, method_registry
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["MODALITIES", "intensity_convention", "run_benchmark", "summarize_jobs"]
+__all__ = ["MODALITIES", "intensity_convention", "parse_methods", "run_benchmark", "summarize_jobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,12 @@ logger = logging.getLogger(__name__)
 MODALITIES = ("ct", "mri", "none")
 
 
-def _parse_methods(methods: str | Sequence[str]) -> list[str]:
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Method names from ``"a,b"`` or a sequence, stripped and without repeats.
+
+    Raises:
+        InputError: none given, or a name not in :data:`ambisam.registry.method_registry`.
+    """
     names = methods.split(",") if isinstance(methods, str) else [str(m) for m in methods]
     names = list(dict.fromkeys(n.strip() for n in names if n and n.strip()))
     unknown = [n for n in names if n not in method_registry]
@@ -281,7 +287,7 @@ def run_benchmark(
     """
     from ambisam.benchmark.report import write_report
 
-    names = _parse_methods(methods)
+    names = parse_methods(methods)
     if int(samples) < 1 or int(seeds) < 1 or int(figure_cases) < 0:
         raise InputError(None, f"samples and seeds must be >= 1, figure_cases >= 0; got {samples}, {seeds}, {figure_cases}")
     if budget is not None and not float(budget) > 0:
@@ -292,11 +298,12 @@ def run_benchmark(
         raise InputError(None, f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     window = None if window is None else _parse_window(window)
     train_prompt = prompt if train_prompt is None else train_prompt
-    for value in (prompt, train_prompt):
-        if value not in PROMPT_PROTOCOLS:
-            raise InputError(None, f"prompt must be one of {', '.join(PROMPT_PROTOCOLS)}, got {value!r}")
-    if isinstance(prompt_jitter, bool) or not isinstance(prompt_jitter, int) or prompt_jitter < 0:
-        raise InputError(None, f"prompt_jitter must be a whole number of pixels >= 0, got {prompt_jitter!r}")
+    try:  # the transforms' own checks, so the benchmark accepts exactly what the bundles do
+        for value in (prompt, train_prompt):
+            check_prompt(value)
+        prompt_jitter = _check_jitter(prompt_jitter)
+    except ValueError as e:
+        raise InputError(None, f"prompt / prompt_jitter: {e}") from None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")

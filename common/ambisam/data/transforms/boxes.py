@@ -267,14 +267,15 @@ class BoxFromRaterd(RandomizableTransform, MapTransform):
             raise InputError(
                 _filename(label), f"rater {r % raters} (label channel {r}) did not read this case; use rater='random'."
             )
-        if r < 0 or self.prompt == "union":
-            block = 0 if r < 0 else (r // raters) * raters  # the same structure's raters
-            mask = fg.any(dim=0) if r < 0 else fg[block : block + raters].any(dim=0)
+        block = (r // raters) * raters  # the first channel of the chosen rater's structure (r >= 0)
+        if r < 0:
+            mask = fg.any(dim=0)
+        elif self.prompt == "union":
+            mask = fg[block : block + raters].any(dim=0)  # the same structure's raters
         else:
             mask = fg[r]
         box = box_from_mask(mask)
         if box is None and self.empty == "other" and r >= 0 and self.prompt == "random_rater":
-            block = (r // raters) * raters  # the same structure's raters
             others = torch.cat([fg[block:r], fg[r + 1 : block + raters]], dim=0)
             box = box_from_mask(others.any(dim=0)) if others.shape[0] else None
         if box is None:
