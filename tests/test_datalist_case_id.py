@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 
 from ambisam.data import SelectSlicesd, case_id, inference_items, load_datalist, strip_image_extension, write_datalist
-from ambisam.outputs import write_nifti
+from ambisam.io import write_nifti
 
 
 @pytest.mark.parametrize(

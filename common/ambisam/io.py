@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "run_record"]
+import nibabel as nib
+import numpy as np
+
+__all__ = ["atomic_path", "write_json", "write_nifti", "run_record"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
@@ -92,3 +95,27 @@ def run_record(**fields: Any) -> dict:
     record["platform"] = platform.platform()
     record["command"] = " ".join(sys.argv)
     return record
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write an array as NIfTI atomically, exactly as given (no reorientation, no scaling).
+
+    The affine goes in both the qform and sform (code 1, scanner), units are millimetres, and the file's data
+    type is the array's (``uint8`` for masks, ``int16``/``float32`` for images).
+
+    Args:
+        path: the ``.nii.gz`` (or ``.nii``) file to write.
+        array: the voxel array, indexed ``a[i, j, k]`` (a 2D image is ``(H, W, 1)``; channels go last:
+            ``(H, W, D, C)``).
+        affine: the 4x4 voxel-to-world (RAS) matrix.
+
+    Returns:
+        The final path.
+    """
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)

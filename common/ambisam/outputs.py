@@ -1,5 +1,7 @@
-"""The writers: a NIfTI file exactly as given (:func:`write_nifti`, for data sets and outputs alike), and one case's
-sampling outputs in the input's own geometry (:func:`write_case_outputs`).
+"""The case writer: one case's sampling outputs in the input's own geometry (:func:`write_case_outputs`).
+
+The NIfTI primitive, :func:`~ambisam.io.write_nifti`, lives in :mod:`ambisam.io` (re-exported here) so that the data
+package can write volumes without importing the inferers and networks.
 
 Per case ``<id>``: ``<id>_mask.nii.gz`` (the final mask, uint8), ``<id>_mean.nii.gz`` (mean probability),
 ``<id>_uncertainty.nii.gz`` (entropy of the mean, bits), ``<id>_variance.nii.gz``, ``<id>_samples.nii.gz`` (the N
@@ -13,38 +15,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from ambisam.inferers.layout import OUTPUT_SUFFIXES
-from ambisam.io import atomic_path, write_json
+from ambisam.io import write_json, write_nifti  # write_nifti re-exported: the writer of every NIfTI file
 
 __all__ = ["write_nifti", "write_case_outputs", "OUTPUT_SUFFIXES"]
-
-
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write an array as NIfTI atomically, exactly as given (no reorientation, no scaling).
-
-    The affine goes in both the qform and sform (code 1, scanner), units are millimetres, and the file's data
-    type is the array's (``uint8`` for masks, ``int16``/``float32`` for images).
-
-    Args:
-        path: the ``.nii.gz`` (or ``.nii``) file to write.
-        array: the voxel array, indexed ``a[i, j, k]`` (a 2D image is ``(H, W, 1)``; channels go last:
-            ``(H, W, D, C)``).
-        affine: the 4x4 voxel-to-world (RAS) matrix.
-
-    Returns:
-        The final path.
-    """
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return Path(path)
 
 
 def write_case_outputs(

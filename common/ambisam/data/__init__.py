@@ -47,7 +47,7 @@ from ambisam.data.transforms import (
     slice_boxes_from_box3d,
 )
 
-from ambisam.outputs import write_nifti  # the writer, re-exported for data-set scripts
+from ambisam.io import write_nifti  # the writer, re-exported for data-set scripts
 
 __all__ = [
     "DEFAULT_INTENSITY",

@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ambisam.data.conventions import IntensityConvention, check_intensity
 from ambisam.data.datalist import natural_key, parse_split, split_by_patient, write_datalist
-from ambisam.outputs import write_nifti
+from ambisam.io import write_nifti
 from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json

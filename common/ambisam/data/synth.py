@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from ambisam.data.conventions import IntensityConvention
 from ambisam.data.datalist import parse_split, split_by_patient, write_datalist
-from ambisam.outputs import write_nifti
+from ambisam.io import write_nifti
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 
