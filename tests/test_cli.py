@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ambisam.bench import (
@@ -87,6 +88,22 @@ def test_bench_sampling_reports_the_ratio_line():
     assert result["ratio"] > 0 and result["encoder_ms_per_slice"] > result["decoder_ms_one_sample"] > 0
     text = format_sampling(result)
     assert "ratio time(2)/time(1): " in text and "slices/s" in text
+    # the roofline: LiteMedSAM's encoder is about 75 GFLOP per 256 x 256 slice, a decoder call a few GFLOP
+    assert 50 < result["encoder_gflop"] < 100 and 0.5 < result["decoder_gflop_per_sample"] < 10
+    assert result["matmul_peak_gflops"] > 0 and 0 < result["encoder_of_peak"] and 0 < result["decoder_of_peak"]
+    assert result["encoder_gflops"] == pytest.approx(result["encoder_gflop"] / result["encoder_ms_per_slice"] * 1000)
+    # re-encoding the slice for each of the N samples costs N x (encoder + one sample) per slice
+    assert result["speedup_over_reencoding"] == pytest.approx(
+        2 * (result["encoder_ms_per_slice"] + result["decoder_ms_one_sample"]) / 1000 * result["volume_slices_per_s"])
+    assert "roofline (matmul peak" in text and "of peak" in text and "re-encoding each sample's slice" in text
+
+
+def test_count_flops_counts_a_matrix_product_as_2mnk():
+    from ambisam.bench import count_flops, matmul_peak
+
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 32
+    assert matmul_peak(size=64, repeats=1) > 0
 
 
 def test_module_entry_point_runs_fire():
@@ -135,6 +152,7 @@ def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_wher
 def test_bench_methods_table_reports_each_training_stage_of_a_method_with_several():
     sampling = dict(num_samples=2, encoder_ms_per_slice=900.0, decoder_ms_per_sample=10.0, decoder_ms_one_sample=12.0,
                     ratio=1.1, ratio_limit=1.02, volume_slices_per_s=1.0, backbone="litemedsam", threads=2,
+                    speedup_over_reencoding=20.0, encoder_of_peak=0.3, decoder_of_peak=0.1, matmul_peak_gflops=150.0,
                     device="cpu", machine="x86_64", volume_slices=1, trainable=True, training_batch_size=1)
     stage1 = dict(stage=1, encoder="trainable", speedup=None, step_ms_cached=None, step_ms_encoding=2900.0)
     stage2 = dict(stage=2, encoder="frozen", speedup=14.2, step_ms_cached=10.0, step_ms_encoding=142.0)

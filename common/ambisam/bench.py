@@ -7,7 +7,9 @@ default) through its bundle's configs on a tiny generated data set. In a stage w
 first) there is no cache: every step encodes, and only that step is timed.
 
 ``python -m ambisam bench sampling`` measures, for one method on the default backbone and this machine:
-encoder ms per slice, decoder ms per sample, the ratio time(16 samples)/time(1 sample) for one slice (encoder
+encoder ms per slice, decoder ms per sample, their FLOPs and achieved FLOP/s against this machine's matmul peak
+measured in the same process (the roofline), the speed-up over re-encoding the slice for every sample (what the
+seeds' code does), the ratio time(16 samples)/time(1 sample) for one slice (encoder
 included: the whole point of encoding once is that this stays near 1 + 16 x decoder/encoder), and the
 slicewise inferer's volume throughput. The network is the one the method infers with: a bundle method's is built
 from the configs of its evaluation (P2SAM's: stage 2), a harness method's from its spec. ``--method all`` (or a
@@ -30,14 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai.utils import optional_import
+
+from ambisam.allocator import allocator_settings, keep_freed_memory
 from ambisam.errors import InputError
 from ambisam.inferers import SlicewiseSamplingInferer
 from ambisam.networks import Conditions
 from ambisam.registry import MethodSpec, get_method, method_registry
 from ambisam.sam import DEFAULT_BACKBONE, build_backbone
 
+FlopCounterMode, _has_flop_counter = optional_import("torch.utils.flop_counter", name="FlopCounterMode")
+
 __all__ = [
     "bench_sampling",
+    "count_flops",
+    "matmul_peak",
     "format_sampling",
     "print_sampling",
     "bench_training",
@@ -64,6 +73,30 @@ def _best_of(repeats: int, *fns: Callable[[], object]) -> tuple[float, ...]:
             f()
             t.append(time.perf_counter() - start)
     return tuple(min(t) for t in times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn``, as torch's ``FlopCounterMode`` counts them (matrix products, convolutions and
+    attention: the work a roofline compares with the machine's matmul peak; element-wise operations are not
+    counted)."""
+    if not _has_flop_counter:
+        raise RuntimeError("torch.utils.flop_counter is not available in this torch")
+    counter = FlopCounterMode(display=False)
+    # inference mode, not only no_grad: the counter's module tracker hooks the autograd graph of any input that
+    # requires grad (a module fed a parameter), which fails under no_grad
+    with torch.inference_mode(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured matrix-product rate in FLOP/s: the best of ``repeats`` ``size x size`` products in
+    ``dtype`` (``2 size^3`` FLOPs each), with torch's current thread count. The roofline's ceiling: a network
+    made of large matrix products cannot run faster than this."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    (t,) = _best_of(repeats, lambda: a @ b)
+    return 2 * size**3 / t
 
 
 def _ellipse_slice(size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +190,14 @@ def bench_sampling(
     inferer = SlicewiseSamplingInferer(num_samples=num_samples)
     (t_volume,) = _best_of(max(1, repeats - 2), lambda: inferer(volume, net, box=boxes))
 
+    # the roofline: FLOPs of the encoder and of one sample's decoding, at what rate they ran, against this
+    # machine's matmul peak in the same process and dtype
+    encoder_flops = count_flops(lambda: bb.encode(image))
+    sample_flops = count_flops(lambda: net.sample_logits(embedding, prompt, num_samples)) / num_samples
+    peak = matmul_peak(torch.float32)
+
     configs = _inference_configs(spec)
+    seconds_per_slice = t_volume / volume_slices
     return {
         "method": method,
         "network": type(net).__name__,
@@ -167,6 +207,7 @@ def bench_sampling(
         "threads": torch.get_num_threads(),
         "device": "cpu",
         "machine": platform.processor() or platform.machine(),
+        "allocator": allocator_settings(),
         "encoder_ms_per_slice": 1000 * t_encode,
         "decoder_ms_one_sample": 1000 * t_sample_1,
         "decoder_ms_per_sample": 1000 * t_sample_n / num_samples,
@@ -176,6 +217,16 @@ def bench_sampling(
         "ratio_limit": 1 + num_samples * (t_sample_n / num_samples) / t_encode,
         "volume_slices": volume_slices,
         "volume_slices_per_s": volume_slices / t_volume,
+        # what a user of the seeds' code pays: the slice encoded again for each of the N samples
+        "reencode_slices_per_s": 1 / (num_samples * (t_encode + t_sample_1)),
+        "speedup_over_reencoding": num_samples * (t_encode + t_sample_1) / seconds_per_slice,
+        "encoder_gflop": encoder_flops / 1e9,
+        "decoder_gflop_per_sample": sample_flops / 1e9,
+        "encoder_gflops": encoder_flops / t_encode / 1e9,
+        "decoder_gflops": sample_flops / (t_sample_n / num_samples) / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "encoder_of_peak": encoder_flops / t_encode / peak,
+        "decoder_of_peak": sample_flops / (t_sample_n / num_samples) / peak,
     }
 
 
@@ -186,11 +237,18 @@ def format_sampling(r: dict) -> str:
         [
             f"method: {r['method']}  network: {r['network']}"
             + (f" ({' + '.join(r['configs'])})" if r.get("configs") else "")
-            + f"  backbone: {r['backbone']}  threads: {r['threads']}  device: {r['device']}",
+            + f"  backbone: {r['backbone']}  threads: {r['threads']}  device: {r['device']}"
+            + f"  allocator: {'keeps freed memory' if r.get('allocator') else 'as the C library sets it'}",
             f"encoder ms per slice: {r['encoder_ms_per_slice']:.1f}",
             f"decoder ms per sample: {r['decoder_ms_per_sample']:.1f} (one sample alone: {r['decoder_ms_one_sample']:.1f})",
             f"ratio time({n})/time(1): {r['ratio']:.2f} (target <= 2.0; limit 1 + {n} x decoder/encoder = {r['ratio_limit']:.2f})",
-            f"volume throughput: {r['volume_slices_per_s']:.2f} slices/s ({r['volume_slices']} prompted slices, N={n})",
+            f"volume throughput: {r['volume_slices_per_s']:.2f} slices/s ({r['volume_slices']} prompted slices, N={n}); "
+            f"re-encoding each sample's slice: {r['reencode_slices_per_s']:.3f} slices/s, "
+            f"{r['speedup_over_reencoding']:.1f}x slower (target >= 8x)",
+            f"roofline (matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s, fp32, {r['threads']} threads): "
+            f"encoder {r['encoder_gflop']:.1f} GFLOP at {r['encoder_gflops']:.0f} GFLOP/s ({r['encoder_of_peak']:.0%} of peak); "
+            f"decoder {r['decoder_gflop_per_sample']:.2f} GFLOP per sample at {r['decoder_gflops']:.0f} GFLOP/s "
+            f"({r['decoder_of_peak']:.0%})",
         ]
     )
 
@@ -377,7 +435,7 @@ def _in_fresh_process(fn: Callable[..., dict], **kwargs) -> dict:
     spends about half its time faulting fresh pages in (here: 950 ms per slice in a fresh process, 500 ms after
     another method's training step in the same one), which moved one method's ratio from 1.8 to 2.6.
     """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1, initializer=keep_freed_memory) as pool:
         return pool.apply(fn, (), kwargs)
 
 
@@ -452,21 +510,25 @@ def format_methods(results: Sequence[dict]) -> str:
     n = results[0]["num_samples"]
     rows = [
         f"| method | encoder ms / slice | ms per sample (N={n}) | one sample alone, ms | ratio time({n})/time(1) "
-        "| ratio limit | volume slices/s | training speed-up from cached embeddings |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ratio limit | volume slices/s | x over re-encoding per sample | encoder / decoder % of matmul peak "
+        "| training speed-up from cached embeddings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r['method']} | {r['encoder_ms_per_slice']:.0f} | {r['decoder_ms_per_sample']:.1f} "
             f"| {r['decoder_ms_one_sample']:.1f} | {r['ratio']:.2f} | {r['ratio_limit']:.2f} "
-            f"| {r['volume_slices_per_s']:.2f} | {_training_cell(r)} |"
+            f"| {r['volume_slices_per_s']:.2f} | {r['speedup_over_reencoding']:.1f} "
+            f"| {r['encoder_of_peak']:.0%} / {r['decoder_of_peak']:.0%} | {_training_cell(r)} |"
         )
     first = results[0]
     rows.append("")
     rows.append(
         f"backbone {first['backbone']}, {first['threads']} threads, {first['device']} ({first['machine']}); ratio "
         f"target <= 2.0, ratio limit = 1 + {n} x decoder/encoder (what encoding once can reach at best); "
-        f"volume: {first['volume_slices']} prompted slices"
+        f"volume: {first['volume_slices']} prompted slices; x over re-encoding: the seeds' cost per slice "
+        f"(N x (encoder + one sample)) over the inferer's (target >= 8x); % of peak: achieved FLOP/s (torch's "
+        f"FlopCounterMode) over this run's fp32 {first['matmul_peak_gflops']:.0f} GFLOP/s 2048^2 matmul"
         + (f"; training step: {next((r['training_batch_size'] for r in results if 'training_batch_size' in r), '')} "
            "slices" if any("training_batch_size" in r for r in results) else "")
     )

@@ -262,8 +262,10 @@ class Commands:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ambisam`` console script and ``python -m ambisam``."""
+    from ambisam.allocator import keep_freed_memory
     from ambisam.errors import find_input_error
 
+    keep_freed_memory()  # before the first large tensor: see ambisam.allocator
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         fire.Fire(Commands(), command=argv, name="ambisam")

@@ -83,6 +83,7 @@ def run_record(**fields: Any) -> dict:
     import torch
 
     import ambisam
+    from ambisam.allocator import allocator_settings
 
     record = dict(fields)
     record["versions"] = {
@@ -93,6 +94,7 @@ def run_record(**fields: Any) -> dict:
         "python": sys.version.split()[0],
     }
     record["platform"] = platform.platform()
+    record["allocator"] = allocator_settings()  # the speed of a CPU run depends on it (ambisam.allocator)
     record["command"] = " ".join(sys.argv)
     return record
 
