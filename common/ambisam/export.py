@@ -32,6 +32,7 @@ import torch
 from ambisam.bundle import find_bundle, resolve_macros
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
+from ambisam.weights import load_weights
 
 __all__ = [
     "export_bundle",
@@ -226,7 +227,7 @@ def export_torchscript(
     parser.read_meta(meta_file)
     parser["bundle_root"] = str(bundle_dir)
     network = parser.get_parsed_content("network_def")
-    state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    state = load_weights(ckpt_file)
     network.load_state_dict(state.get("model", state) if isinstance(state, Mapping) else state)
     traced = convert_to_torchscript(
         network, inputs=[image, *extra.values()], use_trace=True, verify=True, device=torch.device("cpu"),
@@ -253,10 +254,7 @@ def _check_declares_ambisam(bundle_dir: Path, metadata: Mapping) -> None:
 
 
 def _check_weights(path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's problem with this file
-        raise InputError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
+    state = load_weights(path)
     if not isinstance(state, Mapping):
         raise InputError(path, "not a state dict")
 

