@@ -427,7 +427,7 @@ def verify_bundle_zip(zip_path: str | os.PathLike) -> dict[str, str]:
             if hash_type != "sha256":
                 raise InputError(where, f"recorded with hash_type {hash_type!r}; only sha256 is checked")
             with archive.open(member) as f:
-                actual = hashlib.file_digest(f, "sha256").hexdigest()
+                actual = file_sha256(f)
             if actual != hash_val:
                 raise InputError(where, f"sha256 {actual} does not match the recorded {hash_val}: the weights changed "
                                         "after export; refused")

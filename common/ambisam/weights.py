@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -22,7 +22,8 @@ __all__ = ["load_weights", "file_sha256", "weights_record"]
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """The globals (classes, functions) a checkpoint's pickle names beyond what ``weights_only`` allows."""
+    """The globals (classes, functions) a checkpoint's pickle names beyond what ``weights_only`` allows (PyTorch
+    2.5 on; with 2.4 a file that needs pickle is still refused, reported as unreadable)."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - not a zip checkpoint at all: it is unreadable, not unsafe
@@ -64,17 +65,25 @@ def load_weights(path: str | os.PathLike, expected: str | None = None, map_locat
         raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {first}){hint}") from None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(source: str | os.PathLike | BinaryIO) -> str:
     """The sha256 of a file's bytes, as lowercase hex.
 
+    Args:
+        source: a file path, or a binary file object read to its end (e.g. a zip member's ``ZipFile.open``).
+
     Raises:
-        InputError: the file does not exist.
+        InputError: the path does not exist.
     """
-    path = Path(path).expanduser()
+    if not isinstance(source, (str, os.PathLike)):
+        digest = hashlib.sha256()
+        for block in iter(lambda: source.read(1 << 20), b""):  # hashlib.file_digest is Python 3.11+
+            digest.update(block)
+        return digest.hexdigest()
+    path = Path(source).expanduser()
     if not path.is_file():
         raise InputError(path, "file not found")
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(f)
 
 
 def weights_record(*files: str | os.PathLike | None) -> dict[str, str]:
