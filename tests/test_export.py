@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ambisam.errors import InputError
-from ambisam.export import check_metadata, check_network, export_bundle, network_test_inputs
+from ambisam.export import check_metadata, check_network, export_bundle, network_test_inputs, verify_bundle_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(
@@ -111,6 +111,7 @@ def test_exported_zip_runs_inference_from_an_empty_folder_in_a_fresh_process(bun
     assert not [n for n in names if "/runs/" in n or "checkpoint" in n or "__pycache__" in n]
     unzipped = tmp_path / "unzipped" / bundle
     assert sorted(p.name for p in (tmp_path / "unzipped").iterdir()) == [bundle]
+    assert set(verify_bundle_zip(zip_path)) == {f"{bundle}/models/model.pt", f"{bundle}/models/model.ts"}
 
     if bundle in FRESH_PROCESS:
         assert _run_unzipped(unzipped, tmp_path) == version
@@ -206,3 +207,58 @@ def test_exported_configs_are_flattened(tmp_path):
     train = json.loads(texts["psam/configs/train.json"])
     assert train["train"] == base["train"] and train["network_def"]["_target_"] == "ambisam.networks.ProbabilisticSam"
 
+
+
+@pytest.fixture
+def small_zip(tmp_path) -> tuple[Path, Path]:
+    """psam exported with a tiny stand-in for its weights (verify checks bytes, not the network): (zip, weights)."""
+    small = tmp_path / "small.pt"
+    torch.save({"w": torch.arange(4.0)}, small)
+    return export_bundle("psam", tmp_path / "dist", weights=small), small
+
+
+def _rewritten(zip_path: Path, out: Path, replace: dict[str, bytes]) -> Path:
+    """A copy of ``zip_path`` with the members in ``replace`` given new bytes (added when new)."""
+    with zipfile.ZipFile(zip_path) as source, zipfile.ZipFile(out, "w") as copy:
+        for info in source.infolist():
+            copy.writestr(info, replace.pop(info.filename, None) or source.read(info.filename))
+        for name, data in replace.items():
+            copy.writestr(name, data)
+    return out
+
+
+def test_exported_zip_records_its_weights_sha256_and_verify_passes_it(small_zip, capsys):
+    from ambisam.cli import main
+    from ambisam.weights import file_sha256
+
+    zip_path, small = small_zip
+    with zipfile.ZipFile(zip_path) as archive:
+        meta = json.loads(archive.read("psam/configs/metadata.json"))
+    assert meta["weights_checksums"] == [{"path": "models/model.pt", "hash_val": file_sha256(small), "hash_type": "sha256"}]
+    source_meta = json.loads((ROOT / "bundles" / "psam" / "configs" / "metadata.json").read_text())
+    assert {k: v for k, v in meta.items() if k != "weights_checksums"} == source_meta
+    assert verify_bundle_zip(zip_path) == {"psam/models/model.pt": file_sha256(small)}
+    main(["verify", str(zip_path)])
+    assert f"{zip_path}: 1 weights file(s) match the recorded checksums" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_zip_whose_weights_do_not_match(small_zip, tmp_path, capsys):
+    from ambisam.cli import main
+
+    zip_path, small = small_zip
+    other = tmp_path / "other.pt"
+    torch.save({"w": torch.arange(4.0) + 1}, other)
+    tampered = _rewritten(zip_path, tmp_path / "tampered.zip", {"psam/models/model.pt": other.read_bytes()})
+    with pytest.raises(InputError, match="does not match the recorded") as err:
+        verify_bundle_zip(tampered)
+    assert err.value.path == str(tampered / "psam" / "models" / "model.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(tampered)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"ambisam: error: {tampered / 'psam' / 'models' / 'model.pt'}: sha256 ")
+
+    added = _rewritten(zip_path, tmp_path / "added.zip", {"psam/models/extra.pt": other.read_bytes()})
+    with pytest.raises(InputError, match="without a recorded checksum") as err:
+        verify_bundle_zip(added)
+    assert err.value.path == str(added / "psam" / "models" / "extra.pt")

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from ambisam.errors import InputError
+from conftest import pickled_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "monailabel"
@@ -105,13 +106,19 @@ def test_bundle_selection_and_working_copy(tmp_path):
         bundles.find_weights(BUNDLES[0], ROOT / "bundles" / BUNDLES[0], tmp_path / "none")
     weights = tmp_path / "w" / f"{BUNDLES[0]}.pt"
     weights.parent.mkdir()
-    weights.write_bytes(b"weights")
+    torch.save({"w": torch.zeros(2)}, weights)
     assert bundles.find_weights(BUNDLES[0], ROOT / "bundles" / BUNDLES[0], weights.parent) == weights
     copy = bundles.make_working_copy(ROOT / "bundles" / BUNDLES[0], tmp_path / "model" / BUNDLES[0], weights)
-    assert (copy / "configs" / "inference.json").is_file() and (copy / "models" / "model.pt").read_bytes() == b"weights"
-    (copy / "models" / "model.pt").write_bytes(b"trained in MONAI Label")  # newer than the source: kept
+    served = copy / "models" / "model.pt"
+    assert (copy / "configs" / "inference.json").is_file() and served.read_bytes() == weights.read_bytes()
+    torch.save({"w": torch.ones(2)}, served)  # trained in MONAI Label: newer than the source, kept
+    trained = served.read_bytes()
     bundles.make_working_copy(ROOT / "bundles" / BUNDLES[0], copy, weights)
-    assert (copy / "models" / "model.pt").read_bytes() == b"trained in MONAI Label"
+    assert served.read_bytes() == trained
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt")
+    with pytest.raises(InputError, match="needs pickle to load") as err:
+        bundles.make_working_copy(ROOT / "bundles" / BUNDLES[0], tmp_path / "model2" / BUNDLES[0], pickled)
+    assert err.value.path == str(pickled)
 
 
 def test_working_copy_configs_are_flattened(tmp_path):

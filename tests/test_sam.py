@@ -18,7 +18,7 @@ from ambisam.sam import (
     lora_parameters,
     segment_with_box,
 )
-from conftest import dice, noisy_ellipse
+from conftest import dice, noisy_ellipse, pickled_checkpoint
 
 
 def test_registry_names():
@@ -128,6 +128,15 @@ def test_wrong_checkpoints_name_the_file_and_the_problem(tmp_path, litemedsam):
     torch.save({"model": state}, lite)  # nested under "model", as training scripts save it
     with pytest.raises(InputError, match="is not a vit_b checkpoint"):
         build_backbone("vit_b", lite)
+
+
+def test_a_checkpoint_that_needs_pickle_is_refused_with_one_message(tmp_path, litemedsam):
+    path = pickled_checkpoint(tmp_path / "pickled.pth", litemedsam.state_dict())
+    with pytest.raises(InputError) as err:
+        build_backbone("litemedsam", checkpoint=path)
+    assert err.value.path == str(path)
+    assert "needs pickle to load (it holds conftest.NotAWeight)" in str(err.value) and "is refused" in str(err.value)
+    assert "weights_only=True" in str(err.value) and "Traceback" not in str(err.value)
 
 
 def test_checkpoint_round_trip_loads_strictly(tmp_path, litemedsam):

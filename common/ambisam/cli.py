@@ -7,6 +7,7 @@ Commands:
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
     bench      benchmarks that print figures (``bench sampling``, ``bench training``)
     export     a bundle as a self-contained model-zoo zip
+    verify     an exported zip's weights against the checksums it records
     benchmark  every method and baseline trained and scored alike
 """
 
@@ -202,6 +203,20 @@ class Commands:
 
         print(export_bundle(bundle, out, weights=weights, include_weights=not no_weights, torchscript=torchscript,
                             weights_url=weights_url))
+
+    def verify(self, zip: str) -> None:
+        """Check that an exported bundle zip's weights are the ones it records (configs/metadata.json
+        weights_checksums, sha256); a zip whose weights differ, or that holds unrecorded ones, is refused.
+
+        Args:
+            zip: a zip written by `ambisam export`.
+        """
+        from ambisam.export import verify_bundle_zip
+
+        checked = verify_bundle_zip(zip)
+        for member, sha256 in checked.items():
+            print(f"{member}: sha256 {sha256} OK")
+        print(f"{zip}: {len(checked)} weights file(s) match the recorded checksums")
 
     def benchmark(
         self,

@@ -7,6 +7,12 @@ network's input and output, TorchScript export).
 unpacks and the name its GitHub source asks for. Each config is written flattened (:func:`flattened_config_text`:
 the shared base configs' macros resolved), so the zip runs from any folder.
 
+The zip's ``configs/metadata.json`` records the sha256 of each weights file it holds (``weights_checksums``, a
+list of ``{"path", "hash_val", "hash_type"}``: the keys MONAI's ``large_files.yml`` gives a file's hash, in the
+file MONAI reads as ``_meta_`` and the zoo's schema leaves open to more fields; a separate checksums file would be
+one more thing the zoo's layout does not name). ``python -m ambisam verify ZIP`` (:func:`verify_bundle_zip`)
+refuses a zip whose weights differ from what it records.
+
 The shared ``ambisam`` package is declared, not vendored: ``metadata.json``'s ``required_packages_version`` must
 name ``ambisam`` at exactly the installed version (checked here), as it names segment-anything, peft and the
 rest. Vendoring it into ``scripts/`` would not make a bundle installable without pip anyway (ambisam needs torch,
@@ -32,6 +38,7 @@ import torch
 from ambisam.bundle import find_bundle, resolve_macros
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
+from ambisam.weights import file_sha256, load_weights
 
 __all__ = [
     "export_bundle",
@@ -42,6 +49,8 @@ __all__ = [
     "network_test_inputs",
     "export_torchscript",
     "large_files_yaml",
+    "verify_bundle_zip",
+    "CHECKSUMS_KEY",
     "REPO_ROOT",
 ]
 
@@ -49,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: the repository an editable install runs from (``common/ambisam`` -> the root)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: the ``configs/metadata.json`` field where an exported zip records its weights' sha256: a list of
+#: ``{"path", "hash_val", "hash_type"}`` in the words of MONAI's ``large_files.yml`` (paths in the bundle)
+CHECKSUMS_KEY = "weights_checksums"
 #: the size used for a ``"*"`` spatial dimension in test inputs
 ANY_SIZE = 64
 
@@ -226,7 +238,7 @@ def export_torchscript(
     parser.read_meta(meta_file)
     parser["bundle_root"] = str(bundle_dir)
     network = parser.get_parsed_content("network_def")
-    state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    state = load_weights(ckpt_file)
     network.load_state_dict(state.get("model", state) if isinstance(state, Mapping) else state)
     traced = convert_to_torchscript(
         network, inputs=[image, *extra.values()], use_trace=True, verify=True, device=torch.device("cpu"),
@@ -253,10 +265,7 @@ def _check_declares_ambisam(bundle_dir: Path, metadata: Mapping) -> None:
 
 
 def _check_weights(path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's problem with this file
-        raise InputError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
+    state = load_weights(path)
     if not isinstance(state, Mapping):
         raise InputError(path, "not a state dict")
 
@@ -313,7 +322,7 @@ def export_bundle(
         check: validate the metadata against the kept schema first (:func:`check_metadata`).
 
     Returns:
-        The zip's path.
+        The zip's path; its ``configs/metadata.json`` records the shipped weights' sha256 (``weights_checksums``).
 
     Raises:
         InputError: no such bundle; no model card (``docs/README.md``); no LICENSE; ambisam not declared at the
@@ -350,22 +359,77 @@ def export_bundle(
     members = _bundle_files(bundle_dir) + [(license_file, "LICENSE")]
     if (bundle_dir / "large_files.yml").is_file() and not weights_url:
         members.append((bundle_dir / "large_files.yml", "large_files.yml"))
-    if include_weights and weights_file is not None:
-        members.append((weights_file, "models/model.pt"))
-    with atomic_path(zip_path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for source, arcname in members:
-                if arcname.startswith("configs/") and source.suffix == ".json":
-                    archive.writestr(f"{name}/{arcname}", flattened_config_text(source))  # self-contained
-                else:
-                    archive.write(source, f"{name}/{arcname}")
-            if weights_url:
-                archive.writestr(f"{name}/large_files.yml",
-                                 large_files_yaml([("models/model.pt", weights_url, _md5(weights_file))]))
-            if torchscript:
-                with tempfile.TemporaryDirectory() as scratch:
-                    report = export_torchscript(bundle_dir, weights_file, Path(scratch) / "model.ts")
-                    archive.write(report["path"], f"{name}/models/model.ts")
-                logger.info(f"{name}: TorchScript by {report['method']} {report['reason']}".rstrip())
+    with tempfile.TemporaryDirectory() as scratch:
+        weight_members = [(weights_file, "models/model.pt")] if include_weights and weights_file is not None else []
+        if torchscript:
+            report = export_torchscript(bundle_dir, weights_file, Path(scratch) / "model.ts")
+            weight_members.append((Path(report["path"]), "models/model.ts"))
+            logger.info(f"{name}: TorchScript by {report['method']} {report['reason']}".rstrip())
+        checksums = [{"path": arcname, "hash_val": file_sha256(source), "hash_type": "sha256"}
+                     for source, arcname in weight_members]
+        with atomic_path(zip_path) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for source, arcname in members + weight_members:
+                    if arcname == "configs/metadata.json":
+                        meta = dict(json.loads(flattened_config_text(source)), **{CHECKSUMS_KEY: checksums})
+                        archive.writestr(f"{name}/{arcname}", json.dumps(meta, indent=4) + "\n")
+                    elif arcname.startswith("configs/") and source.suffix == ".json":
+                        archive.writestr(f"{name}/{arcname}", flattened_config_text(source))  # self-contained
+                    else:
+                        archive.write(source, f"{name}/{arcname}")
+                if weights_url:
+                    archive.writestr(f"{name}/large_files.yml",
+                                     large_files_yaml([("models/model.pt", weights_url, _md5(weights_file))]))
     logger.info(f"exported {name} {version} to {zip_path}")
     return zip_path
+
+
+def verify_bundle_zip(zip_path: str | os.PathLike) -> dict[str, str]:
+    """Check that every weights file in an exported zip is the one :func:`export_bundle` recorded.
+
+    Every file under ``<name>/models/`` must be listed in ``configs/metadata.json``'s ``weights_checksums`` and
+    have the sha256 recorded there, and every listed file must be in the zip. The configs are not checked: they
+    are code, to be taken from a trusted source (docs/security.md).
+
+    Args:
+        zip_path: a zip written by :func:`export_bundle`.
+
+    Returns:
+        Each weights file's path in the zip -> its sha256 (empty for a zip without weights).
+
+    Raises:
+        InputError: naming the zip, or the file inside it: not a bundle zip; a weights file whose sha256 differs
+            from the recorded one, that is not recorded, or that is recorded but missing.
+    """
+    zip_path = Path(zip_path)
+    if not zipfile.is_zipfile(zip_path):
+        raise InputError(zip_path, "not a zip file")
+    with zipfile.ZipFile(zip_path) as archive:
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        meta_names = [n for n in names if n.count("/") == 2 and n.endswith("/configs/metadata.json")]
+        if len(meta_names) != 1:
+            raise InputError(zip_path, "not a bundle zip: it needs exactly one <name>/configs/metadata.json")
+        root = meta_names[0].split("/")[0]
+        try:
+            recorded = json.loads(archive.read(meta_names[0])).get(CHECKSUMS_KEY) or []
+            expected = {f"{root}/{entry['path']}": (entry["hash_type"], entry["hash_val"]) for entry in recorded}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InputError(zip_path / meta_names[0], f"its {CHECKSUMS_KEY!r} cannot be read ({e!r})") from None
+        found = {}
+        for member in sorted(set(expected) | {n for n in names if n.startswith(f"{root}/models/")}):
+            where = zip_path / member
+            if member not in expected:
+                raise InputError(where, f"a weights file without a recorded checksum ({CHECKSUMS_KEY} in "
+                                        "configs/metadata.json): refused")
+            if member not in names:
+                raise InputError(where, "recorded in the checksums but missing from the zip")
+            hash_type, hash_val = expected[member]
+            if hash_type != "sha256":
+                raise InputError(where, f"recorded with hash_type {hash_type!r}; only sha256 is checked")
+            with archive.open(member) as f:
+                actual = file_sha256(f)
+            if actual != hash_val:
+                raise InputError(where, f"sha256 {actual} does not match the recorded {hash_val}: the weights changed "
+                                        "after export; refused")
+            found[member] = actual
+    return found

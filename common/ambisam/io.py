@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_path", "write_json", "write_nifti", "run_record"]
+__all__ = ["atomic_path", "write_json", "write_nifti", "run_record", "versions"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
@@ -69,30 +69,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def run_record(**fields: Any) -> dict:
-    """What a run did, for the JSON written beside its outputs: the given fields plus versions and platform.
-
-    Args:
-        fields: anything the caller wants recorded (config, seed, backbone, timings, ...).
-
-    Returns:
-        A JSON-serialisable dict.
-    """
+def versions() -> dict[str, str]:
+    """The versions of ambisam, MONAI, PyTorch, NumPy and Python, for a run's record."""
     import monai
     import numpy
     import torch
 
     import ambisam
-    from ambisam.allocator import allocator_settings
 
-    record = dict(fields)
-    record["versions"] = {
+    return {
         "ambisam": ambisam.__version__,
         "monai": monai.__version__,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": sys.version.split()[0],
     }
+
+
+def run_record(**fields: Any) -> dict:
+    """What a run did, for the JSON written beside its outputs: the given fields plus versions and platform.
+
+    Args:
+        fields: anything the caller wants recorded (config, seed, backbone, the weights' sha256
+            (:func:`ambisam.weights.weights_record`), timings, ...).
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    from ambisam.allocator import allocator_settings
+
+    record = dict(fields)
+    record["versions"] = versions()
     record["platform"] = platform.platform()
     record["allocator"] = allocator_settings()  # the speed of a CPU run depends on it (ambisam.allocator)
     record["command"] = " ".join(sys.argv)

@@ -9,10 +9,12 @@ data set is 2 training volumes, and stage 1 trains one epoch once for the module
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from ambisam.weights import file_sha256
 from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
@@ -169,7 +171,11 @@ def test_inference_with_a_snapshot_ensemble(trained, resumed):
     assert type(network).__name__ == "SnapshotEnsemble" and network.samples_per_member(4) == [2, 2]
     check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False)
     item = json.loads(datalist.read_text())["test"][0]
-    assert json.loads((out / f"{item['id']}.json").read_text())["snapshots"] == snapshots
+    record = json.loads((out / f"{item['id']}.json").read_text())
+    assert record["snapshots"] == snapshots
+    # every snapshot's sha256 (the absent ckpt_path is not read), then the backbone's shipped weights
+    recorded = list(record["weights_sha256"].items())
+    assert recorded[:2] == [(str(Path(p).resolve()), file_sha256(p)) for p in snapshots] and len(recorded) == 3
 
 
 def test_evaluate_reports_the_papers_conventions_beside_ours(trained):

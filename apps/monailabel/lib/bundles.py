@@ -20,6 +20,7 @@ from pathlib import Path
 from ambisam.bundle import available_bundles
 from ambisam.errors import InputError
 from ambisam.export import flattened_config_text
+from ambisam.weights import load_weights
 
 __all__ = [
     "WORKING_COPY_ITEMS",
@@ -111,8 +112,15 @@ def make_working_copy(bundle_dir: str | os.PathLike, dest: str | os.PathLike, we
 
     Returns:
         ``dest``.
+
+    Raises:
+        InputError: ``weights`` need pickle to load or are not PyTorch weights (:func:`ambisam.weights.load_weights`;
+            MONAI Label loads them with plain ``torch.load``, whose default is ``weights_only=True`` only from
+            PyTorch 2.6).
     """
     src, dest = Path(bundle_dir), Path(dest)
+    if weights is not None:
+        load_weights(weights, f"the {src.name} weights to serve")
     dest.mkdir(parents=True, exist_ok=True)
     for item in WORKING_COPY_ITEMS:
         source, target = src / item, dest / item

@@ -24,6 +24,7 @@ from ambisam.io import atomic_path, run_record, write_json
 from ambisam.inferers.layout import OUTPUT_NAMES
 from ambisam.outputs import write_case_outputs
 from ambisam.registry import method_registry
+from ambisam.weights import load_weights
 
 __all__ = [
     "ResumeFromCheckpoint",
@@ -92,6 +93,7 @@ class ResumeFromCheckpoint:
             logger.info(f"no checkpoint in {self.ckpt_dir}: training from the start")
             return
         logger.info(f"resuming from {path}")
+        load_weights(path, "a training checkpoint")  # one clear error for a file that needs pickle
         CheckpointLoader(str(path), self.load_dict, map_location=self.map_location).attach(engine)
 
         def _drop_resumed(_: Engine) -> None:  # the new run's saver keeps its own latest file only
@@ -198,7 +200,9 @@ def require_weights(path: str | os.PathLike, bundle: str) -> str:
         bundle: the bundle's name, for the training command in the message.
 
     Raises:
-        InputError: no weights at ``path``.
+        InputError: no weights at ``path``, or weights that need pickle to load (refused:
+            :func:`ambisam.weights.load_weights`; MONAI's ``CheckpointLoader`` would stop the run with
+            PyTorch's long ``UnpicklingError`` instead).
     """
     if not Path(path).is_file():
         spec = method_registry.get(bundle)
@@ -207,6 +211,7 @@ def require_weights(path: str | os.PathLike, bundle: str) -> str:
         else:
             how = f"python -m monai.bundle run --config_file bundles/{bundle}/configs/train.json"
         raise InputError(path, f"no trained weights; train them first: {how} (or pass --ckpt_path PATH to weights you have)")
+    load_weights(path, f"the trained weights of {bundle}")
     return str(path)
 
 

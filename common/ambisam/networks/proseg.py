@@ -31,6 +31,7 @@ from ambisam.networks.base import Conditions, MaskSamplingNetwork, MethodCapabil
 from ambisam.networks.latent import latent_kl_divergence
 from ambisam.networks.prob_unet import ImageGridBackbone, box_masks
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
+from ambisam.weights import load_weights
 
 __all__ = [
     "ProSeg",
@@ -110,7 +111,7 @@ def trained_raters(ckpt_path: str | os.PathLike) -> dict | None:
     """
     if not os.path.isfile(ckpt_path):
         return None
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = load_weights(ckpt_path, "ProSeg weights")
     state = state.get("model", state) if isinstance(state, dict) else {}
     extra = state.get("_extra_state") if isinstance(state, dict) else None
     return dict(extra) if isinstance(extra, dict) and "rater_names" in extra else None

