@@ -11,7 +11,7 @@ only when that token changes.
 Memory is bounded: the entries held in RAM are a least-recently-used set of at most ``max_memory_mb`` (and
 ``max_items``); with ``cache_dir`` every entry is also on disk, so one dropped from memory is read back (a few
 milliseconds) instead of encoded again. A LiteMedSAM embedding is ``(256, 64, 64)`` float32, 4 MiB; the full LIDC
-crops would need about 60 GiB held in memory. ``storage_dtype="float16"`` halves what memory and disk hold.
+crops would need tens of GiB held in memory. ``storage_dtype="float16"`` halves what memory and disk hold.
 
 An on-disk entry ``<key>.pt`` (written under a temporary name and renamed when complete, loaded with
 ``weights_only=True``) is a record of its key, storage dtype, CRC-32 and embedding; a file that does not load
