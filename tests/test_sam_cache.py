@@ -152,6 +152,7 @@ def test_the_ram_bound_holds_the_most_recent_entries_and_evicted_ones_come_back(
         first = cache(images)
         assert len(cache._memory) == 3 and cache.memory_bytes == 3 * TINY_BYTES
         assert list(cache._memory) == [cache.key(img) for img in images[-3:]]  # the most recently used
+        assert len({held.untyped_storage().data_ptr() for held, _ in cache._memory.values()}) == 1  # in one slab
         assert torch.equal(cache(images[-3:]), first[-3:]) and (cache.hits, cache.misses) == (3, 10)
         again = cache(images[:1])  # evicted: encoded again (alone, so equal to float rounding), or read from disk
         assert torch.allclose(again, first[:1], atol=1e-6) if cache_dir is None else torch.equal(again, first[:1])

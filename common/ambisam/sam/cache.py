@@ -76,8 +76,11 @@ class EmbeddingCache:
 
     Memory holds the most recently used entries, at most ``max_memory_mb`` of them in bytes (and at most
     ``max_items``); the least recently used entry is dropped first. Without ``cache_dir`` a dropped entry is
-    encoded again when it is next asked for; with ``cache_dir`` it is read back from its file. The bound is per
-    cache object, that is per process: ``R`` ranks on a node hold up to ``R * max_memory_mb``.
+    encoded again when it is next asked for; with ``cache_dir`` it is read back from its file. A bounded cache
+    holds its entries in one buffer of :attr:`capacity` entries, allocated at the first entry (its pages resident
+    as they are filled), so the process's memory, not only the count of bytes, stays within the bound (plus the
+    batch in flight) however many slices pass through. The bound is per cache object, that is per process: ``R``
+    ranks on a node hold up to ``R * max_memory_mb``.
 
     Embeddings are stored (in memory and on disk) in ``storage_dtype`` and returned in the encoder's dtype (its
     first floating-point parameter's; for an encoder without parameters, that of its first encoding), so with
@@ -136,7 +139,9 @@ class EmbeddingCache:
         self.max_memory_mb = max_memory_mb
         self.storage_dtype = STORAGE_DTYPES[name]
         self._storage_name = name
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[torch.Tensor, int | None]] = OrderedDict()  # key -> (entry, slot)
+        self._slab: torch.Tensor | None = None  # (capacity, C, h, w): the held entries, allocated once
+        self._free_slots: list[int] = []
         self.memory_bytes = 0
         self._state_token: tuple | None = None
         self._fingerprint = ""
@@ -159,8 +164,8 @@ class EmbeddingCache:
         if token != self._state_token:
             fingerprint = encoder_fingerprint(self.backbone)
             if fingerprint != self._fingerprint:
-                self._memory.clear()
-                self.memory_bytes = 0
+                for key in list(self._memory):
+                    self._drop(key)
             self._state_token, self._fingerprint = token, fingerprint
         return self._fingerprint
 
@@ -238,25 +243,58 @@ class EmbeddingCache:
         with atomic_path(self.path(key)) as tmp:
             torch.save(record, tmp)
 
+    def _over(self, count: int, nbytes: int) -> bool:
+        """Whether ``count`` entries of ``nbytes`` in all exceed a bound."""
+        return (self.max_items is not None and count > self.max_items) or (
+            self.max_memory_mb is not None and nbytes > self.max_memory_mb * _MIB
+        )
+
+    def _slot_for(self, embedding: torch.Tensor) -> int | None:
+        """A free slot of the slab for ``embedding``, the slab allocated at the first entry of a bounded cache
+        (``capacity`` entries of its shape, resident only as they are filled); ``None`` when unbounded, or for an
+        entry of another shape, which is held as its own tensor."""
+        if self._slab is None and (self.max_items is not None or self.max_memory_mb is not None):
+            bounds = [self.max_items] if self.max_items is not None else []
+            if self.max_memory_mb is not None:
+                bounds.append(int(self.max_memory_mb * _MIB) // (embedding.numel() * embedding.element_size()))
+            self._slab = torch.empty((min(bounds), *embedding.shape), dtype=embedding.dtype)
+            self._free_slots = list(range(min(bounds)))[::-1]
+        if self._slab is None or not self._free_slots or self._slab.shape[1:] != embedding.shape:
+            return None
+        return self._free_slots.pop()
+
     def _remember(self, key: str, embedding: torch.Tensor) -> None:
-        """Hold ``embedding`` (which owns its storage) in memory, then drop the least recently used entries
-        until both bounds hold (``embedding`` itself too, when it alone exceeds the byte bound)."""
+        """Hold a copy of ``embedding`` in memory, dropping the least recently used entries first until both
+        bounds hold with it (none held when it alone exceeds them).
+
+        A bounded cache copies entries into one slab allocated once, not into tensors of their own: thousands of
+        4 MiB tensors allocated and freed in LRU order, between the caller's batch tensors, fragment the C
+        allocator's heap until the process holds several times the bound.
+        """
         if key in self._memory:
-            self.memory_bytes -= self._memory.pop(key).untyped_storage().nbytes()
-        self._memory[key] = embedding
-        self.memory_bytes += embedding.untyped_storage().nbytes()
-        max_bytes = None if self.max_memory_mb is None else self.max_memory_mb * _MIB
-        while self._memory and (
-            (self.max_items is not None and len(self._memory) > self.max_items)
-            or (max_bytes is not None and self.memory_bytes > max_bytes)
-        ):
-            _, dropped = self._memory.popitem(last=False)
-            self.memory_bytes -= dropped.untyped_storage().nbytes()
+            self._drop(key)
+        nbytes = embedding.numel() * embedding.element_size()
+        while self._memory and self._over(len(self._memory) + 1, self.memory_bytes + nbytes):
+            self._drop(next(iter(self._memory)))
+        if self._over(1, nbytes):
+            return
+        slot = self._slot_for(embedding)
+        held = embedding if slot is None else self._slab[slot].copy_(embedding)
+        self._memory[key] = (held, slot)
+        self.memory_bytes += nbytes
+
+    def _drop(self, key: str) -> None:
+        held, slot = self._memory.pop(key)
+        self.memory_bytes -= held.numel() * held.element_size()
+        if slot is not None:
+            self._free_slots.append(slot)
 
     def _lookup(self, key: str) -> torch.Tensor | None:
+        """The entry of ``key`` from memory (a view of the slab: copy it before the next :meth:`_remember`) or
+        from disk, else ``None``."""
         if key in self._memory:
             self._memory.move_to_end(key)
-            return self._memory[key]
+            return self._memory[key][0]
         path = self.path(key)
         if path is not None and path.is_file():
             embedding = self._load(path, key)
@@ -294,8 +332,22 @@ class EmbeddingCache:
         """
         fingerprint = self.fingerprint  # once per call: the weights do not change during it
         keys = [self._key(img, fingerprint) for img in images]
-        found = [self._lookup(k) for k in keys]
-        todo = [i for i, e in enumerate(found) if e is None]
+        out: torch.Tensor | None = None  # (B, C, h, w), made at the first embedding
+        dtype = self._expected()[1]
+
+        def put(i: int, embedding: torch.Tensor) -> None:  # copied at once: a slab slot may be reused later
+            nonlocal out
+            if out is None:
+                out = torch.empty((len(keys), *embedding.shape), dtype=dtype or torch.float32)
+            out[i] = embedding
+
+        todo = []
+        for i, key in enumerate(keys):
+            embedding = self._lookup(key)
+            if embedding is None:
+                todo.append(i)
+            else:
+                put(i, embedding)
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
         for start in range(0, len(todo), self.batch_size):
@@ -303,14 +355,14 @@ class EmbeddingCache:
             embeddings = self.backbone.encode(images[idx]).cpu()
             if self._encoded_spec is None:
                 self._encoded_spec = (tuple(embeddings.shape[1:]), embeddings.dtype)
+                dtype = dtype or embeddings.dtype
             for i, emb in zip(idx, embeddings):
                 stored = self._to_storage(emb)
-                found[i] = stored
+                put(i, stored)
                 self._remember(keys[i], stored)
                 if self.cache_dir is not None:
                     self._save(keys[i], stored)
-        dtype = self._expected()[1] or torch.float32
-        return torch.stack(found).to(device=images.device, dtype=dtype)
+        return out.to(images.device)
 
     def log_stats(self) -> str:
         """Log and return the hit/miss count and the memory held."""
