@@ -9,6 +9,7 @@ import torch
 
 import ambisam.sam.cache as cache_module
 from ambisam.sam import EmbeddingCache, add_qv_lora, encoder_state_token, lora_parameters
+from ambisam.sam.cache import STORAGE_DTYPES
 from test_sam_qkv_lora import tiny_sam_backbone
 
 
@@ -108,7 +109,8 @@ def test_stale_and_truncated_disk_entries_are_recomputed_with_a_warning_never_se
     assert len(warned) == 6 and all("encoding again" in m for m in warned)
     assert all(str(path) in m for path, m in zip(paths, warned))
     assert "cannot be read" in warned[0] and "(3, 3)" in warned[1] and "torch.float64" in warned[2]
-    assert "not of its own name's" in warned[3] and "checksum" in warned[4] and "not an embedding cache entry" in warned[5]
+    assert "not of its own name's" in warned[3] and "checksum" in warned[4]
+    assert "not an embedding cache entry" in warned[5]
     repaired = EmbeddingCache(backbone, cache_dir=tmp_path)  # the entries were written again
     assert torch.equal(repaired(images), good) and repaired.hits == 7
 
@@ -174,7 +176,7 @@ def test_fp16_storage_halves_the_bytes_and_gives_the_same_masks(tmp_path, liteme
     image = torch.from_numpy(image)[None, None]
     size = tuple(image.shape[-2:])
     boxes = litemedsam.boxes_to_input(torch.tensor([box], dtype=torch.float32), size)
-    caches = {name: EmbeddingCache(litemedsam, cache_dir=tmp_path, storage_dtype=name) for name in ("float32", "float16")}
+    caches = {name: EmbeddingCache(litemedsam, cache_dir=tmp_path, storage_dtype=name) for name in STORAGE_DTYPES}
     masks = {}
     for name, cache in caches.items():
         embedding = cache(image)
@@ -186,9 +188,10 @@ def test_fp16_storage_halves_the_bytes_and_gives_the_same_masks(tmp_path, liteme
     assert dice(masks["float16"], masks["float32"]) >= 0.99
     assert caches["float32"].memory_bytes == 4 * 2**20 and caches["float16"].memory_bytes == 2 * 2**20
     files = {name: caches[name].path(caches[name].key(image[0])) for name in caches}
-    assert files["float32"] != files["float16"] and files["float16"].stat().st_size < 0.6 * files["float32"].stat().st_size
+    assert files["float32"] != files["float16"]
+    assert files["float16"].stat().st_size < 0.6 * files["float32"].stat().st_size
     again = EmbeddingCache(litemedsam, cache_dir=tmp_path, storage_dtype=torch.float16)
-    assert torch.equal(again(image), caches["float16"](image)) and again.hits == 1  # a miss returned the rounded one too
+    assert torch.equal(again(image), caches["float16"](image)) and again.hits == 1  # a miss returned the rounded one
 
 
 def test_an_entry_of_another_storage_dtype_is_never_served(tmp_path, images, caplog):
@@ -261,3 +264,11 @@ def test_an_embedding_that_overflows_float16_is_an_error_not_an_inf():
     with pytest.raises(ValueError, match="overflows float16"):
         cache(torch.rand(1, 1, 8, 8) + 0.5)
     assert torch.equal(EmbeddingCache(Grid(scale=1e5))(torch.ones(1, 1, 8, 8)), torch.full((1, 1, 8, 8), 1e5))
+
+
+def test_a_bound_beyond_the_address_space_holds_entries_one_by_one(images, caplog):
+    cache = EmbeddingCache(tiny_sam_backbone(), max_memory_mb=2**30)  # a PiB buffer cannot be mapped
+    with caplog.at_level(logging.WARNING, logger="ambisam.sam.cache"):
+        first = cache(images)
+    assert "holding entries one by one" in caplog.records[0].getMessage()
+    assert torch.equal(cache(images), first) and cache.hits == 2 and cache.memory_bytes == 2 * TINY_BYTES

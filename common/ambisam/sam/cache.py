@@ -76,24 +76,25 @@ class EmbeddingCache:
 
     Memory holds the most recently used entries, at most ``max_memory_mb`` of them in bytes (and at most
     ``max_items``); the least recently used entry is dropped first. Without ``cache_dir`` a dropped entry is
-    encoded again when it is next asked for; with ``cache_dir`` it is read back from its file. A bounded cache
-    holds its entries in one buffer of :attr:`capacity` entries, allocated at the first entry (its pages resident
-    as they are filled), so the process's memory, not only the count of bytes, stays within the bound (plus the
-    batch in flight) however many slices pass through. The bound is per cache object, that is per process: ``R``
-    ranks on a node hold up to ``R * max_memory_mb``.
+    encoded again when it is next asked for; with ``cache_dir`` it is read back from its file. With
+    ``max_memory_mb`` the entries live in one buffer of :attr:`capacity` entries, allocated at the first entry (its
+    pages resident as they are filled), so the process's memory, not only the count of bytes, stays within the
+    bound (plus the batch in flight) however many slices pass through. The bound is per cache object, that is per
+    process: ``R`` ranks on a node hold up to ``R * max_memory_mb``.
 
     Embeddings are stored (in memory and on disk) in ``storage_dtype`` and returned in the encoder's dtype (its
     first floating-point parameter's; for an encoder without parameters, that of its first encoding), so with
     ``"float16"`` every lookup, the first one included, returns the same rounded embedding.
 
     Ranks and nodes: every rank builds its own cache on the same ``cache_dir`` (the base training config gives
-    ``output_dir + '/embeddings'``). A rank encodes the slices its sampler hands it that are neither in its memory
-    nor on disk; as the distributed sampler reshuffles each epoch, a rank mostly reads what the others wrote. Two
-    ranks that miss the same slice at once (the sampler's padding, the first epoch of a shared validation set)
-    both encode it and both write it: each writes a temporary file and renames it onto ``<key>.pt`` (atomic on a
-    POSIX file system), so the file is always one complete entry, and both entries are the same embedding. Nodes
-    share entries when ``cache_dir`` is on a shared file system and keep their own otherwise; no rank ever reads
-    a partial file. A process killed while writing can leave a hidden temporary ``.<key>.*.pt``, never read.
+    ``output_dir + '/embeddings'``). A rank encodes only the slices its sampler hands it that are neither in its
+    memory nor on disk. The distributed samplers give the ranks disjoint slices in an epoch (but for the training
+    sampler's padding), so in the first epoch each slice is encoded by one rank; in later ones, reshuffled, a rank
+    reads from the folder what the others encoded. Two ranks that miss the same slice at once (that padding, two
+    runs on one ``output_dir``) both encode and write it: each writes a temporary file and renames it onto
+    ``<key>.pt`` (atomic on a POSIX file system), so the file is always one complete entry, whichever rename came
+    last. Nodes share entries when ``cache_dir`` is on a shared file system and keep their own otherwise; no rank
+    reads a partial file. A process killed while writing can leave a hidden temporary ``.<key>.*.pt``, never read.
 
     Args:
         backbone: the backbone whose encoder produces the embeddings (trainable or not: the key follows its
@@ -141,7 +142,7 @@ class EmbeddingCache:
         self._storage_name = name
         self._memory: OrderedDict[str, tuple[torch.Tensor, int | None]] = OrderedDict()  # key -> (entry, slot)
         self._slab: torch.Tensor | None = None  # (capacity, C, h, w): the held entries, allocated once
-        self._free_slots: list[int] = []
+        self._free_slots: list[int] | None = []  # None: the slab could not be allocated
         self.memory_bytes = 0
         self._state_token: tuple | None = None
         self._fingerprint = ""
@@ -174,11 +175,14 @@ class EmbeddingCache:
         """Most entries memory holds: ``max_items`` or ``max_memory_mb`` over one entry's bytes (its shape as
         the backbone declares it or as first encoded, in ``storage_dtype``), whichever is smaller; ``None`` when
         neither bound applies yet (no bound, or only a byte bound and the shape not known yet)."""
-        bounds = [] if self.max_items is None else [self.max_items]
         shape = self._expected()[0]
-        if self.max_memory_mb is not None and shape is not None:
-            entry = math.prod(shape) * self.storage_dtype.itemsize
-            bounds.append(int(self.max_memory_mb * _MIB) // entry)
+        return self._capacity(None if shape is None else math.prod(shape) * self.storage_dtype.itemsize)
+
+    def _capacity(self, entry_bytes: int | None) -> int | None:
+        """:attr:`capacity` for entries of ``entry_bytes`` (``None``: not known)."""
+        bounds = [] if self.max_items is None else [self.max_items]
+        if self.max_memory_mb is not None and entry_bytes is not None:
+            bounds.append(int(self.max_memory_mb * _MIB) // entry_bytes)
         return min(bounds) if bounds else None
 
     def key(self, image: torch.Tensor) -> str:
@@ -250,15 +254,19 @@ class EmbeddingCache:
         )
 
     def _slot_for(self, embedding: torch.Tensor) -> int | None:
-        """A free slot of the slab for ``embedding``, the slab allocated at the first entry of a bounded cache
-        (``capacity`` entries of its shape, resident only as they are filled); ``None`` when unbounded, or for an
-        entry of another shape, which is held as its own tensor."""
-        if self._slab is None and (self.max_items is not None or self.max_memory_mb is not None):
-            bounds = [self.max_items] if self.max_items is not None else []
-            if self.max_memory_mb is not None:
-                bounds.append(int(self.max_memory_mb * _MIB) // (embedding.numel() * embedding.element_size()))
-            self._slab = torch.empty((min(bounds), *embedding.shape), dtype=embedding.dtype)
-            self._free_slots = list(range(min(bounds)))[::-1]
+        """A free slot of the slab for ``embedding``, the slab allocated at the first entry of a cache with a byte
+        bound (:attr:`capacity` entries of its shape, resident only as they are filled); ``None`` without a byte
+        bound, for an entry of another shape, or where the slab could not be allocated: such entries are held as
+        tensors of their own."""
+        if self._slab is None and self.max_memory_mb is not None and self._free_slots is not None:
+            capacity = self._capacity(embedding.numel() * embedding.element_size())
+            try:
+                self._slab = torch.empty((capacity, *embedding.shape), dtype=embedding.dtype)
+                self._free_slots = list(range(capacity))[::-1]
+            except RuntimeError as e:  # more address space than the machine allows
+                logger.warning("embedding cache: no %g MiB buffer (%s); holding entries one by one",
+                               self.max_memory_mb, e)
+                self._free_slots = None
         if self._slab is None or not self._free_slots or self._slab.shape[1:] != embedding.shape:
             return None
         return self._free_slots.pop()
