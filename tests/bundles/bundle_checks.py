@@ -12,8 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
+from ambisam.bundle import flatten_config
 from ambisam.errors import find_input_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,6 +229,13 @@ def check_torchrun_with(
         assert (tmp / "models" / name).is_file(), name
     run = json.loads((tmp / "runs" / "run.json").read_text())
     assert run["world_size"] == 2
+    shared = tmp / "runs" / "embeddings"  # both ranks' embedding caches: complete entries only, no temporary files
+    entries = list(shared.iterdir()) if shared.is_dir() else []
+    cached = flatten_config(configs(bundle, *config, "multi_gpu_train")).get("embedding_cache") is not None
+    assert entries or not cached, f"{shared} is empty though the config caches embeddings"
+    for entry in entries:
+        assert not entry.name.startswith("."), entry
+        assert torch.load(entry, weights_only=True)["key"] == entry.stem, entry
 
 
 class ContractChecks:

@@ -11,6 +11,7 @@ the platform must carry.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -118,5 +119,6 @@ def test_evaluate_and_sample_a_volume(bundle, trained):
 
 def test_multi_gpu_train_under_torchrun_gloo(bundle, tmp_path, monkeypatch):
     folder, _ = bundle
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "bundles"))  # so torchrun's ranks import this file
+    # so torchrun's ranks import this file (and the same ambisam as this process, when PYTHONPATH names one)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "bundles"), os.environ.get("PYTHONPATH", "")]))
     check_torchrun_with(folder, tmp_path)

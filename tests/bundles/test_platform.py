@@ -103,3 +103,22 @@ def test_every_training_config_stops_early_and_no_evaluation_does(bundle):
     flat = flatten_config([folder / "train.json", folder / "evaluate.json"])
     assert not [h for h in flat["validate_handlers"] if h["_target_"] == "EarlyStopHandler"]
     assert not any("set_trainer" in step for step in flat["run"])
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_config_with_an_embedding_cache_bounds_its_ram(bundle):
+    """Training, multi-GPU training and evaluation build the cache with the base's RAM bound and storage dtype."""
+    from monai.bundle import ConfigParser
+
+    folder = BUNDLES[bundle] / "configs"
+    stages = [[p.stem] for p in folder.glob("train_*.json")]  # p2sam's stage 2, seqsam's MCL
+    extra = [*stages, *([*s, "evaluate"] for s in stages), ["multi_gpu_train"], ["evaluate"]]
+    cached = 0
+    for names in [["train"], *(["train", *o] for o in extra)]:
+        parser = ConfigParser(flatten_config([folder / f"{n}.json" for n in names]))
+        if parser["embedding_cache"] is None:  # p2sam's stage 1 trains the encoder's LoRA: nothing to cache
+            continue
+        cached += 1
+        assert parser.get_parsed_content("embedding_cache#max_memory_mb") == 1024, names
+        assert parser.get_parsed_content("embedding_cache#storage_dtype") == "float32", names
+    assert cached >= 2  # a training and its evaluation at least
