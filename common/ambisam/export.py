@@ -22,7 +22,6 @@ own absolute imports rewritten, and would fork the shared code once per exported
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -38,7 +37,7 @@ import torch
 from ambisam.bundle import find_bundle, resolve_macros
 from ambisam.errors import InputError
 from ambisam.io import atomic_path
-from ambisam.weights import file_sha256, load_weights
+from ambisam.weights import file_digest, file_sha256, load_weights
 
 __all__ = [
     "export_bundle",
@@ -279,14 +278,6 @@ def large_files_yaml(entries: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _bundle_files(bundle_dir: Path) -> list[tuple[Path, str]]:
     """(source, path in the bundle) of everything exported except weights."""
     skip_dirs = {"__pycache__", ".ipynb_checkpoints"}
@@ -379,7 +370,7 @@ def export_bundle(
                         archive.write(source, f"{name}/{arcname}")
                 if weights_url:
                     archive.writestr(f"{name}/large_files.yml",
-                                     large_files_yaml([("models/model.pt", weights_url, _md5(weights_file))]))
+                                     large_files_yaml([("models/model.pt", weights_url, file_digest(weights_file, "md5"))]))
     logger.info(f"exported {name} {version} to {zip_path}")
     return zip_path
 

@@ -18,7 +18,7 @@ import torch
 
 from ambisam.errors import InputError
 
-__all__ = ["load_weights", "file_sha256", "weights_record"]
+__all__ = ["load_weights", "file_digest", "file_sha256", "weights_record"]
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -65,17 +65,19 @@ def load_weights(path: str | os.PathLike, expected: str | None = None, map_locat
         raise InputError(path, f"cannot be read as a PyTorch state dict ({type(e).__name__}: {first}){hint}") from None
 
 
-def file_sha256(source: str | os.PathLike | BinaryIO) -> str:
-    """The sha256 of a file's bytes, as lowercase hex.
+def file_digest(source: str | os.PathLike | BinaryIO, algorithm: str = "sha256") -> str:
+    """A hash of a file's bytes, as lowercase hex.
 
     Args:
         source: a file path, or a binary file object read to its end (e.g. a zip member's ``ZipFile.open``).
+        algorithm: a :mod:`hashlib` name (``sha256`` for run records and exported zips; ``md5`` for the model
+            zoo's ``large_files.yml``).
 
     Raises:
         InputError: the path does not exist.
     """
     if not isinstance(source, (str, os.PathLike)):
-        digest = hashlib.sha256()
+        digest = hashlib.new(algorithm)
         for block in iter(lambda: source.read(1 << 20), b""):  # hashlib.file_digest is Python 3.11+
             digest.update(block)
         return digest.hexdigest()
@@ -83,7 +85,12 @@ def file_sha256(source: str | os.PathLike | BinaryIO) -> str:
     if not path.is_file():
         raise InputError(path, "file not found")
     with open(path, "rb") as f:
-        return file_sha256(f)
+        return file_digest(f, algorithm)
+
+
+def file_sha256(source: str | os.PathLike | BinaryIO) -> str:
+    """:func:`file_digest` with sha256."""
+    return file_digest(source, "sha256")
 
 
 def weights_record(*files: str | os.PathLike | None) -> dict[str, str]:
