@@ -62,12 +62,13 @@ def keep_freed_memory() -> dict[str, int]:
         return dict(_applied)
     applied: dict[str, int] = {}
     reason = None
+    user_setting = _user_tuned()
     if os.environ.get(OPT_OUT_VARIABLE, "1").strip() == "0":
         reason = f"{OPT_OUT_VARIABLE}=0"
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         reason = "not glibc"
-    elif _user_tuned():
-        reason = f"the environment sets {_user_tuned()}"
+    elif user_setting:
+        reason = f"the environment sets {user_setting}"
     if reason is None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         for name, (param, value) in ALLOCATOR_SETTINGS.items():
