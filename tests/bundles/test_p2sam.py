@@ -8,6 +8,8 @@ data set is 2 training volumes, and stage 1 trains one epoch once for the module
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -49,6 +51,9 @@ def trained(tmp_path_factory):
 
 def test_properties(trained):
     tmp = trained["tmp"]
+    # stage 2 starts from stage 1's weights in its ckpt_dir (its run record hashes them): give the props run a copy
+    (tmp / "props" / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp / "models" / "model_stage1.pt", tmp / "props" / "models" / "model_stage1.pt")
     check_properties(BUNDLE, tmp, trained["datalist"].parent, tmp / "models" / "model.pt", stages=(STAGE1, STAGE2))
 
 
