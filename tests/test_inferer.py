@@ -173,3 +173,34 @@ def test_region_of_interest_moves_a_box_prompt_into_the_window(litemedsam):
     out = SlicewiseSamplingInferer(num_samples=2, roi_size=64)(image, BoxPromptedSam(litemedsam), box=box)
     pred = split_sampling_output(out[0])["pred"][0].bool()
     assert 2 * (pred & disk).sum().item() / (pred.sum().item() + disk.sum().item()) > 0.9
+
+
+class NoiseNetwork(MaskSamplingNetwork):
+    """A stochastic stand-in whose samples are its seeded standard normal draws (as the latent methods')."""
+
+    def draw_samples(self, embeddings, conditions, num_samples):
+        s = self.backbone.mask_size[0]
+        return 10 * conditions.standard_normal(embeddings.shape[0], num_samples, s, s)
+
+
+def test_case_seeds_make_a_cases_samples_independent_of_the_cases_before_it(litemedsam):
+    from ambisam.data import CaseSeedd
+
+    vol, box = _volume()
+    other = torch.flip(vol, dims=(2,))  # another case
+    net = NoiseNetwork(litemedsam)
+    seeds = [CaseSeedd(seed=0)({"id": name})["case_seed"].reshape(1) for name in ("a", "b")]
+    inferer = SlicewiseSamplingInferer(num_samples=4)
+    torch.manual_seed(0)
+    alone = inferer(vol, net, box=box, case_seed=seeds[0])
+    torch.manual_seed(0)
+    inferer(other, net, box=box, case_seed=seeds[1])  # another case first: the global generator moved on
+    after = inferer(vol, net, box=box, case_seed=seeds[0])
+    both = inferer(torch.cat([other, vol]), net, box=torch.cat([box, box]), case_seed=torch.cat(seeds[::-1]))
+    assert torch.equal(alone, after) and torch.equal(alone[0], both[1])
+    torch.manual_seed(0)
+    unseeded = inferer(vol, net, box=box)
+    assert not torch.equal(unseeded, inferer(vol, net, box=box))  # without case seeds the order matters
+    assert not torch.equal(alone, inferer(vol, net, box=box, case_seed=CaseSeedd(seed=1)({"id": "a"})["case_seed"].reshape(1)))
+    with pytest.raises(ValueError, match="one case_seed per case"):
+        inferer(vol, net, box=box, case_seed=torch.cat(seeds))

@@ -140,7 +140,7 @@ def bench_sampling(
     checkpoint: str | None = None,
     num_samples: int = 16,
     repeats: int = 3,
-    volume_slices: int = 8,
+    volume_slices: int = 64,
     threads: int | None = None,
 ) -> dict:
     """Time encoding, sampling and a volume for one method.
@@ -155,7 +155,8 @@ def bench_sampling(
         checkpoint: backbone weights, where the backbone needs them.
         num_samples: ``N`` for the ratio and the volume.
         repeats: timed rounds (the best is kept; encoder, samples and ratio are timed in turn in each round).
-        volume_slices: prompted slices in the volume throughput test.
+        volume_slices: prompted slices of the volume throughput test (default 64: a 256 x 256 x 64 volume, every
+            slice prompted).
         threads: torch threads (default: torch's own setting).
 
     Returns:

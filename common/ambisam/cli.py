@@ -33,7 +33,7 @@ class Bench:
         checkpoint: str | None = None,
         num_samples: int = 16,
         repeats: int = 3,
-        volume_slices: int = 8,
+        volume_slices: int = 64,
         threads: int | None = None,
         training: bool = True,
         json: bool = False,
@@ -47,7 +47,7 @@ class Bench:
             checkpoint: backbone weights, where needed.
             num_samples: N.
             repeats: timed repetitions (best kept).
-            volume_slices: prompted slices in the volume test.
+            volume_slices: prompted slices in the volume test (a 256 x 256 x D volume, every slice prompted).
             threads: torch threads.
             training: in the table, also measure the training speed-up of the trainable methods.
             json: print JSON instead of lines.

@@ -213,18 +213,7 @@ def check_torchrun_with(
     under torchrun --nproc_per_node=2 with gloo on CPU, 2 training and 2 validation cases; ``written`` names the
     best-model and the epoch-1 checkpoint files the stage writes; ``synthetic``: options of the generated data set."""
     dataset_dir = small_dataset(tmp / "data", raters=raters, split=(0.5, 0.5, 0.0), **(synthetic or {})).parent
-    overrides = train_overrides(tmp, dataset_dir, **extra)
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-         "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, *config, "multi_gpu_train")),
-         "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun(bundle, (*config, "multi_gpu_train"), train_overrides(tmp, dataset_dir, **extra))
     for name in written:
         assert (tmp / "models" / name).is_file(), name
     run = json.loads((tmp / "runs" / "run.json").read_text())
@@ -236,6 +225,43 @@ def check_torchrun_with(
     for entry in entries:
         assert not entry.name.startswith("."), entry
         assert torch.load(entry, weights_only=True)["key"] == entry.stem, entry
+
+
+def torchrun(bundle: str, names: tuple[str, ...], overrides: dict, cwd: Path = ROOT) -> None:
+    """``python -m monai.bundle run`` of a bundle's ``names`` configs under torchrun --nproc_per_node=2, gloo on
+    CPU, one thread per rank; the run must succeed."""
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+         "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, *names)),
+         "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
+        capture_output=True, text=True, timeout=900, env=env, cwd=cwd,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def check_torchrun_evaluate(bundle: str, tmp: Path, ckpt_dir: Path, config: tuple[str, ...] = ("train",)) -> None:
+    """``multi_gpu_evaluate.json`` under torchrun with 2 ranks scores the same cases with the same metrics as one
+    process: 3 test cases (uneven over the ranks), trained weights from ``ckpt_dir``."""
+    dataset_dir = small_dataset(tmp / "data", cases=5, split=(0.2, 0.2, 0.6)).parent
+    overrides = dict(train_overrides(tmp, dataset_dir), ckpt_dir=str(ckpt_dir))
+    one, two = tmp / "one_process", tmp / "two_ranks"
+    run_workflow(bundle, (*config, "evaluate"), "train", **overrides, eval_dir=str(one))
+    torchrun(bundle, (*config, "evaluate", "multi_gpu_evaluate"), dict(overrides, eval_dir=str(two)))
+    single, ranks = (json.loads((out / "metrics.json").read_text()) for out in (one, two))
+    assert len(single["cases"]) == 3 and sorted(ranks["cases"]) == sorted(single["cases"])
+    assert set(ranks["overall"]) == set(single["overall"])
+    for name, value in single["overall"].items():
+        assert (value is None and ranks["overall"][name] is None) or value == pytest.approx(
+            ranks["overall"][name], rel=1e-5, abs=1e-6), name
+    for name, values in single["per_case"].items():
+        by_case = dict(zip(ranks["cases"], ranks["per_case"][name]))
+        for case, value in zip(single["cases"], values):
+            assert (value is None and by_case[case] is None) or value == pytest.approx(
+                by_case[case], rel=1e-5, abs=1e-6), (name, case)
 
 
 class ContractChecks:

@@ -106,6 +106,24 @@ def test_every_training_config_stops_early_and_no_evaluation_does(bundle):
 
 
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_bundle_evaluates_under_torchrun_with_the_shared_multi_gpu_evaluate(bundle):
+    """multi_gpu_evaluate.json takes the shared base's ids: the test split shared out unpadded, every rank's report
+    writer gathering the case ids (rank 0 writes), the evaluation's own run list (a second scoring included)."""
+    folder = BUNDLES[bundle] / "configs"
+    stages = [p.stem for p in folder.glob("train_stage*.json")]  # p2sam evaluates its stage 2
+    evaluate = flatten_config([folder / f"{n}.json" for n in ["train", *stages, "evaluate"]])
+    flat = flatten_config([folder / f"{n}.json" for n in ["train", *stages, "evaluate", "multi_gpu_evaluate"]])
+    sampler = flat["validate_sampler"]
+    assert sampler["_target_"] == "DistributedSampler" and sampler["even_divisible"] is False and not sampler["shuffle"]
+    assert flat["run"] == evaluate["run"] and flat["not_rank_zero"] == "$torch.distributed.get_rank() > 0"
+    assert any("init_process_group" in step for step in flat["initialize"])
+    writers = [h for h in flat["validate_handlers"] if h["_target_"] == "ambisam.engines.MetricsReportWriter"]
+    assert writers and not any("_disabled_" in h for h in writers)
+    assert flat["validate"]["evaluator"]["prepare_batch"].count("case_seed") == 2
+    assert flat["network"] == evaluate["network"]  # no DDP wrapper: nothing is back-propagated
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_every_config_with_an_embedding_cache_bounds_its_ram(bundle):
     """Training, multi-GPU training and evaluation build the cache with the base's RAM bound and storage dtype."""
     from monai.bundle import ConfigParser

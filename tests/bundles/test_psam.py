@@ -18,6 +18,7 @@ from bundle_checks import (
     check_inference_outputs,
     check_properties,
     check_torchrun,
+    check_torchrun_evaluate,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -164,3 +165,7 @@ def test_bad_input_on_the_command_line_is_one_line(trained, tmp_path):
 
 def test_multi_gpu_train_under_torchrun_gloo(tmp_path):
     check_torchrun(BUNDLE, tmp_path)
+
+
+def test_multi_gpu_evaluate_under_torchrun_gloo_gives_the_metrics_of_one_process(trained, tmp_path):
+    check_torchrun_evaluate(BUNDLE, tmp_path, trained[0] / "models")

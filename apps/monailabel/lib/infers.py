@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.utils.others.class_utils import unload_module
 
+from ambisam.data import case_id, case_seed
 from ambisam.errors import InputError
 from ambisam.inferers.layout import OUTPUT_NAMES
 from ambisam.networks import rater_index
@@ -203,8 +204,11 @@ class SamplingBundleInferTask(BundleInferTask):
             box = torch.as_tensor(box)
             box = (box[None] if convert_to_batch else box).to(torch.device(device))
         torch.manual_seed(seed)
+        # the case's draws from its own seed (the request's seed and the case id), not from torch's global
+        # generator, which concurrent requests share
+        seeds = torch.tensor([case_seed(seed, case_id(data))])
         with torch.no_grad():
-            outputs = inferer(inputs, network, box=box, rater_id=self._request_rater(data))
+            outputs = inferer(inputs, network, box=box, rater_id=self._request_rater(data), case_seed=seeds)
         data[self.output_label_key] = outputs[0] if convert_to_batch else outputs
         return data
 
@@ -214,8 +218,8 @@ class SamplingBundleInferTask(BundleInferTask):
         maps = {k: data[k] for k in OUTPUT_NAMES}
         image = data[self.input_key]
         num_samples, seed = self._request_settings(data)
-        case_id = f"ambisam_{self.bundle_name}_{uuid.uuid4().hex[:12]}"
-        paths = write_case_outputs(Path(tempfile.gettempdir()), case_id, maps, image.affine)
+        stem = f"ambisam_{self.bundle_name}_{uuid.uuid4().hex[:12]}"
+        paths = write_case_outputs(Path(tempfile.gettempdir()), stem, maps, image.affine)
         for name in ("mean", "variance", "record"):
             paths.pop(name).unlink(missing_ok=True)
         result = {

@@ -2,7 +2,7 @@
 by macro (see :mod:`ambisam.bundle.config`).
 
 ``write_bundle_configs(folder, train={...}, inference={...})`` writes ``configs/train.json``,
-``inference.json``, ``evaluate.json``, ``multi_gpu_train.json`` and ``logging.conf`` (a link to the base's);
+``inference.json``, ``evaluate.json``, ``multi_gpu_train.json``, ``multi_gpu_evaluate.json`` and ``logging.conf`` (a link to the base's);
 ``metadata.json`` and the model card are the method's own and written by hand.
 """
 
@@ -20,7 +20,7 @@ from ambisam.bundle.config import BASE_CONFIG_DIR, MACRO, MACRO_ROOT
 __all__ = ["BASE_CONFIGS", "base_macros", "write_bundle_configs"]
 
 #: the base configs a bundle takes, by file name (without ``.json``)
-BASE_CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")
+BASE_CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train", "multi_gpu_evaluate")
 
 
 def base_macros(config: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -72,6 +72,7 @@ def write_bundle_configs(
         _write(folder / "inference.json", {**inference, **base_macros("inference", tuple(inference))}),
         _write(folder / "evaluate.json", {**(evaluate or {}), **base_macros("evaluate", tuple(evaluate or ()))}),
         _write(folder / "multi_gpu_train.json", base_macros("multi_gpu_train")),
+        _write(folder / "multi_gpu_evaluate.json", base_macros("multi_gpu_evaluate")),
     ]
     logging_conf = folder / "logging.conf"
     if logging_conf.is_symlink() or logging_conf.exists():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
+from monai.utils import string_list_all_gather
 
 from ambisam.data.ids import case_id
 from ambisam.errors import InputError
@@ -109,7 +110,9 @@ class MetricsReportWriter:
 
     The JSON holds every metric's overall value, its per-case values (metric handlers keep them with
     ``save_details=True``, MONAI's default), the case ids, N and any extra fields; the CSV has one row per case
-    and a last ``mean`` row. Metrics whose value depends on N are named with it (``ged`` -> ``ged16``).
+    and a last ``mean`` row. Metrics whose value depends on N are named with it (``ged`` -> ``ged16``). In a
+    distributed evaluation it runs on every rank (it gathers every rank's case ids, as MONAI's metric buffers gather
+    their values, in rank order) and writes on rank 0.
 
     Args:
         save_dir: the output folder.
@@ -158,12 +161,16 @@ class MetricsReportWriter:
         return f"{metric}{self.num_samples}" if metric in self.sample_dependent else metric
 
     def __call__(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return
+        ids = list(self._ids)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank's case ids, in rank order: the order in which MONAI's metric buffers gather the values
+            ids = string_list_all_gather(ids) if torch.distributed.get_world_size() > 1 else ids
+            if torch.distributed.get_rank():
+                return
         per_case = {}
         for name, values in (getattr(engine.state, "metric_details", None) or {}).items():
             arr = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=float)
-            if arr.size != len(self._ids):  # not one value per case (e.g. pooled ECE keeps bin counts)
+            if arr.size != len(ids):  # not one value per case (e.g. pooled ECE keeps bin counts)
                 continue
             per_case[self._name(name)] = [None if np.isnan(v) else float(v) for v in arr.reshape(-1)]
         overall = {
@@ -171,7 +178,7 @@ class MetricsReportWriter:
             for k, v in engine.state.metrics.items()
             if np.ndim(v) == 0
         }
-        report = dict(self.extra, num_samples=self.num_samples, overall=overall, cases=list(self._ids), per_case=per_case)
+        report = dict(self.extra, num_samples=self.num_samples, overall=overall, cases=list(ids), per_case=per_case)
         existing = self.save_dir / "metrics.json"
         if self.merge and existing.is_file():
             previous = json.loads(existing.read_text())
@@ -184,7 +191,7 @@ class MetricsReportWriter:
         write_json(existing, report)
         names = list(overall)
         lines = [",".join(["case", *names])]
-        for i, case in enumerate(self._ids):
+        for i, case in enumerate(ids):
             row = [per_case[n][i] if n in per_case else None for n in names]
             lines.append(",".join([case, *("" if v is None else f"{v:.6g}" for v in row)]))
         lines.append(",".join(["mean", *("" if overall[n] is None else f"{overall[n]:.6g}" for n in names)]))

@@ -9,8 +9,10 @@ The method's conditions come from the batch (``rater_id``) and from the inferer 
 methods, **sample i of a volume is one 3D hypothesis**: the method's standard normal draws are seeded once per
 volume, structure and call (:attr:`~ambisam.networks.Conditions.noise_seeds`), so every slice of the volume
 decodes sample i from the same draw (a latent method's per-slice prior then shapes it); ``per_slice_draws=True``
-draws independently per slice instead. The seeds come from torch's global generator, so a run with the same
-seed gives the same samples.
+draws independently per slice instead. The seeds come from each case's own ``case_seed`` where the batch holds one
+(:class:`~ambisam.data.CaseSeedd`: a hash of the run's seed and the case id, so a case's samples do not depend on
+the order, the batch or the rank it is sampled in), else from torch's global generator; a run with the same seed
+gives the same samples either way.
 
 With ``roi_size`` the method sees a **region of interest** instead of the whole slice: a ``roi_size x roi_size``
 window centred on each structure's box (the middle of its bounding box, as the training crops of
@@ -112,6 +114,16 @@ class SlicewiseSamplingInferer(Inferer):
             raise ValueError(f"expected {d} per-slice boxes per case and structure, got box of shape {tuple(box.shape)}")
         return boxes
 
+    @staticmethod
+    def _volume_seeds(case_seed: torch.Tensor | None, b: int, s: int) -> torch.Tensor:
+        """``(B, S)`` seeds, one per volume and structure: from each case's own seed, else from torch's generator."""
+        if case_seed is None:
+            return torch.randint(0, 2**62, (b, s))
+        per_case = torch.as_tensor(case_seed).reshape(-1).long().tolist()
+        if len(per_case) != b:
+            raise ValueError(f"expected one case_seed per case ({b}), got {len(per_case)}")
+        return torch.stack([torch.randint(0, 2**62, (s,), generator=torch.Generator().manual_seed(c)) for c in per_case])
+
     def _units(self, boxes: torch.Tensor | None, b: int, s: int, d: int) -> list[tuple]:
         """The sampling units ``(case, slice, structures, window)``: every prompted slice with the structures it
         prompts (``window`` ``None``), or with ``roi_size`` one unit per prompted (slice, structure) with its window
@@ -164,6 +176,7 @@ class SlicewiseSamplingInferer(Inferer):
         network: torch.nn.Module,
         box: torch.Tensor | None = None,
         rater_id: torch.Tensor | int | None = None,
+        case_seed: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Sample a batch of volumes.
@@ -177,6 +190,9 @@ class SlicewiseSamplingInferer(Inferer):
                 every slice is sampled.
             rater_id: ``(B,)`` rater ids (or one int for the batch) for rater-conditioned methods; default: the
                 inferer's ``rater_id``.
+            case_seed: ``(B,)`` per-case seeds (:class:`~ambisam.data.CaseSeedd`): each case's draws are seeded
+                from its own seed, so its samples do not depend on the cases before it (order, batch, rank);
+                ``None``: from torch's global generator. Ignored with ``per_slice_draws``.
             kwargs: ignored (engines may pass extra batch keys).
 
         Returns:
@@ -200,7 +216,7 @@ class SlicewiseSamplingInferer(Inferer):
         rater_id = self.rater_id if rater_id is None else rater_id
         if rater_id is not None:
             rater_ids = torch.as_tensor(rater_id, device=volumes.device).long().reshape(-1).expand(b)
-        seeds = None if self.per_slice_draws else torch.randint(0, 2**62, (b, s))  # one draw per volume, structure
+        seeds = None if self.per_slice_draws else self._volume_seeds(case_seed, b, s)
 
         out = volumes.new_zeros((b, s * block, h, w, d), dtype=torch.float32)
         backbone = net.backbone

@@ -33,6 +33,7 @@ from ambisam.data.transforms.boxes import (
 )
 from ambisam.data.transforms.intensity import intensity_transform
 from ambisam.data.transforms.outputs import SplitSamplingOutputd
+from ambisam.data.transforms.seeds import CaseSeedd, case_seed
 from ambisam.data.transforms.raters import LoadRatersd, RankRatersByAread, SelectReadRatersd
 from ambisam.data.transforms.slices import LesionCropd, SelectSlicesd
 from ambisam.data.transforms.structures import StructureMasksd
@@ -59,4 +60,6 @@ __all__ = [
     "RankRatersByAread",
     "SelectReadRatersd",
     "StructureMasksd",
+    "CaseSeedd",
+    "case_seed",
 ]
