@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -164,14 +165,45 @@ def test_invertd_of_the_region_split_densely_equals_the_dense_path(tmp_path):
         assert torch.equal(outs[0][k].as_tensor(), outs[1][k].as_tensor()), k
 
 
-@pytest.mark.skipif(importlib.util.find_spec("monailabel") is None, reason="MONAI Label is not installed here")
-def test_monailabel_summary_of_a_region_is_the_dense_summary(sam):
-    sys.path.insert(0, str(ROOT / "apps" / "monailabel"))
-    try:
-        from lib.infers import sampling_summary
-    finally:
-        sys.path.remove(str(ROOT / "apps" / "monailabel"))
+def _app_infers(monkeypatch):
+    """The app's ``lib.infers``; where MONAI Label is not installed, on stand-ins for the three names it imports
+    from it (the summary does not use them)."""
+    if importlib.util.find_spec("monailabel") is None:
+        for name, attrs in {
+            "monailabel": {}, "monailabel.interfaces": {}, "monailabel.interfaces.tasks": {},
+            "monailabel.interfaces.tasks.infer_v2": {"InferType": type("InferType", (), {})},
+            "monailabel.tasks": {}, "monailabel.tasks.infer": {},
+            "monailabel.tasks.infer.bundle": {"BundleInferTask": type("BundleInferTask", (), {})},
+            "monailabel.utils": {}, "monailabel.utils.others": {},
+            "monailabel.utils.others.class_utils": {"unload_module": lambda name: None},
+        }.items():
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(str(ROOT / "apps" / "monailabel"))
+    for name in ("lib", "lib.infers", "lib.prompts"):  # imported afresh, and forgotten after the test
+        monkeypatch.setitem(sys.modules, name, None)
+        del sys.modules[name]
+    return importlib.import_module("lib.infers")
+
+
+def test_monailabel_summary_of_a_region_is_the_dense_summary(sam, monkeypatch):
+    sampling_summary = _app_infers(monkeypatch).sampling_summary
     full, region = _both(sam)
     dense_maps = SplitSamplingOutputd(num_samples=4)({"pred": full[0]})
     region_maps = SplitSamplingOutputd(num_samples=4)({"pred": decollate_batch(region)[0]})
-    assert sampling_summary(region_maps) == sampling_summary(dense_maps)
+    summary = sampling_summary(region_maps)
+    assert summary == sampling_summary(dense_maps) and summary["predicted_region_voxels"] > 0
+
+
+def test_the_memory_bench_case_is_a_ct_with_a_box_over_a_few_slices(tmp_path):
+    from ambisam.bench_memory import format_memory, write_memory_case
+    from ambisam.data import inference_items
+
+    image, box = write_memory_case(tmp_path, size=32, slices=10, box_slices=2)
+    d = volume_transforms(box=True)(inference_items(image=image, box=box)[0])
+    assert d["image"].shape == (1, 32, 32, 10)
+    assert [k for k in range(10) if (d["box"][k] >= 0).all()] == [4, 5]  # the prompted slices
+    line = format_memory({"bundle": "psam", "shape": [32, 32, 10], "box_slices": 2, "num_samples": 4,
+                          "peak_rss_mib": 2048.0, "seconds": 3.0, "output_mib": 1.0})
+    assert "peak RSS 2.00 GiB" in line and "32x32x10" in line

@@ -77,7 +77,8 @@ def region_parts(x: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]
     start = torch.as_tensor(x["start"])
     if start.ndim != 1:
         raise ValueError(f"a region per case was expected, got a batch's (start {tuple(start.shape)})")
-    return x["values"], tuple(int(v) for v in start), tuple(int(v) for v in torch.as_tensor(x["shape"]))
+    values = x["values"] if torch.is_tensor(x["values"]) else torch.as_tensor(np.asarray(x["values"]))
+    return values, tuple(int(v) for v in start), tuple(int(v) for v in torch.as_tensor(x["shape"]))
 
 
 def region_like(x: Mapping, values: torch.Tensor) -> dict[str, torch.Tensor]:
