@@ -25,7 +25,7 @@ need it; the evaluation turns it on, inference does not).
 
 With ``region_output=True`` (the inference bundles' setting) it returns only the slab of slices it sampled, with its
 place in the volume (:mod:`ambisam.inferers.region`): memory then grows with the prompted region, not with the
-volume (a ``512 x 512 x 300`` CT with N = 16 is 6 GiB dense in float32; a box over 4 slices is 80 MiB of slab).
+volume (a ``512 x 512 x 300`` CT with N = 16 is 5.6 GiB dense in float32; a box over 4 slices is 80 MiB of slab).
 Every reader of the output (the split, the writers, the MONAI Label app) takes either form.
 """
 

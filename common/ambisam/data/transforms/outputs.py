@@ -29,7 +29,7 @@ class SplitSamplingOutputd(MapTransform):
     writers (:func:`ambisam.outputs.write_case_outputs`) stream the files from it. With ``dense=True`` each output
     is built as the full volume instead, exactly as from the dense output (float32, with the metadata), for what
     needs whole tensors, e.g. ``Invertd`` when the pre-processing resamples: that costs the dense output's memory
-    again (a 512 x 512 x 300 CT with N = 16: 6 GiB), only there.
+    again (a 512 x 512 x 300 CT with N = 16: 5.6 GiB), only there.
 
     Args:
         key: key of the inferer's output; it is replaced by the final mask.
