@@ -5,7 +5,7 @@ Commands:
     convert    LIDC (folder or pickle) and QUBIQ layouts -> NIfTI + datalist.json
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
-    bench      benchmarks that print figures (``bench sampling``, ``bench training``)
+    bench      benchmarks that print figures (``bench sampling``, ``bench training``, ``bench memory``)
     export     a bundle as a self-contained model-zoo zip
     verify     an exported zip's weights against the checksums it records
     benchmark  every method and baseline trained and scored alike
@@ -90,6 +90,36 @@ class Bench:
 
         print_training(as_json=json, method=method, backbone=backbone, checkpoint=checkpoint,
                        batch_size=batch_size, repeats=repeats, threads=threads, stage=stage)
+
+    def memory(
+        self,
+        bundle: str = "psam",
+        size: int = 512,
+        slices: int = 300,
+        box_slices: int = 4,
+        num_samples: int = 16,
+        root: str | None = None,
+        json: bool = False,
+    ) -> None:
+        """Peak RSS of a bundle's inference (``monai.bundle run`` in a fresh process) on a generated CT whose box
+        prompts a few slices (:mod:`ambisam.bench_memory`).
+
+        Args:
+            bundle: the bundle whose ``configs/inference.json`` runs (initialised weights).
+            size: in-plane size of the CT.
+            slices: its slices.
+            box_slices: the slices the box prompts.
+            num_samples: N.
+            root: another checkout to run (its ``bundles/`` and ``common/``), e.g. to measure a branch.
+            json: print JSON instead of a line.
+        """
+        import json as json_
+
+        from ambisam.bench_memory import format_memory, inference_peak_rss
+
+        r = inference_peak_rss(bundle=bundle, size=size, slices=slices, box_slices=box_slices,
+                               num_samples=num_samples, root=root)
+        print(json_.dumps(r) if json else format_memory(r))
 
 
 class Commands:

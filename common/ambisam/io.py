@@ -9,14 +9,14 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_path", "write_json", "write_nifti", "run_record", "versions"]
+__all__ = ["atomic_path", "write_json", "write_nifti", "write_nifti_planes", "run_record", "versions"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
@@ -106,6 +106,16 @@ def run_record(**fields: Any) -> dict:
     return record
 
 
+def _nifti_image(data, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` (an array, or anything with ``shape`` and ``dtype``) with ``affine`` as the qform
+    and sform (code 1, scanner) and millimetre units: the one header every written volume gets."""
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write an array as NIfTI atomically, exactly as given (no reorientation, no scaling).
 
@@ -121,10 +131,74 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     Returns:
         The final path.
     """
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    image.header.set_xyzt_units("mm")
+    image = _nifti_image(np.asarray(array), affine)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
+    return Path(path)
+
+
+class _Shape:
+    """What ``nibabel`` needs of a data object to make a header (``shape``, ``dtype``), with no data."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __array__(self, *args, **kwargs):  # pragma: no cover - nibabel never reads it on this path
+        raise TypeError("a streamed NIfTI file has no array")
+
+
+def write_nifti_planes(
+    path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype | type, affine: np.ndarray,
+    planes: Iterable[np.ndarray],
+) -> Path:
+    """Write a NIfTI file atomically from its ``(H, W)`` planes, never holding more than one plane.
+
+    The file is the one :func:`write_nifti` writes for the array the planes make up (same header, same bytes
+    once decompressed): ``nibabel`` writes the header (as its own ``to_file_map`` does, unscaled since the planes
+    are in the file's dtype) and each plane follows in the file's Fortran order.
+
+    Args:
+        path: the ``.nii.gz`` (or ``.nii``) file to write.
+        shape: the volume's shape ``(H, W[, D[, C]])``.
+        dtype: the file's data type; every plane must have it.
+        affine: the 4x4 voxel-to-world (RAS) matrix.
+        planes: ``prod(shape[2:])`` arrays ``(H, W)`` of ``dtype``: for ``(H, W, D, C)``, each channel's slices
+            in order (``k`` fastest), as :func:`ambisam.inferers.region.region_planes` yields them.
+
+    Returns:
+        The final path.
+
+    Raises:
+        OSError: writing failed (the message names the file; nothing is left at ``path``).
+        ValueError: a plane of another shape or dtype, or not ``prod(shape[2:])`` planes (naming the file).
+    """
+    from nibabel.arraywriters import get_slope_inter, make_array_writer
+    from nibabel.openers import ImageOpener
+    from nibabel.volumeutils import seek_tell
+
+    dtype = np.dtype(dtype)
+    image = _nifti_image(_Shape(shape, dtype), affine)
+    image.update_header()
+    header = image.header
+    # what to_file_map records for data already in the file's dtype: no scaling (slope 1, intercept 0)
+    writer = make_array_writer(np.zeros(1, dtype), dtype, header.has_data_slope, header.has_data_intercept)
+    header.set_slope_inter(*get_slope_inter(writer))
+    expected = int(np.prod(shape[2:], dtype=np.int64))
+    try:
+        with atomic_path(path) as tmp:
+            with ImageOpener(str(tmp), "wb") as f:
+                header.write_to(f)
+                seek_tell(f, header.get_data_offset(), write0=True)
+                count = 0
+                for plane in planes:
+                    if plane.shape != tuple(shape[:2]) or plane.dtype != dtype:
+                        raise ValueError(f"plane {count} is {plane.dtype} {plane.shape}, not {dtype} {tuple(shape[:2])}")
+                    f.write(plane.tobytes(order="F"))
+                    count += 1
+                if count != expected:
+                    raise ValueError(f"{count} planes given for a {tuple(shape)} volume ({expected} expected)")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except OSError as e:
+        raise OSError(f"{path}: could not write the file: {e}") from e
     return Path(path)

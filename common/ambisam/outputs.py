@@ -7,6 +7,11 @@ Per case ``<id>``: ``<id>_mask.nii.gz`` (the final mask, uint8), ``<id>_mean.nii
 ``<id>_uncertainty.nii.gz`` (entropy of the mean, bits), ``<id>_variance.nii.gz``, ``<id>_samples.nii.gz`` (the N
 samples, one 4D file, samples last) and ``<id>.json`` (what was run). Every file is written under a temporary
 name and renamed when complete.
+
+Each file is streamed plane by plane (:func:`~ambisam.io.write_nifti_planes`) from the case's maps, dense tensors
+or regions (:mod:`ambisam.inferers.region`, the inference bundles' form): a plane outside the region is zeros of
+the file's dtype, so the writer never builds a full volume, neither in float32 nor in the file's own dtype; the
+files are the same bytes :func:`~ambisam.io.write_nifti` writes for the dense arrays.
 """
 
 from __future__ import annotations
@@ -19,9 +24,44 @@ import numpy as np
 import torch
 
 from ambisam.inferers.layout import OUTPUT_SUFFIXES
-from ambisam.io import write_json, write_nifti  # write_nifti re-exported: the writer of every NIfTI file
+from ambisam.inferers.region import region_parts, region_planes
+from ambisam.io import write_json, write_nifti, write_nifti_planes  # write_nifti re-exported
 
-__all__ = ["write_nifti", "write_case_outputs", "OUTPUT_SUFFIXES"]
+__all__ = ["write_nifti", "write_case_outputs", "write_output_file", "output_dtype", "OUTPUT_SUFFIXES"]
+
+#: the outputs written as 0/1 ``uint8`` (the others are ``float32``)
+_MASKS = ("pred", "samples")
+
+
+def output_dtype(name: str) -> np.dtype:
+    """The file dtype of an output: ``uint8`` for ``pred`` and ``samples``, ``float32`` for the maps."""
+    return np.dtype(np.uint8 if name in _MASKS else np.float32)
+
+
+def write_output_file(path: str | os.PathLike, output: torch.Tensor | dict, dtype: np.dtype | type,
+                      affine: np.ndarray, channels_last: bool) -> Path:
+    """Stream one output ``(C, *spatial)`` (dense or a region) to a NIfTI file of ``dtype``.
+
+    Args:
+        path: the file.
+        output: ``(C, H, W[, D])``, or a region of it (one case).
+        dtype: the file's dtype (values are cast plane by plane, as ``astype`` casts the whole array).
+        affine: the 4x4 affine.
+        channels_last: write ``(H, W[, D], C)``; otherwise ``C`` must be 1 and the file is ``(H, W[, D])``.
+
+    Returns:
+        The final path.
+
+    Raises:
+        ValueError: ``channels_last`` is false for several channels.
+        OSError: writing failed (naming the file).
+    """
+    values, _, shape = region_parts(output)
+    channels = int(values.shape[0])
+    if not channels_last and channels != 1:
+        raise ValueError(f"{path}: {channels} channels need channels_last")
+    file_shape = (*shape, channels) if channels_last else tuple(shape)
+    return write_nifti_planes(path, file_shape, dtype, affine, region_planes(output, dtype))
 
 
 def write_case_outputs(
@@ -40,7 +80,8 @@ def write_case_outputs(
         maps: the case's split sampling output (:func:`ambisam.inferers.split_sampling_output` or
             :class:`ambisam.data.SplitSamplingOutputd`): ``pred``, ``mean``, ``uncertainty``, ``variance``, each
             ``(S, H, W, D)`` for ``S`` structures (written 3D for one, with the structures last for several),
-            and ``samples (S * N, H, W, D)`` (one 4D file, samples last, structure-major).
+            and ``samples (S * N, H, W, D)`` (one 4D file, samples last, structure-major); each a tensor or a
+            region of one (:mod:`ambisam.inferers.region`).
         affine: the input's 4x4 affine, so the outputs overlay the input.
         record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
         sample_names: a name per sample (``N`` of them, one structure): each sample is also written on its own as
@@ -51,30 +92,30 @@ def write_case_outputs(
 
     Raises:
         ValueError: ``sample_names`` does not name every sample once, or the output has several structures.
+        OSError: a file could not be written (naming it; no partial file is left).
     """
     out_dir = Path(out_dir)
     affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     paths = {}
     for name, suffix in OUTPUT_SUFFIXES.items():
-        arr = torch.as_tensor(maps[name]).detach().cpu().numpy()
-        if name in ("pred", "samples"):
-            arr = arr.astype(np.uint8)
-        else:
-            arr = arr.astype(np.float32)
         # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
-        arr = arr[0] if arr.shape[0] == 1 and name != "samples" else np.moveaxis(arr, 0, -1)
-        paths[name] = write_nifti(out_dir / f"{case_id}{suffix}", arr, affine)
+        channels_last = name == "samples" or int(region_parts(maps[name])[0].shape[0]) != 1
+        paths[name] = write_output_file(out_dir / f"{case_id}{suffix}", maps[name], output_dtype(name), affine,
+                                        channels_last)
+    structures = int(region_parts(maps["mean"])[0].shape[0])
+    num_samples = int(region_parts(maps["samples"])[0].shape[0])
     if sample_names is not None:
-        samples = torch.as_tensor(maps["samples"]).detach().cpu().numpy().astype(np.uint8)
         names = [str(n) for n in sample_names]
-        if len(names) != samples.shape[0] or len(set(names)) != len(names) or int(maps["mean"].shape[0]) != 1:
-            raise ValueError(f"sample_names must name each of the {samples.shape[0]} samples of one structure once, "
+        if len(names) != num_samples or len(set(names)) != len(names) or structures != 1:
+            raise ValueError(f"sample_names must name each of the {num_samples} samples of one structure once, "
                              f"got {names}")
+        values, start, shape = region_parts(maps["samples"])
         for index, name in enumerate(names):
-            paths[f"sample:{name}"] = write_nifti(out_dir / f"{case_id}_{name}.nii.gz", samples[index], affine)
+            one = {"values": values[index : index + 1], "start": torch.as_tensor(start), "shape": torch.as_tensor(shape)}
+            paths[f"sample:{name}"] = write_output_file(out_dir / f"{case_id}_{name}.nii.gz", one,
+                                                        output_dtype("samples"), affine, channels_last=False)
     rec = dict(record or {})
-    structures = int(maps["mean"].shape[0])
-    rec.update(case=case_id, num_samples=int(maps["samples"].shape[0]) // structures, num_structures=structures,
+    rec.update(case=case_id, num_samples=num_samples // structures, num_structures=structures,
                files={k: p.name for k, p in paths.items()})
     paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
     return paths

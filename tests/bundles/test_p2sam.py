@@ -153,6 +153,7 @@ def test_inference_outputs(trained):
     # the bundle's network and inferer, each sample's probabilities kept: the draws differ inside the window
     inferer = wf.parser.get_parsed_content("inferer")
     inferer.keep_probabilities = True
+    inferer.region_output = False  # the whole volume (the bundle's inferer gives the prompted slab), to index slices
     case = wf.parser.get_parsed_content("dataset")[0]
     with torch.no_grad():
         maps = split_sampling_output(inferer(case["image"][None], wf.parser.get_parsed_content("network"),

@@ -7,6 +7,9 @@
   shows), it writes the uncertainty map and the N samples, and returns a small JSON summary: N, the mask's size
   and the mean uncertainty inside it, and the sample disagreement over the predicted region (the active-learning
   score). The app stores the extra maps in the datastore (see ``main.py``).
+- The bundles' inferer returns the slab of sampled slices (``region_output``, :mod:`ambisam.inferers.region`) and
+  their post-processing splits it into regions of it: the writer streams the files from them and the summary is
+  computed on the slab (everything outside it is 0), so a request's memory grows with the prompted region.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import decollate_batch
 from monai.transforms import Compose, SaveImaged
 from monai.utils import ensure_tuple
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -32,6 +36,7 @@ from monailabel.utils.others.class_utils import unload_module
 from ambisam.data import case_id, case_seed
 from ambisam.errors import InputError
 from ambisam.inferers.layout import OUTPUT_NAMES
+from ambisam.inferers.region import dense, region_parts
 from ambisam.networks import rater_index
 from ambisam.outputs import write_case_outputs
 
@@ -51,11 +56,21 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
 
 
+def _slabs(maps: Mapping[str, Any], names: Sequence[str]) -> list[np.ndarray]:
+    """The values of ``maps[name]`` on their common region (the whole volume for dense maps, or when the regions
+    differ), as arrays: outside a region every map is 0, so a summary over the slab is the summary over the volume."""
+    parts = [region_parts(maps[n]) for n in names]
+    if len({(p[1], tuple(p[0].shape[1:])) for p in parts}) != 1:
+        return [_to_numpy(dense(maps[n])) for n in names]
+    return [_to_numpy(p[0]) for p in parts]
+
+
 def sampling_summary(maps: Mapping[str, Any]) -> dict[str, Any]:
     """What a client needs to know about one case's samples, small enough for the result JSON.
 
     Args:
-        maps: the split sampling output: ``pred`` and ``uncertainty`` ``(1, *spatial)``, ``samples (N, *spatial)``.
+        maps: the split sampling output: ``pred`` and ``uncertainty`` ``(1, *spatial)``, ``samples (N, *spatial)``,
+            tensors or regions of them (:mod:`ambisam.inferers.region`; computed on the slab).
 
     Returns:
         ``num_samples``; ``mask_voxels`` and ``mean_uncertainty_in_mask`` (bits, ``None`` for an empty mask);
@@ -63,9 +78,10 @@ def sampling_summary(maps: Mapping[str, Any]) -> dict[str, Any]:
         uncertainty (binary entropy of the samples' mean, bits) over that region, 0 when it is empty; this is the
         active-learning score.
     """
-    mask = _to_numpy(maps["pred"])[0] > 0
-    uncertainty = _to_numpy(maps["uncertainty"])[0].astype(np.float64)
-    samples = _to_numpy(maps["samples"]) > 0
+    pred, uncertainty, samples = _slabs(maps, ("pred", "uncertainty", "samples"))
+    mask = pred[0] > 0
+    uncertainty = uncertainty[0].astype(np.float64)
+    samples = samples > 0
     region = samples.any(axis=0)
     return {
         "num_samples": int(samples.shape[0]),
@@ -209,7 +225,8 @@ class SamplingBundleInferTask(BundleInferTask):
         seeds = torch.tensor([case_seed(seed, case_id(data))])
         with torch.no_grad():
             outputs = inferer(inputs, network, box=box, rater_id=self._request_rater(data), case_seed=seeds)
-        data[self.output_label_key] = outputs[0] if convert_to_batch else outputs
+        # the case of a batch of one: a tensor's first item, or a region's (a dict of batched tensors)
+        data[self.output_label_key] = decollate_batch(outputs, detach=True)[0] if convert_to_batch else outputs
         return data
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:

@@ -238,7 +238,9 @@ class SamplingOutputWriter:
             rater-conditioned method's personalised masks, one per rater).
 
     Each decollated item must hold the split output (``ambisam.data.SplitSamplingOutputd`` in the
-    post-processing): ``pred``, ``mean``, ``uncertainty``, ``variance``, ``samples``.
+    post-processing): ``pred``, ``mean``, ``uncertainty``, ``variance``, ``samples``, each a tensor or, from the
+    inference bundles' ``region_output``, a region of one (:mod:`ambisam.inferers.region`); each file is streamed
+    plane by plane, so no output volume is built in memory.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
-"""The one sampling inferer (:mod:`~ambisam.inferers.sampling`) and the layout of its output
-(:mod:`~ambisam.inferers.layout`)."""
+"""The one sampling inferer (:mod:`~ambisam.inferers.sampling`), the layout of its output
+(:mod:`~ambisam.inferers.layout`) and its region form (:mod:`~ambisam.inferers.region`)."""
 
 from ambisam.inferers.layout import (
     OUTPUT_NAMES,
@@ -10,6 +10,7 @@ from ambisam.inferers.layout import (
     sampling_maps,
     split_sampling_output,
 )
+from ambisam.inferers.region import dense, is_region, region_parts, region_planes, sampling_region
 from ambisam.inferers.sampling import SlicewiseSamplingInferer
 
 __all__ = [
@@ -21,4 +22,9 @@ __all__ = [
     "num_structures",
     "sampling_maps",
     "split_sampling_output",
+    "sampling_region",
+    "is_region",
+    "region_parts",
+    "region_planes",
+    "dense",
 ]

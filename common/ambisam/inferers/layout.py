@@ -16,6 +16,9 @@ any prediction: ``(B, S * (3 + N), *spatial)`` for ``S`` structures (organs; 1 f
 Split (:func:`split_sampling_output`), a case has ``pred`` (the final mask, ``mean > threshold``), ``mean``,
 ``uncertainty``, ``variance`` (each ``(S, *spatial)``) and ``samples (S * N, *spatial)``: with one structure,
 exactly the single maps and the ``N`` samples; with probabilities also ``probabilities (S * N, *spatial)``.
+
+The same layout may come as a region, only the slab of sampled slices (:mod:`ambisam.inferers.region`, the
+inferer's ``region_output``); the split and the writers take either form.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ raters' union (evaluation) or from any localiser that writes them.
 The output layout is :mod:`ambisam.inferers.layout`'s: ``(B, S * (3 + N), H, W, D)``, or
 ``(B, S * (3 + 2N), H, W, D)`` with ``keep_probabilities`` (each sample's probability map too, for the metrics that
 need it; the evaluation turns it on, inference does not).
+
+With ``region_output=True`` (the inference bundles' setting) it returns only the slab of slices it sampled, with its
+place in the volume (:mod:`ambisam.inferers.region`): memory then grows with the prompted region, not with the
+volume (a ``512 x 512 x 300`` CT with N = 16 is 5.6 GiB dense in float32; a box over 4 slices is 80 MiB of slab).
+Every reader of the output (the split, the writers, the MONAI Label app) takes either form.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from monai.inferers import Inferer
 from monai.utils import optional_import
 
 from ambisam.inferers.layout import SAMPLING_CHANNELS, binary_entropy, sampling_maps, split_sampling_output
+from ambisam.inferers.region import sampling_region
 from ambisam.networks.base import Conditions
 from ambisam.sam.cache import EmbeddingCache
 
@@ -62,6 +68,8 @@ class SlicewiseSamplingInferer(Inferer):
             slice (see the module docstring); ``None``: the whole slice.
         rater_id: the rater id every call conditions on when the call gives none (a rater-conditioned method's
             "what would rater r draw"); ``None``: the method's own default.
+        region_output: return the slab of sampled slices as a region (:mod:`ambisam.inferers.region`) instead of
+            the dense volume; the values are the same, and exactly 0 outside the slab either way.
 
     Raises:
         ValueError: ``num_samples`` or ``roi_size`` below 1.
@@ -79,6 +87,7 @@ class SlicewiseSamplingInferer(Inferer):
         keep_probabilities: bool = False,
         roi_size: int | None = None,
         rater_id: int | None = None,
+        region_output: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -95,6 +104,7 @@ class SlicewiseSamplingInferer(Inferer):
         self.per_slice_draws = bool(per_slice_draws)
         self.keep_probabilities = bool(keep_probabilities)
         self.rater_id = None if rater_id is None else int(rater_id)
+        self.region_output = bool(region_output)
 
     def _boxes(self, box, net, b: int, d: int, device) -> torch.Tensor | None:
         """``(B, S, D, 4)`` per-slice boxes of every structure, or ``None`` for a prompt-free call."""
@@ -178,7 +188,7 @@ class SlicewiseSamplingInferer(Inferer):
         rater_id: torch.Tensor | int | None = None,
         case_seed: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Sample a batch of volumes.
 
         Args:
@@ -197,7 +207,11 @@ class SlicewiseSamplingInferer(Inferer):
 
         Returns:
             ``(B, S * (3 + N), H, W, D)`` (``(B, S * (3 + N), H, W)`` for images); ``3 + 2N`` channels per structure
-            with ``keep_probabilities``; see the module docstring.
+            with ``keep_probabilities``; see the module docstring. With ``region_output``: the region
+            ``{"values": (B, S * (3 + N), H, W, k1 - k0), "start": (B, 3), "shape": (B, 3)}`` of the slices
+            ``k0 .. k1 - 1`` from the batch's first sampled slice to its last (``start`` ``(0, 0, k0)``, ``shape``
+            ``(H, W, D)``; no slice sampled: an empty slab at 0), for an image the whole image
+            (``{"values": (B, C, H, W), "start": (B, 2), "shape": (B, 2)}``).
 
         Raises:
             ValueError: when a box prompt is needed but missing, or its shape does not match the input.
@@ -218,9 +232,13 @@ class SlicewiseSamplingInferer(Inferer):
             rater_ids = torch.as_tensor(rater_id, device=volumes.device).long().reshape(-1).expand(b)
         seeds = None if self.per_slice_draws else self._volume_seeds(case_seed, b, s)
 
-        out = volumes.new_zeros((b, s * block, h, w, d), dtype=torch.float32)
         backbone = net.backbone
         units = self._units(boxes, b, s, d)
+        k0, k1 = 0, d  # the slices held: all, or from the first sampled slice to the last (region_output)
+        if self.region_output and not is_2d:
+            ks = [unit[1] for unit in units]
+            k0, k1 = (min(ks), max(ks) + 1) if ks else (0, 0)
+        out = volumes.new_zeros((b, s * block, h, w, k1 - k0), dtype=torch.float32)
         batches = [units[j : j + self.slice_batch_size] for j in range(0, len(units), self.slice_batch_size)]
         if self.progress and _has_tqdm:
             batches = tqdm(batches, desc="sampling slices", unit="batch")
@@ -251,5 +269,11 @@ class SlicewiseSamplingInferer(Inferer):
                 maps = sampling_maps(probs, self.threshold, self.keep_probabilities)
                 for j, row in enumerate(rows):
                     i, k = chunk[row][:2]
-                    out[i, t * block : (t + 1) * block, :, :, k] = maps[j]
-        return out[..., 0] if is_2d else out
+                    out[i, t * block : (t + 1) * block, :, :, k - k0] = maps[j]
+        if is_2d:
+            out = out[..., 0]
+        if not self.region_output:
+            return out
+        start = [0, 0] if is_2d else [0, 0, k0]
+        shape = [h, w] if is_2d else [h, w, d]
+        return sampling_region(out, [start] * b, [shape] * b)
