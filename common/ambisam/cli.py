@@ -5,7 +5,8 @@ Commands:
     convert    LIDC (folder or pickle) and QUBIQ layouts -> NIfTI + datalist.json
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
-    bench      benchmarks that print figures (``bench sampling``, ``bench training``, ``bench memory``)
+    bench      benchmarks that print figures (``bench sampling``, ``bench training``, ``bench memory``,
+               ``bench scale``)
     export     a bundle as a self-contained model-zoo zip
     verify     an exported zip's weights against the checksums it records
     benchmark  every method and baseline trained and scored alike
@@ -120,6 +121,46 @@ class Bench:
         r = inference_peak_rss(bundle=bundle, size=size, slices=slices, box_slices=box_slices,
                                num_samples=num_samples, root=root)
         print(json_.dumps(r) if json else format_memory(r))
+
+    def scale(
+        self,
+        method: str = "all",
+        sizes: str = "500,2000,8000",
+        steps: int = 30,
+        warmup: int = 3,
+        data_dir: str | None = None,
+        default_data: bool = True,
+        slice_batch_size: str | None = None,
+        embedding_cache_ram_mb: float | None = None,
+        backbone: str = "litemedsam",
+        threads: int | None = None,
+        json: bool = False,
+    ) -> None:
+        """Training throughput and peak RSS against the data set's size, per trainable bundle (fresh process per
+        method and size; synthetic embeddings through the real embedding cache: see ``ambisam.bench_scale``).
+
+        Args:
+            method: ``all`` (every trainable bundle) or a comma-separated list.
+            sizes: data set sizes in training slices, comma-separated.
+            steps: timed steps per measurement.
+            warmup: untimed steps first.
+            data_dir: keep the generated data there (reused next time); default: a temporary folder.
+            default_data: also measure on the embedded default data set.
+            slice_batch_size: override ``train_slice_batch_size`` (``none``: whole batches).
+            embedding_cache_ram_mb: override the embedding cache's RAM bound (default: the config's).
+            backbone: backbone registry name.
+            threads: torch threads.
+            json: print JSON instead of the table.
+        """
+        from ambisam.bench_scale import print_scale
+
+        if isinstance(sizes, (int, float)):
+            sizes = str(int(sizes))
+        size_list = [int(s) for s in (sizes.split(",") if isinstance(sizes, str) else sizes)]
+        print_scale(as_json=json, methods=method if isinstance(method, str) else list(method), sizes=size_list,
+                    steps=steps, warmup=warmup, data_dir=data_dir, default_data=default_data,
+                    slice_batch_size=slice_batch_size, embedding_cache_ram_mb=embedding_cache_ram_mb,
+                    backbone=backbone, threads=threads)
 
 
 class Commands:

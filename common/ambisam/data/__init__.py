@@ -1,6 +1,6 @@
 """The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`) and their top-level blocks (raters,
 class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), a synthetic CT-like data set
-(:mod:`ambisam.data.synth`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
+(:mod:`ambisam.data.synth`), a byte-bounded caching dataset (:mod:`ambisam.data.datasets`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
 transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
 
 from ambisam.data.conventions import (
@@ -11,6 +11,7 @@ from ambisam.data.conventions import (
     datalist_raters,
 )
 from ambisam.data.convert import FORMATS, convert, read_groups
+from ambisam.data.datasets import BoundedCacheDataset, item_bytes
 from ambisam.data.datalist import (
     SPLITS,
     limit_training_items,
@@ -52,6 +53,8 @@ from ambisam.data.transforms import (
 from ambisam.io import write_nifti  # the writer, re-exported for data-set scripts
 
 __all__ = [
+    "BoundedCacheDataset",
+    "item_bytes",
     "DEFAULT_INTENSITY",
     "IntensityConvention",
     "datalist_class_map",

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.utils import optional_import
 from scipy import ndimage
 
 from ambisam.data.conventions import IntensityConvention
@@ -37,6 +38,8 @@ from ambisam.data.datalist import parse_split, split_by_patient, write_datalist
 from ambisam.io import write_nifti
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
+
+tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = [
     "synthesize",
@@ -248,6 +251,7 @@ def synthesize(
     shape: Sequence[int] = (96, 96, 24),
     split: str | Sequence[float] = (0.5, 0.25, 0.25),
     rater_styles: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a synthetic multi-rater CT data set and its datalist.
 
@@ -268,6 +272,7 @@ def synthesize(
         shape: the volume shape ``(H, W, D)``.
         split: train, validation, test fractions.
         rater_styles: raters who draw consistently across cases (see :func:`synth_case`; needs ``raters=4``).
+        progress: show a progress bar (tqdm, where installed) over the cases.
 
     Returns:
         The path of ``datalist.json``.
@@ -288,7 +293,10 @@ def synthesize(
     cases, raters, seed = int(cases), int(raters), int(seed)
 
     generated = []  # generate everything (may raise) before writing anything
-    for n in range(cases):
+    numbers = range(cases)
+    if progress and _has_tqdm:
+        numbers = tqdm(numbers, desc="synth", unit="case")
+    for n in numbers:
         image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters, bool(styles))
         generated.append((f"case{n:03d}", image, masks, info))
 

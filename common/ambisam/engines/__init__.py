@@ -10,11 +10,13 @@ from ambisam.engines.handlers import (
     lower_is_better,
     require_weights,
 )
-from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch
+from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch, slice_batches, take_slices
 
 __all__ = [
     "MultiRaterTrainer",
     "prepare_multirater_batch",
+    "slice_batches",
+    "take_slices",
     "MetricsReportWriter",
     "ResumeFromCheckpoint",
     "SamplingOutputWriter",

@@ -120,9 +120,13 @@ class MaskSamplingNetwork(nn.Module):
 
     Attributes:
         capabilities: the method's :class:`MethodCapabilities` (a class attribute; an instance may narrow it).
+        shared_training_outputs: the names of training outputs that are not per image (a function of the
+            weights, such as a weight penalty), which a trainer splitting a batch into slice batches must not cut
+            or count once per slice batch (see :mod:`ambisam.engines.trainer`).
     """
 
     capabilities = MethodCapabilities()
+    shared_training_outputs: tuple[str, ...] = ()
 
     def __init__(
         self,

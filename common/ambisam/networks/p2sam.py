@@ -321,6 +321,7 @@ class P2Sam(MaskSamplingNetwork):
 
     #: stage 1's; an instance declares its own stage's (stage 2: frozen encoder, reads the image, stochastic)
     capabilities = MethodCapabilities(needs_prompt=False, training_target="rater", encoder="trainable", stochastic=False)
+    shared_training_outputs = ("assembling_weights", "l2")
 
     def __init__(
         self,
