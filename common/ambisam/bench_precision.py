@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,9 @@ def _union_box(union: np.ndarray) -> torch.Tensor | None:
     return torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32)
 
 
-def precision_slices(lidc: str | Path | None = None, synthetic: int = 3, seed: int = 0) -> Iterator[tuple]:
+def precision_slices(
+    lidc: str | Path | None = None, synthetic: int = 3, seed: int = 0, cases: Sequence[str] | None = None
+) -> Iterator[tuple]:
     """The slices measured: ``(name, image (1, 1, H, W) in [0, 1], box (1, 4))``.
 
     Args:
@@ -50,6 +52,7 @@ def precision_slices(lidc: str | Path | None = None, synthetic: int = 3, seed: i
         synthetic: synthetic cases (:func:`ambisam.data.synth.synth_case`), each's slice with the largest
             raters' union, windowed to ``[-1000, 400]`` HU.
         seed: the synthetic cases' seed.
+        cases: the LIDC case ids (folder names) to measure, in this order; ``None``: every case.
 
     Yields:
         One tuple per slice.
@@ -58,7 +61,8 @@ def precision_slices(lidc: str | Path | None = None, synthetic: int = 3, seed: i
         from PIL import Image
 
         root = Path(lidc) / "training"
-        for case in sorted(root.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else p.name):
+        folders = sorted(root.iterdir(), key=lambda p: (len(p.name), p.name))
+        for case in folders if cases is None else [root / str(c) for c in cases]:
             image_file = next(iter(sorted(case.glob("image_*.jpg"))), None)
             if image_file is None:
                 continue
@@ -93,6 +97,7 @@ def bench_precision(
     checkpoint: str | None = None,
     threads: int | None = None,
     progress: bool = False,
+    cases: Sequence[str] | None = None,
 ) -> dict:
     """Per-slice Dice of ``precision``'s box-baseline masks against float32's, and both precisions' timings.
 
@@ -106,6 +111,7 @@ def bench_precision(
         checkpoint: its weights, where needed.
         threads: torch threads (default: torch's own setting).
         progress: print each slice's Dice as it is measured.
+        cases: the LIDC case ids to measure (see :func:`precision_slices`).
 
     Returns:
         The figures: ``slices`` (name, Dice), ``dice_mean``, ``dice_min``, the encoder and decoder ms in both
@@ -125,7 +131,7 @@ def bench_precision(
         bb.precision = setting
         return bb(image, box)[0, 0] > 0
 
-    for j, (name, image, box) in enumerate(precision_slices(lidc, synthetic)):
+    for j, (name, image, box) in enumerate(precision_slices(lidc, synthetic, cases=cases)):
         dice = mask_dice(run(image, box, "fp32"), run(image, box, precision))
         slices.append({"slice": name, "dice": dice})
         if progress:

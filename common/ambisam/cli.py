@@ -105,6 +105,7 @@ class Bench:
         checkpoint: str | None = None,
         threads: int | None = None,
         json: bool = False,
+        cases: str | tuple[str, ...] | None = None,
     ) -> None:
         """Per-slice Dice of PRECISION's box-baseline masks against fp32's (LIDC sample and synthetic slices, box
         from the raters' union), and the encoder's and decoder's speed-up, timed in turn in one process.
@@ -119,12 +120,16 @@ class Bench:
             checkpoint: backbone weights, where needed.
             threads: torch threads.
             json: print JSON instead of lines.
+            cases: comma-separated LIDC case ids (default: every case).
         """
         from ambisam.bench_precision import print_precision
 
+        if isinstance(cases, (str, int)):
+            cases = [c for c in str(cases).split(",") if c]
+
         print_precision(as_json=json, precision=precision, lidc=lidc, synthetic=synthetic, repeats=repeats,
                         timed_slices=timed_slices, backbone=backbone, checkpoint=checkpoint, threads=threads,
-                        progress=not json)
+                        progress=not json, cases=None if cases is None else [str(c) for c in cases])
 
 
 class Commands:
