@@ -236,7 +236,7 @@ def bench_sampling(
         "encoder_of_peak": encoder_flops / t_encode / peak,
         "decoder_of_peak": sample_flops / (t_sample_n / num_samples) / peak,
         "precision": precision,
-        "compute_dtype": str(dtype).replace("torch.", ""),
+        "compute_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),  # as run records say
         **speedups,
     }
 
@@ -299,7 +299,7 @@ def format_sampling(r: dict) -> str:
             f"volume throughput: {r['volume_slices_per_s']:.2f} slices/s ({r['volume_slices']} prompted slices, N={n}); "
             f"re-encoding each sample's slice: {r['reencode_slices_per_s']:.3f} slices/s, "
             f"{r['speedup_over_reencoding']:.1f}x slower (target >= 8x)",
-            f"roofline (matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s, {r.get('compute_dtype', 'float32')}, "
+            f"roofline (matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s, {r.get('compute_dtype', 'fp32')}, "
             f"{r['threads']} threads): "
             f"encoder {r['encoder_gflop']:.1f} GFLOP at {r['encoder_gflops']:.0f} GFLOP/s ({r['encoder_of_peak']:.0%} of peak); "
             f"decoder {r['decoder_gflop_per_sample']:.2f} GFLOP per sample at {r['decoder_gflops']:.0f} GFLOP/s "
@@ -321,7 +321,7 @@ def _precision_lines(r: dict) -> list[str]:
             f"({r['decoder_speedup_vs_fp32']:.2f}x)"
         )
     else:
-        line += ": float32 on this machine (no native bf16), nothing to compare"
+        line += ": fp32 on this machine (no native bf16), nothing to compare"
     return [line]
 
 
