@@ -39,12 +39,13 @@ from ambisam.errors import InputError
 from ambisam.inferers import SlicewiseSamplingInferer
 from ambisam.networks import Conditions
 from ambisam.registry import MethodSpec, get_method, method_registry
-from ambisam.sam import DEFAULT_BACKBONE, build_backbone
+from ambisam.sam import DEFAULT_BACKBONE, build_backbone, check_precision, set_precision
 
 FlopCounterMode, _has_flop_counter = optional_import("torch.utils.flop_counter", name="FlopCounterMode")
 
 __all__ = [
     "bench_sampling",
+    "time_against_fp32",
     "count_flops",
     "matmul_peak",
     "format_sampling",
@@ -142,6 +143,7 @@ def bench_sampling(
     repeats: int = 3,
     volume_slices: int = 64,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Time encoding, sampling and a volume for one method.
 
@@ -158,19 +160,24 @@ def bench_sampling(
         volume_slices: prompted slices of the volume throughput test (default 64: a 256 x 256 x 64 volume, every
             slice prompted).
         threads: torch threads (default: torch's own setting).
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ambisam.sam.precision`): every figure is measured
+            in it; when it computes in a lower dtype than float32, the encoder and the per-sample decoder are also
+            timed in float32, in turn with it in the same rounds, for the speed-ups ``*_speedup_vs_fp32``.
 
     Returns:
         A dict of the figures (also what ``--json`` prints), with the ``network`` class measured and, for a
         bundle method, the ``configs`` it was built from.
 
     Raises:
-        InputError: an unknown method, or one not implemented yet.
+        InputError: an unknown method or precision, or a method not implemented yet.
     """
     if threads:
         torch.set_num_threads(int(threads))
+    precision = check_precision(precision)
     spec = _implemented(method)
-    net = _inference_network(spec, backbone, checkpoint).eval()
+    net = set_precision(_inference_network(spec, backbone, checkpoint).eval(), precision)
     bb = net.backbone
+    dtype = bb.compute_dtype() if hasattr(bb, "compute_dtype") else torch.float32
     image, box = _ellipse_slice(bb.image_size)
     size = tuple(image.shape[-2:])
     prompt = Conditions(boxes=bb.boxes_to_input(box, size), images=image)
@@ -195,7 +202,8 @@ def bench_sampling(
     # machine's matmul peak in the same process and dtype
     encoder_flops = count_flops(lambda: bb.encode(image))
     sample_flops = count_flops(lambda: net.sample_logits(embedding, prompt, num_samples)) / num_samples
-    peak = matmul_peak(torch.float32)
+    peak = matmul_peak(dtype)
+    speedups = _speedups_vs_fp32(net, image, embedding, prompt, num_samples, repeats) if dtype != torch.float32 else {}
 
     configs = _inference_configs(spec)
     seconds_per_slice = t_volume / volume_slices
@@ -228,6 +236,52 @@ def bench_sampling(
         "matmul_peak_gflops": peak / 1e9,
         "encoder_of_peak": encoder_flops / t_encode / peak,
         "decoder_of_peak": sample_flops / (t_sample_n / num_samples) / peak,
+        "precision": precision,
+        "compute_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),  # as run records say
+        **speedups,
+    }
+
+
+def time_against_fp32(backbone, repeats: int, **fns: Callable[[], object]) -> dict[str, tuple[float, float]]:
+    """Each callable timed in float32 and in the backbone's own precision (:attr:`SamBackbone.precision`), all
+    in turn in the same rounds (:func:`_best_of`), so that a shared machine slows both alike.
+
+    Args:
+        backbone: the backbone whose precision is switched (restored afterwards).
+        repeats: timed rounds (the best is kept).
+        fns: name -> callable to time.
+
+    Returns:
+        name -> ``(float32 seconds, own precision's seconds)``.
+    """
+    own = backbone.precision
+
+    def under(setting: str, fn: Callable[[], object]) -> Callable[[], None]:
+        def call() -> None:
+            backbone.precision = setting
+            fn()
+
+        return call
+
+    calls = [under(setting, fn) for fn in fns.values() for setting in ("fp32", own)]
+    try:
+        times = _best_of(repeats, *calls)
+    finally:
+        backbone.precision = own
+    return {name: (times[2 * i], times[2 * i + 1]) for i, name in enumerate(fns)}
+
+
+def _speedups_vs_fp32(net, image, embedding, prompt, num_samples: int, repeats: int) -> dict:
+    """The encoder's and the per-sample decoder's speed-up of the backbone's precision over float32."""
+    bb = net.backbone
+    t = time_against_fp32(
+        bb, repeats, encoder=lambda: bb.encode(image), decoder=lambda: net.sample_logits(embedding, prompt, num_samples)
+    )
+    return {
+        "encoder_ms_per_slice_fp32": 1000 * t["encoder"][0],
+        "decoder_ms_per_sample_fp32": 1000 * t["decoder"][0] / num_samples,
+        "encoder_speedup_vs_fp32": t["encoder"][0] / t["encoder"][1],
+        "decoder_speedup_vs_fp32": t["decoder"][0] / t["decoder"][1],
     }
 
 
@@ -246,12 +300,30 @@ def format_sampling(r: dict) -> str:
             f"volume throughput: {r['volume_slices_per_s']:.2f} slices/s ({r['volume_slices']} prompted slices, N={n}); "
             f"re-encoding each sample's slice: {r['reencode_slices_per_s']:.3f} slices/s, "
             f"{r['speedup_over_reencoding']:.1f}x slower (target >= 8x)",
-            f"roofline (matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s, fp32, {r['threads']} threads): "
+            f"roofline (matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s, {r.get('compute_dtype', 'fp32')}, "
+            f"{r['threads']} threads): "
             f"encoder {r['encoder_gflop']:.1f} GFLOP at {r['encoder_gflops']:.0f} GFLOP/s ({r['encoder_of_peak']:.0%} of peak); "
             f"decoder {r['decoder_gflop_per_sample']:.2f} GFLOP per sample at {r['decoder_gflops']:.0f} GFLOP/s "
             f"({r['decoder_of_peak']:.0%})",
         ]
+        + _precision_lines(r)
     )
+
+
+def _precision_lines(r: dict) -> list[str]:
+    """The precision line of :func:`format_sampling` (none for a float32 run of the default precision)."""
+    if r.get("precision", "fp32") == "fp32":
+        return []
+    line = f"precision: {r['precision']} (computes in {r['compute_dtype']})"
+    if "encoder_speedup_vs_fp32" in r:
+        line += (
+            f"; against fp32 in the same run: encoder {r['encoder_ms_per_slice_fp32']:.1f} ms "
+            f"({r['encoder_speedup_vs_fp32']:.2f}x), decoder per sample {r['decoder_ms_per_sample_fp32']:.1f} ms "
+            f"({r['decoder_speedup_vs_fp32']:.2f}x)"
+        )
+    else:
+        line += ": fp32 on this machine (no native bf16), nothing to compare"
+    return [line]
 
 
 def print_sampling(as_json: bool = False, **kwargs) -> dict:

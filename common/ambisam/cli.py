@@ -6,7 +6,7 @@ Commands:
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
     bench      benchmarks that print figures (``bench sampling``, ``bench training``, ``bench memory``,
-               ``bench scale``)
+               ``bench scale``, ``bench precision``)
     export     a bundle as a self-contained model-zoo zip
     verify     an exported zip's weights against the checksums it records
     benchmark  every method and baseline trained and scored alike
@@ -38,6 +38,7 @@ class Bench:
         threads: int | None = None,
         training: bool = True,
         json: bool = False,
+        precision: str = "fp32",
     ) -> None:
         """Encoder ms per slice, decoder ms per sample, the ratio time(N)/time(1) and volume throughput.
 
@@ -52,11 +53,13 @@ class Bench:
             threads: torch threads.
             training: in the table, also measure the training speed-up of the trainable methods.
             json: print JSON instead of lines.
+            precision: fp32, bf16 or auto: what the figures are measured in; a lower one than fp32 also prints
+                its encoder and per-sample decoder speed-up over fp32, measured in the same run.
         """
         from ambisam.bench import print_methods, print_sampling
 
         settings = dict(backbone=backbone, checkpoint=checkpoint, num_samples=num_samples, repeats=repeats,
-                        volume_slices=volume_slices, threads=threads)
+                        volume_slices=volume_slices, threads=threads, precision=precision)
         if isinstance(method, str) and method != "all" and "," not in method:
             print_sampling(as_json=json, method=method, **settings)
         else:  # fire passes "a,b" as a tuple
@@ -162,6 +165,43 @@ class Bench:
                     slice_batch_size=slice_batch_size, embedding_cache_ram_mb=embedding_cache_ram_mb,
                     backbone=backbone, threads=threads)
 
+    def precision(
+        self,
+        precision: str = "bf16",
+        lidc: str | None = None,
+        synthetic: int = 3,
+        repeats: int = 2,
+        timed_slices: int = 1,
+        backbone: str = "litemedsam",
+        checkpoint: str | None = None,
+        threads: int | None = None,
+        json: bool = False,
+        cases: str | tuple[str, ...] | None = None,
+    ) -> None:
+        """Per-slice Dice of PRECISION's box-baseline masks against fp32's (LIDC sample and synthetic slices, box
+        from the raters' union), and the encoder's and decoder's speed-up, timed in turn in one process.
+
+        Args:
+            precision: bf16 or auto.
+            lidc: the LIDC sample folder (read in place), e.g. ../shared/data/lidc-sample.
+            synthetic: synthetic slices.
+            repeats: timed rounds (best kept).
+            timed_slices: the first so many slices are timed too.
+            backbone: backbone registry name.
+            checkpoint: backbone weights, where needed.
+            threads: torch threads.
+            json: print JSON instead of lines.
+            cases: comma-separated LIDC case ids (default: every case).
+        """
+        from ambisam.bench_precision import print_precision
+
+        if isinstance(cases, (str, int)):
+            cases = [c for c in str(cases).split(",") if c]
+
+        print_precision(as_json=json, precision=precision, lidc=lidc, synthetic=synthetic, repeats=repeats,
+                        timed_slices=timed_slices, backbone=backbone, checkpoint=checkpoint, threads=threads,
+                        progress=not json, cases=None if cases is None else [str(c) for c in cases])
+
 
 class Commands:
     """ambisam: ambiguity-aware segmentation with SAM, as MONAI bundles."""
@@ -212,11 +252,13 @@ class Commands:
 
         print(convert(format, src, out, split=split, seed=seed, task=task, groups=groups, groups_column=groups_column))
 
-    def segment(self, image: str, box: str, out: str, backbone: str = "litemedsam", checkpoint: str | None = None) -> None:
-        """Segment a 2D image (any format MONAI reads) with a box "x_min,y_min,x_max,y_max"; writes a PNG mask."""
+    def segment(self, image: str, box: str, out: str, backbone: str = "litemedsam", checkpoint: str | None = None,
+                precision: str = "fp32") -> None:
+        """Segment a 2D image (any format MONAI reads) with a box "x_min,y_min,x_max,y_max"; writes a PNG mask
+        (PRECISION: fp32, bf16 or auto, see ambisam.sam.precision)."""
         from ambisam.demo import segment_file
 
-        print(segment_file(image, box, out, backbone=backbone, checkpoint=checkpoint))
+        print(segment_file(image, box, out, backbone=backbone, checkpoint=checkpoint, precision=precision))
 
     def train(self, method: str, **overrides) -> None:
         """Train a method's bundle through all of its stages in order, each from the previous stage's weights
@@ -233,7 +275,7 @@ class Commands:
             print(f"{method}: weights in {parser.get_parsed_content('ckpt_dir')}/{parser.get_parsed_content('model_file')}")
 
     def demo(self, out: str = "runs/demo", cases: int = 8, budget: float = 0.75, num_samples: int = 16, seed: int = 0,
-             methods: str | tuple[str, ...] | None = None) -> None:
+             methods: str | tuple[str, ...] | None = None, precision: str | None = None) -> None:
         """The main job on the embedded default: a small benchmark of the whole collection. Synthetic data; every
         bundle's method trained within BUDGET minutes and scored with the training-free SAM baselines on the test
         split, alike; prints the table and where the figures are.
@@ -245,10 +287,12 @@ class Commands:
             num_samples: N samples per slice.
             seed: data, training and sampling seed.
             methods: comma-separated methods (default: every bundle's, then the training-free baselines).
+            precision: the evaluation's precision, fp32, bf16 or auto (default: the bundles'); training is fp32.
         """
         from ambisam.demo import run_demo
 
-        run_demo(out, cases=cases, budget=budget, num_samples=num_samples, seed=seed, methods=methods)
+        run_demo(out, cases=cases, budget=budget, num_samples=num_samples, seed=seed, methods=methods,
+                 precision=precision)
 
     def export(
         self,

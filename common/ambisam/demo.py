@@ -53,6 +53,7 @@ def run_demo(
     shape: tuple[int, int, int] = (96, 96, 12),
     methods: str | tuple[str, ...] | list[str] | None = None,
     max_epochs: int | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     """Run the embedded-default job; see the module docstring.
 
@@ -66,6 +67,8 @@ def run_demo(
             gets several epochs within the budget on a CPU).
         methods: the methods, comma-separated or a sequence (default: :func:`collection_methods`).
         max_epochs: every trained method's upper bound on epochs (default: the bundles' own).
+        precision: the evaluation's precision, ``"fp32"``, ``"bf16"`` or ``"auto"`` (default: the bundles' own;
+            :mod:`ambisam.sam.precision`).
 
     Returns:
         The benchmark's entries (``results.json``), one per method.
@@ -80,8 +83,8 @@ def run_demo(
     started = time.time()
     datalist = ensure_dataset(out / "data", cases=cases, seed=seed, shape=shape)
     entries = run_benchmark(data=datalist, methods=names, samples=num_samples, out=out, budget=budget, seeds=1,
-                            max_epochs=max_epochs, isolate=False, figure_cases=2)
-    write_json(out / "demo.json", run_record(job="demo", backbone=DEFAULT_BACKBONE, seed=seed, cases=cases,
+                            max_epochs=max_epochs, isolate=False, figure_cases=2, precision=precision)
+    write_json(out / "demo.json", run_record(job="demo", backbone=DEFAULT_BACKBONE, precision=precision, seed=seed, cases=cases,
                                               budget_minutes=budget, num_samples=num_samples,
                                               methods=[e["method"] for e in entries],
                                               seconds=time.time() - started))
@@ -91,11 +94,29 @@ def run_demo(
     return entries
 
 
-def segment_file(image: str, box: str, out: str, backbone: str = DEFAULT_BACKBONE, checkpoint: str | None = None) -> Path:
+def segment_file(
+    image: str,
+    box: str,
+    out: str,
+    backbone: str = DEFAULT_BACKBONE,
+    checkpoint: str | None = None,
+    precision: str = "fp32",
+) -> Path:
     """Segment one 2D image file from a box ``"x_min,y_min,x_max,y_max"`` and write the mask as PNG.
 
+    Args:
+        image: the image file.
+        box: the box in pixels.
+        out: the PNG to write.
+        backbone: backbone registry name.
+        checkpoint: its weights, where needed.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ambisam.sam.precision`).
+
+    Returns:
+        The path written.
+
     Raises:
-        InputError: unreadable image, a non-2D image or a malformed box.
+        InputError: unreadable image, a non-2D image, a malformed box or an unknown precision.
     """
     from monai.transforms import LoadImage
     from PIL import Image
@@ -116,7 +137,7 @@ def segment_file(image: str, box: str, out: str, backbone: str = DEFAULT_BACKBON
     except (ValueError, AssertionError) as e:
         raise InputError(None, f"box must be 'x_min,y_min,x_max,y_max', got {box!r}") from e
     try:
-        mask = segment_with_box(array, coords, backbone=backbone, checkpoint=checkpoint)
+        mask = segment_with_box(array, coords, backbone=backbone, checkpoint=checkpoint, precision=precision)
     except ValueError as e:
         raise InputError(image, str(e)) from e
     from ambisam.io import atomic_path

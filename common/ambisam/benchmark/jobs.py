@@ -241,6 +241,8 @@ def run_job(job: Mapping) -> dict:
     # a training-free method has no weights to load or require (evaluate.json's named switch)
     evaluate = dict(common, **cache, eval_dir=str(eval_dir), validate_handlers=handlers,
                     training_free=not spec.trainable)
+    if job.get("precision") is not None:  # the evaluation's only: training stays in its own default
+        evaluate["precision"] = job["precision"]
     started = time.perf_counter()
     run_bundle(bundle, list(spec.eval_configs), **evaluate)
     eval_seconds = time.perf_counter() - started

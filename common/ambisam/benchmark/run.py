@@ -63,6 +63,7 @@ from ambisam.data.transforms.boxes import check_prompt
 from ambisam.errors import InputError
 from ambisam.io import run_record, write_json
 from ambisam.registry import DEFAULT_METHODS, get_method, method_registry
+from ambisam.sam.precision import check_precision
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -251,6 +252,7 @@ def run_benchmark(
     prompt: str = "union",
     prompt_jitter: int = 0,
     train_prompt: str | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     """Train (or reuse), evaluate and compare methods; see the module docstring.
 
@@ -278,6 +280,8 @@ def run_benchmark(
         prompt_jitter: jitter of the evaluation boxes, in pixels.
         train_prompt: the training boxes' protocol; ``None``: the same as ``prompt`` (a method is scored on the
             prompts it learned from).
+        precision: the evaluation's precision (``"fp32"``, ``"bf16"``, ``"auto"``: :mod:`ambisam.sam.precision`);
+            ``None``: the bundles' default. Training runs in its own default (float32).
 
     Returns:
         The entries written to ``results.json``.
@@ -297,6 +301,7 @@ def run_benchmark(
     if modality is not None and str(modality).lower() not in MODALITIES:
         raise InputError(None, f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     window = None if window is None else _parse_window(window)
+    precision = None if precision is None else check_precision(precision)
     train_prompt = prompt if train_prompt is None else train_prompt
     try:  # the transforms' own checks, so the benchmark accepts exactly what the bundles do
         for value in (prompt, train_prompt):
@@ -331,6 +336,8 @@ def run_benchmark(
         "prompt_jitter": int(prompt_jitter),
         "train_prompt": train_prompt,
     }
+    if precision is not None:  # absent otherwise, so earlier results with the same settings are still reused
+        settings["precision"] = precision
     jobs = []
     for name in runnable:
         for seed in range(1 if get_method(name).deterministic else int(seeds)):

@@ -18,6 +18,14 @@ from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sour
 from ambisam.sam.lora import add_encoder_lora, lora_parameters, train_only_lora
 from ambisam.sam.qkv_lora import FusedQKVLoRA, add_qv_lora, merge_lora, qkv_rows
 from ambisam.sam.protocol import ImageBackbone
+from ambisam.sam.precision import (
+    PRECISIONS,
+    autocast_dtype,
+    check_precision,
+    cpu_has_native_bf16,
+    resolve_precision,
+    set_precision,
+)
 from ambisam.sam.predictor import BoxPredictor, scale_to_unit, segment_with_box
 
 __all__ = [
@@ -47,4 +55,10 @@ __all__ = [
     "BoxPredictor",
     "scale_to_unit",
     "segment_with_box",
+    "PRECISIONS",
+    "check_precision",
+    "cpu_has_native_bf16",
+    "resolve_precision",
+    "autocast_dtype",
+    "set_precision",
 ]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ambisam.sam.precision import autocast_dtype, check_precision
+
 __all__ = ["SamBackbone", "DensePromptFactors"]
 
 
@@ -80,6 +82,12 @@ class SamBackbone(nn.Module):
             image embedding once per prompt; on a CPU a call with many prompts runs out of cache and costs about
             twice as much per prompt as calls with two (LiteMedSAM, 2 threads: 120 against 63 ms per prompt for
             16 prompts), while a GPU wants them all at once. The result is the same either way.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:mod:`ambisam.sam.precision`): what :meth:`encode` and
+            :meth:`decode` compute in. Settable afterwards (:attr:`precision`).
+
+    Raises:
+        ValueError: ``prompts_per_call`` below 1.
+        InputError: an unknown ``precision``.
     """
 
     #: prompts per mask decoder call on a CPU when ``prompts_per_call`` is ``None``
@@ -95,8 +103,10 @@ class SamBackbone(nn.Module):
         pixel_mean: tuple[float, float, float] | None = None,
         pixel_std: tuple[float, float, float] | None = None,
         prompts_per_call: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        self.precision = precision
         if prompts_per_call is not None and prompts_per_call < 1:
             raise ValueError(f"prompts_per_call must be at least 1 or None, got {prompts_per_call}")
         self.prompts_per_call = prompts_per_call
@@ -112,6 +122,52 @@ class SamBackbone(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
         self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (key, SAM's positional encoding of the grid)
+        # the decoder's two-way transformer runs in the compute dtype, the layers after it in float32
+        self._autocasts: list = []  # the autocast contexts the transformer hooks entered, innermost last
+        self._decoder_dtype: torch.dtype | None = None  # set by decode while the mask decoder runs
+        transformer = getattr(mask_decoder, "transformer", None)
+        if isinstance(transformer, nn.Module):
+            transformer.register_forward_pre_hook(self._enter_transformer)
+            transformer.register_forward_hook(self._leave_transformer, always_call=True)
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"``, ``"bf16"`` or ``"auto"``: the encoder and the decoder's transformer run under
+        ``torch.autocast`` in :meth:`compute_dtype` (see :mod:`ambisam.sam.precision`); embeddings and logits are
+        float32 either way. Setting it checks the value (:class:`~ambisam.errors.InputError` if unknown)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
+
+    def compute_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
+        """The dtype the encoder and the decoder's transformer compute in on ``device`` (default: the backbone's).
+
+        Args:
+            device: where the computation runs.
+
+        Returns:
+            ``torch.float32`` (no autocast), ``torch.bfloat16`` or ``torch.float16``.
+        """
+        if device is None:
+            device = self.pixel_mean.device
+        return autocast_dtype(self._precision, device)
+
+    def _enter_transformer(self, module: nn.Module, args: tuple) -> None:
+        dtype = self._decoder_dtype
+        context = None
+        if dtype is not None and dtype != torch.float32:
+            context = torch.autocast(args[0].device.type, dtype=dtype)
+            context.__enter__()
+        self._autocasts.append(context)
+
+    def _leave_transformer(self, module: nn.Module, args: tuple, output):
+        context = self._autocasts.pop() if self._autocasts else None
+        if context is None:
+            return None
+        context.__exit__(None, None, None)
+        return tuple(o.float() for o in output)
 
     @property
     def embedding_size(self) -> tuple[int, int]:
@@ -164,9 +220,16 @@ class SamBackbone(nn.Module):
             images: ``(B, 1 or 3, H, W)`` intensities in ``[0, 1]``, any ``H, W``.
 
         Returns:
-            ``(B, C, h, w)``, ``C = embedding_dim``, ``(h, w) = embedding_size``.
+            ``(B, C, h, w)`` float32 (computed in :meth:`compute_dtype`), ``C = embedding_dim``,
+            ``(h, w) = embedding_size``.
         """
-        return self.image_encoder(self.preprocess(images))
+        x = self.preprocess(images)
+        dtype = self.compute_dtype(x.device)
+        if dtype == torch.float32:
+            return self.image_encoder(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            embeddings = self.image_encoder(x)
+        return embeddings.float()
 
     def boxes_to_input(self, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Map ``[x_min, y_min, x_max, y_max]`` boxes from image pixels to backbone input coordinates.
@@ -253,7 +316,9 @@ class SamBackbone(nn.Module):
 
         Prompts are grouped by image: rows ``b * P`` to ``(b + 1) * P - 1`` of ``sparse``/``dense`` belong to
         ``embeddings[b]``. The image embedding is never recomputed or copied per prompt beyond what SAM's
-        decoder does itself; the prompts of an image go to the decoder ``prompts_per_call`` at a time.
+        decoder does itself; the prompts of an image go to the decoder ``prompts_per_call`` at a time. The
+        decoder's two-way transformer computes in :meth:`compute_dtype`; its upscaling, hypernetwork MLPs, mask
+        product and IoU head in float32.
 
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings.
@@ -277,18 +342,22 @@ class SamBackbone(nn.Module):
         chunk = self.prompts_per_call or (self.CPU_PROMPTS_PER_CALL if embeddings.device.type == "cpu" else p)
         image_pe = self.dense_pe()
         logits, ious = [], []
-        for i in range(b):
-            for start in range(i * p, (i + 1) * p, chunk):
-                rows = slice(start, min(start + chunk, (i + 1) * p))
-                lg, iou = self.mask_decoder(
-                    image_embeddings=embeddings[i : i + 1],
-                    image_pe=image_pe,
-                    sparse_prompt_embeddings=sparse[rows],
-                    dense_prompt_embeddings=dense[rows],
-                    multimask_output=multimask,
-                )
-                logits.append(lg)
-                ious.append(iou)
+        self._decoder_dtype = self.compute_dtype(embeddings.device)
+        try:
+            for i in range(b):
+                for start in range(i * p, (i + 1) * p, chunk):
+                    rows = slice(start, min(start + chunk, (i + 1) * p))
+                    lg, iou = self.mask_decoder(
+                        image_embeddings=embeddings[i : i + 1],
+                        image_pe=image_pe,
+                        sparse_prompt_embeddings=sparse[rows],
+                        dense_prompt_embeddings=dense[rows],
+                        multimask_output=multimask,
+                    )
+                    logits.append(lg)
+                    ious.append(iou)
+        finally:
+            self._decoder_dtype = None
         return torch.cat(logits), torch.cat(ious)
 
     def decode_boxes(

@@ -24,6 +24,7 @@ import torch
 from ambisam.errors import InputError
 from ambisam.sam.backbone import SamBackbone
 from ambisam.sam.multimask import expand_multimask_outputs, multimask_token_sources
+from ambisam.sam.precision import check_precision
 from ambisam.weights import load_weights
 
 __all__ = [
@@ -205,7 +206,10 @@ backbone_registry: dict[str, Callable[..., SamBackbone]] = {
 
 
 def build_backbone(
-    name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None, num_multimask_outputs: int = 3
+    name: str = DEFAULT_BACKBONE,
+    checkpoint: str | os.PathLike | None = None,
+    num_multimask_outputs: int = 3,
+    precision: str = "fp32",
 ) -> SamBackbone:
     """Build a backbone by registry name.
 
@@ -214,18 +218,23 @@ def build_backbone(
         checkpoint: weights file (required for every backbone but ``litemedsam``), for SAM's standard decoder.
         num_multimask_outputs: multimask outputs of the mask decoder, given to it after ``checkpoint`` has loaded
             (3, SAM's own, leaves the decoder as the checkpoint has it; P2SAM uses 8).
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"``: what the encoder and decoder compute in
+            (:attr:`SamBackbone.precision`, :mod:`ambisam.sam.precision`).
 
     Returns:
         The backbone, in eval mode, on the CPU.
 
     Raises:
-        InputError: unknown name, or a missing / wrong checkpoint.
+        InputError: unknown name or precision, or a missing / wrong checkpoint.
         ValueError: ``num_multimask_outputs`` below 1.
     """
     if name not in backbone_registry:
         raise InputError(None, f"unknown backbone '{name}'; choose one of {sorted(backbone_registry)}")
     multimask_token_sources(3, num_multimask_outputs)  # a bad count fails before a large encoder is built
-    return backbone_registry[name](checkpoint=checkpoint, num_multimask_outputs=num_multimask_outputs)
+    precision = check_precision(precision)  # so does a bad precision
+    backbone = backbone_registry[name](checkpoint=checkpoint, num_multimask_outputs=num_multimask_outputs)
+    backbone.precision = precision
+    return backbone
 
 
 def backbone_weights_file(name: str = DEFAULT_BACKBONE, checkpoint: str | os.PathLike | None = None) -> Path | None:

@@ -2,9 +2,10 @@
 
 A frozen image encoder is the expensive part of every method here (about 1.2 s per 256x256 slice for
 LiteMedSAM on two CPU threads, against about 55 ms for the decoder), so the cache turns a training epoch from
-encoder time into decoder time. Entries are keyed by the slice's content, the storage dtype and the encoder's
-weights *at lookup time*, so a changed image, a different encoder, or one whose weights changed after the cache
-was made (a LoRA step, a checkpoint loaded into it) never hits a stale entry. Hashing the weights costs tens of
+encoder time into decoder time. Entries are keyed by the slice's content, the storage dtype, the dtype the
+encoder computes in (its precision: bfloat16 and float32 embeddings never mix) and the encoder's weights *at
+lookup time*, so a changed image, a different encoder, or one whose weights changed after the cache was made
+(a LoRA step, a checkpoint loaded into it) never hits a stale entry. Hashing the weights costs tens of
 milliseconds, so the cache keeps a cheap state token of the encoder (:func:`encoder_state_token`) and rehashes
 only when that token changes.
 
@@ -186,14 +187,23 @@ class EmbeddingCache:
         return min(bounds) if bounds else None
 
     def key(self, image: torch.Tensor) -> str:
-        """The cache key of one image ``(1|3, H, W)``: its shape and bytes, the storage dtype and the encoder
-        fingerprint."""
+        """The cache key of one image ``(1|3, H, W)``: its shape and bytes, the storage dtype, the encoder
+        fingerprint and the dtype the encoder computes in (the backbone's precision, so bfloat16 and float32
+        embeddings never mix)."""
         return self._key(image, self.fingerprint)
+
+    def _compute_dtype(self) -> str:
+        """The encoder's compute dtype (``SamBackbone.compute_dtype``; float32 for a backbone without one)."""
+        compute_dtype = getattr(self.backbone, "compute_dtype", None)
+        return str(compute_dtype() if callable(compute_dtype) else torch.float32)
 
     def _key(self, image: torch.Tensor, fingerprint: str) -> str:
         data = image.detach().cpu().float().contiguous()
         digest = hashlib.sha1(fingerprint.encode())
         digest.update(self._storage_name.encode())
+        compute = self._compute_dtype()
+        if compute != str(torch.float32):  # float32 keys stay as they were, so existing cache folders still hit
+            digest.update(compute.encode())
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
         return digest.hexdigest()

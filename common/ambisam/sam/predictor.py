@@ -13,6 +13,7 @@ import torch
 from ambisam.errors import InputError
 from ambisam.sam.backbone import SamBackbone
 from ambisam.sam.build import DEFAULT_BACKBONE, build_backbone
+from ambisam.sam.precision import check_precision
 
 __all__ = ["BoxPredictor", "segment_with_box", "scale_to_unit"]
 
@@ -96,8 +97,8 @@ class BoxPredictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_backbone(name: str, checkpoint: str | None) -> SamBackbone:
-    return build_backbone(name, checkpoint)
+def _cached_backbone(name: str, checkpoint: str | None, precision: str = "fp32") -> SamBackbone:
+    return build_backbone(name, checkpoint, precision=precision)
 
 
 def segment_with_box(
@@ -105,6 +106,7 @@ def segment_with_box(
     box_xyxy: np.ndarray | list | tuple,
     backbone: str | SamBackbone = DEFAULT_BACKBONE,
     checkpoint: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """The deterministic baseline: SAM's single mask for one box.
 
@@ -113,19 +115,21 @@ def segment_with_box(
         box_xyxy: ``[x_min, y_min, x_max, y_max]`` in pixels, x along columns, inclusive.
         backbone: a registry name (built once and kept) or a built backbone.
         checkpoint: weights for a registry name that needs them.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` for a registry name (a built backbone keeps its own).
 
     Returns:
         ``(H, W)`` boolean mask.
 
     Raises:
-        InputError: an unknown backbone or missing checkpoint.
+        InputError: an unknown backbone or precision, or a missing checkpoint.
         ValueError: a box outside the image, or a non-2D image.
     """
     image = np.asarray(image_2d)
     if image.ndim != 2:
         raise ValueError(f"segment_with_box takes a 2D image, got shape {image.shape}")
     if isinstance(backbone, str):
-        backbone = _cached_backbone(backbone, None if checkpoint is None else str(checkpoint))
+        checkpoint = None if checkpoint is None else str(checkpoint)
+        backbone = _cached_backbone(backbone, checkpoint, check_precision(precision))
     predictor = BoxPredictor(backbone)
     predictor.set_image(image)
     logits, _ = predictor.predict(box_xyxy)
