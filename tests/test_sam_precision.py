@@ -127,3 +127,36 @@ def test_the_inference_config_wires_precision_to_the_backbone_and_the_record(lit
         litemedsam.precision = "fp32"
     writer = next(h for h in parser.get("handlers") if "SamplingOutputWriter" in h["_target_"])
     assert writer["record"]["precision"] == "@precision"
+
+
+class _TwoStageEncoder(torch.nn.Module):
+    """A stand-in image encoder shaped like TinyViT and SAM's ViT: a ``patch_embed`` on the image, then more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.body = torch.nn.Conv2d(8, 256, 4, stride=4)
+
+    def forward(self, x):
+        return self.body(self.patch_embed(x))
+
+
+def test_bf16_keeps_the_patch_embedding_on_the_image_in_float32(litemedsam):
+    """bfloat16 autocast everywhere in the encoder but its first layers, which read the intensities themselves."""
+    from ambisam.sam import SamBackbone
+
+    encoder = _TwoStageEncoder()
+    backbone = SamBackbone("stand-in", encoder, litemedsam.prompt_encoder, litemedsam.mask_decoder, 256,
+                           precision="bf16")
+    seen = {}
+    encoder.patch_embed.register_forward_hook(lambda m, a, out: seen.__setitem__("patch_embed", out.dtype))
+    encoder.body.register_forward_hook(lambda m, a, out: seen.__setitem__("body", out.dtype))
+    with torch.no_grad():
+        embedding = backbone.encode(torch.rand(1, 1, 64, 64))
+    assert seen == {"patch_embed": torch.float32, "body": torch.bfloat16}
+    assert embedding.dtype == torch.float32 and embedding.shape == (1, 256, 16, 16)
+    assert not torch.is_autocast_enabled("cpu")  # every context entered was left
+    backbone.precision = "fp32"
+    with torch.no_grad():
+        backbone.encode(torch.rand(1, 1, 64, 64))
+    assert seen == {"patch_embed": torch.float32, "body": torch.float32}
