@@ -30,6 +30,13 @@ step. The network must treat the slices of a batch independently (every method h
 normalisation), and declare in ``shared_training_outputs`` the outputs that are not per slice (P2SAM's assembling
 weights and L2 term); a 0-dimensional output, or one whose first size is not the slice batch's, is shared too.
 
+Seeds per epoch (``seed``): every epoch starts from random generators seeded by ``seed + epoch`` (Python's, NumPy's and
+torch's through ``monai.utils.set_determinism``, and the loader's random transforms through
+``monai.data.utils.set_rnd``), before the epoch's loader iterator is made (its shuffle order and worker seeds). An
+epoch's draws then depend on the seed and the epoch only, not on what ran before it: a run resumed from the
+checkpoint of epoch ``k`` (after a crash or a SIGKILL anywhere in epoch ``k + 1``) trains the same batches with
+the same draws as the run that was not interrupted, and ends at the same weights (bit-identical on CPU).
+
 The batch is a dict from :func:`ambisam.data.training_slice_transforms`: ``image (B, 1, S, S)``,
 ``label (B, K, S, S)``, ``rater_mask (B, 1, S, S)`` (the randomly chosen rater's mask), ``box (B, 4)`` in
 backbone input coordinates, ``rater_index (B,)`` and, from datalists with rater ids, ``rater_id (B,)``.
@@ -43,8 +50,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.data.utils import set_rnd
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.utils import set_determinism
 from monai.utils.enums import CommonKeys as Keys
 
 from ambisam.networks.base import Conditions
@@ -147,6 +157,9 @@ class MultiRaterTrainer(SupervisedTrainer):
         embedding_cache: the frozen encoder's cache; ``None`` encodes every step.
         slice_batch_size: most slices whose graph a step holds at once (see the module docstring); ``None`` trains
             every batch whole.
+        seed: the run's seed; each epoch's random generators are seeded by ``seed + epoch`` when it starts (see the
+            module docstring), so that a resumed run repeats the interrupted one. ``None``: the generators run on
+            from whatever state they are in (a resumed run then draws differently).
 
     Raises:
         ValueError: ``slice_batch_size`` below 1.
@@ -157,6 +170,7 @@ class MultiRaterTrainer(SupervisedTrainer):
         *args: Any,
         embedding_cache: EmbeddingCache | None = None,
         slice_batch_size: int | None = None,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("prepare_batch", default_prepare_batch) is default_prepare_batch:
@@ -166,6 +180,10 @@ class MultiRaterTrainer(SupervisedTrainer):
         super().__init__(*args, **kwargs)
         self.embedding_cache = embedding_cache
         self.slice_batch_size = None if slice_batch_size is None else int(slice_batch_size)
+        self.seed = None if seed is None else int(seed)
+        if self.seed is not None:
+            # Ignite makes an epoch's loader iterator after EPOCH_STARTED's handlers have run
+            self.add_event_handler(Events.EPOCH_STARTED, self.seed_epoch)
 
     # ----------------------------------------------------------------------------------------------- hooks
     @property
@@ -213,6 +231,14 @@ class MultiRaterTrainer(SupervisedTrainer):
         if "rater_valid" in batch and "rater_valid" in inspect.signature(self.loss_function.forward).parameters:
             return self.loss_function(outputs, self.target(batch), rater_valid=batch["rater_valid"])
         return self.loss_function(outputs, self.target(batch))
+
+    def seed_epoch(self, engine: MultiRaterTrainer) -> None:
+        """Seed this epoch's random generators by ``seed + epoch`` (the loader's transforms too)."""
+        epoch_seed = self.seed + int(engine.state.epoch)
+        set_determinism(seed=epoch_seed)
+        dataset = getattr(engine.data_loader, "dataset", None)
+        if dataset is not None:
+            set_rnd(getattr(dataset, "transform", dataset), epoch_seed)
 
     # ------------------------------------------------------------------------------------------------ loop
     def _shared_outputs(self) -> tuple[str, ...]:
