@@ -64,8 +64,9 @@ def test_training_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_ru
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     models = killed / "models"
     assert (models / "checkpoint_epoch=1.pt").is_file() and not (models / "checkpoint_epoch=2.pt").exists()
-    assert not [p for p in models.iterdir() if p.name.startswith(".") or p.suffix not in (".pt",)], \
-        sorted(p.name for p in models.iterdir())  # no partial or temporary file left by the kill
+    # no partial or temporary file left by the kill: the epoch checkpoint, the best model and its score's record
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "model.pt.best.json"]
+    best_before_kill = json.loads((models / "model.pt.best.json").read_text())["saved"]
 
     after_epoch1 = _model_state(models / "checkpoint_epoch=1.pt")
 
@@ -78,5 +79,9 @@ def test_training_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_ru
     assert expected.keys() == found.keys()
     different = [k for k in expected if not torch.equal(expected[k], found[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    # the resumed run knew epoch 1's best score: model.pt is the better of the two epochs, as uninterrupted
+    best = json.loads((models / "model.pt.best.json").read_text())["saved"]
+    assert best == json.loads((straight / "models" / "model.pt.best.json").read_text())["saved"]
+    assert best[0][0] >= best_before_kill[0][0]
     # epoch 2 did move the weights: the comparison is not of two copies of epoch 1's
     assert any(not torch.equal(after_epoch1[k], expected[k]) for k in expected)

@@ -1,6 +1,7 @@
 """Training and evaluation engines shared by every bundle: one trainer with overridable hooks, and the
 handlers MONAI lacks."""
 
+from ambisam.engines.best_model import BestModelSaver
 from ambisam.engines.handlers import (
     MetricsReportWriter,
     ResumeFromCheckpoint,
@@ -13,6 +14,7 @@ from ambisam.engines.handlers import (
 from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch, slice_batches, take_slices
 
 __all__ = [
+    "BestModelSaver",
     "MultiRaterTrainer",
     "prepare_multirater_batch",
     "slice_batches",
