@@ -162,32 +162,34 @@ class SamBackbone(nn.Module):
             device = self.pixel_mean.device
         return autocast_dtype(self._precision, device)
 
-    def _enter_transformer(self, module: nn.Module, args: tuple) -> None:
-        dtype = self._decoder_dtype
-        context = None
-        if dtype is not None and dtype != torch.float32:
-            context = torch.autocast(args[0].device.type, dtype=dtype)
+    def _push_autocast(self, context: torch.autocast | None) -> None:
+        """Enter ``context`` (``None``: none) and stack it for :meth:`_pop_autocast`, in a module's pre-hook."""
+        if context is not None:
             context.__enter__()
         self._autocasts.append(context)
 
-    def _leave_transformer(self, module: nn.Module, args: tuple, output):
-        context = self._autocasts.pop() if self._autocasts else None
-        if context is None:
-            return None
-        context.__exit__(None, None, None)
-        return tuple(o.float() for o in output)
-
-    def _enter_float32(self, module: nn.Module, args: tuple) -> None:
-        context = None
-        if torch.is_autocast_enabled(args[0].device.type):
-            context = torch.autocast(args[0].device.type, enabled=False)
-            context.__enter__()
-        self._autocasts.append(context)
-
-    def _leave_float32(self, module: nn.Module, args: tuple, output):
+    def _pop_autocast(self) -> bool:
+        """Leave the context the matching :meth:`_push_autocast` entered, in the module's forward hook; whether
+        there was one."""
         context = self._autocasts.pop() if self._autocasts else None
         if context is not None:
             context.__exit__(None, None, None)
+        return context is not None
+
+    def _enter_transformer(self, module: nn.Module, args: tuple) -> None:
+        dtype = self._decoder_dtype
+        low = dtype is not None and dtype != torch.float32
+        self._push_autocast(torch.autocast(args[0].device.type, dtype=dtype) if low else None)
+
+    def _leave_transformer(self, module: nn.Module, args: tuple, output):
+        return tuple(o.float() for o in output) if self._pop_autocast() else None
+
+    def _enter_float32(self, module: nn.Module, args: tuple) -> None:
+        kind = args[0].device.type
+        self._push_autocast(torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else None)
+
+    def _leave_float32(self, module: nn.Module, args: tuple, output) -> None:
+        self._pop_autocast()
 
     @property
     def embedding_size(self) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """The numeric precision a backbone's encoder and decoder run in: ``"fp32"``, ``"bf16"`` or ``"auto"``.
 
 ``"bf16"`` runs the image encoder (but its patch embedding, which reads the intensities) and the mask decoder's
-two-way transformer under ``torch.autocast`` in bfloat16; what decides the mask's boundary stays in float32 (the decoder's upscaling, its hypernetwork MLPs, the
-mask product, the IoU head, the resizing to the image, the sigmoid), and embeddings and logits are returned as
-float32. ``"auto"`` is bfloat16 where the hardware computes it natively and float32 elsewhere:
+two-way transformer under ``torch.autocast`` in bfloat16; what decides the mask's boundary stays in float32 (the
+decoder's upscaling, its hypernetwork MLPs, the mask product, the IoU head, the resizing to the image, the
+sigmoid), and embeddings and logits are returned as float32. ``"auto"`` is bfloat16 where the hardware computes it natively and float32 elsewhere:
 
 - on a CPU, bfloat16 where :func:`cpu_has_native_bf16` (AVX512-BF16 or AMX-BF16 instructions); a CPU without
   them (AVX2 only) converts bfloat16 to float32 for every operation, which is slower than float32 itself;
