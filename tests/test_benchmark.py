@@ -353,7 +353,7 @@ def test_benchmark_results_json(benchmark_run):
     assert 0.0 < psam["rater_diversity"] <= 1.0
     assert all(r["rater_diversity"] == pytest.approx(psam["rater_diversity"]) for r in results[:4])
     assert results[4]["status"] == "unavailable" and "ursam" in results[4]["reason"]
-    assert "not implemented yet" in results[4]["reason"]
+    assert "does not exist yet" in results[4]["reason"]
     # proseg runs beside the others, its personalised scoring beside the distribution metrics
     assert proseg["parameters_trained"] > 0 and proseg["training"][0]["epochs"] == 1
     assert 0.0 <= proseg["personalised_dice"] <= 1.0, proseg

@@ -13,6 +13,7 @@ from ambisam.networks.prob_unet import ImageGridBackbone, ProbabilisticUNet
 from ambisam.networks.proseg import ProSeg, check_rater_table, rater_index, trained_raters
 from ambisam.networks.psam import ProbabilisticSam
 from ambisam.networks.seqsam import FoldedPromptCell, RecurrentPromptCell, SequentialSam
+from ambisam.networks.ursam import UrSam
 from ambisam.registry import get_method, method_registry
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MultipleChoiceSam",
     "P2Sam",
     "ProSeg",
+    "UrSam",
     "trained_raters",
     "rater_index",
     "check_rater_table",

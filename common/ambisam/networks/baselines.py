@@ -91,6 +91,19 @@ class PromptJitterSam(MaskSamplingNetwork):
         self.ratio = float(ratio)
         self.min_shift = float(min_shift)
 
+    def shift_limit(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The largest shift of each coordinate: ``ratio`` times the box's width (x) or height (y), at least
+        ``min_shift``.
+
+        Args:
+            boxes: ``(B, 4)`` float boxes.
+
+        Returns:
+            ``(B, 4)`` in pixels of backbone input.
+        """
+        size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)  # (B, 2): w, h
+        return (self.ratio * size).clamp(min=self.min_shift).repeat(1, 2)  # (B, 4): w, h, w, h
+
     def jitter_boxes(self, boxes: torch.Tensor, num_samples: int) -> torch.Tensor:
         """``num_samples`` perturbed copies of each box.
 
@@ -102,8 +115,7 @@ class PromptJitterSam(MaskSamplingNetwork):
             ``(B, N, 4)`` boxes inside ``[0, S - 1]``, ``min <= max`` on both axes.
         """
         boxes = boxes.float()
-        size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)  # (B, 2): w, h
-        limit = (self.ratio * size).clamp(min=self.min_shift).repeat(1, 2)  # (B, 4): w, h, w, h
+        limit = self.shift_limit(boxes)  # (B, 4)
         noise = (torch.rand(boxes.shape[0], num_samples, 4, device=boxes.device) * 2 - 1) * limit[:, None]
         moved = (boxes[:, None] + noise).clamp(0, self.backbone.image_size - 1)
         low = torch.minimum(moved[..., :2], moved[..., 2:])
