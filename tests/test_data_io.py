@@ -223,6 +223,10 @@ def test_load_datalist_errors(tmp_path, small_synth):
     bad_box = _datalist_with(tmp_path, {"id": "x", "image": good["image"], "label": good["label"], "box": box})
     with pytest.raises(InputError, match="outside the image"):
         load_datalist(bad_box, "training")
+    flat_box = _datalist_with(tmp_path, {"id": "x", "image": good["image"], "label": good["label"],
+                                         "box": [3, 0, 0, 3, 5, 5]})
+    with pytest.raises(InputError, match="datalist.*zero area in the slice plane"):
+        load_datalist(flat_box, "training")
 
     other = write_nifti(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.uint8), np.eye(4))
     wrong_shape = _datalist_with(tmp_path, {"id": "x", "image": good["image"], "label": [str(other)]})

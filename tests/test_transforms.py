@@ -386,6 +386,8 @@ def test_validate_accepts_good_case_and_2d_as_one_slice(tmp_path):
         ("values", "label", "values other than 0 and 1"),
         ("raters", "label", "declares 3 raters"),
         ("shape", "label", "differs from the image"),
+        ("affine", "label", "affine differs from the image's"),
+        ("voxel", "image", "too small"),
     ],
 )
 def test_validate_errors_name_file_and_problem(tmp_path, case, which, problem):
@@ -404,9 +406,13 @@ def test_validate_errors_name_file_and_problem(tmp_path, case, which, problem):
         lab = lab[..., :2]
     elif case == "shape":
         lab = np.zeros((6, 8, 3, 3), np.float32)
+    elif case == "voxel":
+        img, lab = img[:1, :1, :1], lab[:1, :1, :1]
+    moved = np.eye(4)
+    moved[0, 3] = 2.5 if case == "affine" else 0.0  # the masks 2.5 mm off the image's grid
     paths = {
         "image": save_nii(tmp_path / f"img_{case}.nii.gz", img),
-        "label": save_nii(tmp_path / f"lab_{case}.nii.gz", lab),
+        "label": save_nii(tmp_path / f"lab_{case}.nii.gz", lab, moved),
     }
     with pytest.raises(Exception) as e:
         load(paths["image"], paths["label"], num_raters=3)
@@ -479,6 +485,8 @@ def test_load_box_from_file_and_datalist(tmp_path):
         ([2, 3, 1, 5, 9, 3, 4], "6 numbers"),
         ([2, 3, 1, 5.5, 9, 3], "whole voxel indices"),
         (["a", 3, 1, 5, 9, 3], "6 numbers"),
+        ([5, 3, 1, 5, 9, 3], "zero area in the slice plane"),
+        ([2, 4, 0, 6, 4, 5], "zero area in the slice plane"),
     ],
 )
 def test_load_box_errors(tmp_path, box, problem):

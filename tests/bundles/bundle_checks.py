@@ -135,10 +135,6 @@ def check_torchrun(bundle: str, tmp: Path) -> None:
     check_torchrun_with(bundle, tmp)
 
 
-NOT_YET_REFUSED = ("rater mask of another affine", "box of zero area", "volume of one voxel")
-"""Cases of :func:`bad_inputs` that inference still accepts (issue 16): left out of the returned cases."""
-
-
 def bad_inputs(tmp: Path, source_dir: Path) -> dict[str, tuple[dict, str]]:
     """Each bad input of the contract: inference overrides -> the expected message. Built from a good case."""
     items = json.loads((source_dir / "datalist.json").read_text())["test"]
@@ -201,8 +197,6 @@ def bad_inputs(tmp: Path, source_dir: Path) -> dict[str, tuple[dict, str]]:
             {"image": save("voxel.nii.gz", data[:1, :1, :1]), "label": save("voxel_mask.nii.gz", label[:1, :1, :1])},
             "voxel"),
     }
-    for name in NOT_YET_REFUSED:  # generated so the fix can be tested; the pipeline does not refuse them yet
-        cases.pop(name)
     if odd is not None:
         cases["non-UTF-8 path"] = ({"image": save(odd.name, nan), "label": str(labels[0])}, odd.name)
     return cases

@@ -91,6 +91,9 @@ def _check_box(box: Any, where: str, datalist: Path, shape: tuple[int, ...] | No
     lo, hi = box[:3], box[3:]
     if any(v < 0 for v in lo) or any(a > b for a, b in zip(lo, hi)):
         raise InputError(datalist, f"{where}: 'box' {list(box)} needs 0 <= min <= max on every axis")
+    if lo[0] == hi[0] or lo[1] == hi[1]:
+        raise InputError(datalist, f"{where}: 'box' {list(box)} has zero area in the slice plane (i_min == i_max or "
+                         "j_min == j_max); a box prompt must span at least two voxels along i and j")
     if shape is not None:
         spatial = tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))
         if any(b >= s for b, s in zip(hi, spatial)):

@@ -458,6 +458,12 @@ class LoadBoxd(MapTransform):
         for a in range(3):
             if box[a] > box[a + 3]:
                 raise InputError(source, f"box {box} has {names[a]}_min {box[a]} > {names[a]}_max {box[a + 3]}.")
+        if box[0] == box[3] or box[1] == box[4]:
+            raise InputError(
+                source,
+                f"box {box} has zero area in the slice plane (i_min == i_max or j_min == j_max); a box prompt must "
+                "span at least two voxels along i and j.",
+            )
         for a in range(3):
             if box[a] < 0 or box[a + 3] >= shape[a]:
                 raise InputError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import MapTransform
 
@@ -84,6 +85,12 @@ class ValidateMultiRaterd(MapTransform):
                 f"image has shape {_fmt_shape(img.shape[1:])} after adding the channel, i.e. {img.ndim - 1} "
                 "spatial dimension(s); expected 3 (H, W, D) - store a 2D image as a one-slice volume (H, W, 1).",
             )
+        if min(image_shape[:2]) < 2:
+            raise InputError(
+                image_file,
+                f"image of spatial shape {_fmt_shape(image_shape)} is too small: a slice must be at least 2 x 2 voxels "
+                "for a box prompt to have an area.",
+            )
         if img.is_floating_point() or img.is_complex():
             bad = int((~torch.isfinite(img)).sum())
             if bad:
@@ -128,4 +135,21 @@ class ValidateMultiRaterd(MapTransform):
                     f"label spatial shape {_fmt_shape(lab.shape[1:])} differs from the image's "
                     f"{_fmt_shape(image_shape)}" + (f" ({image_file})." if image_file else "."),
                 )
+            _check_same_grid(image, label, image_file, label_file)
         return d
+
+
+def _check_same_grid(image: Any, label: Any, image_file: Any, label_file: Any) -> None:
+    """Raise an InputError naming the label file when both carry an affine (MetaTensors) and they differ by more
+    than float32 rounding of a NIfTI header: the rater masks would be drawn on another grid than the image."""
+    if not (hasattr(image, "affine") and hasattr(label, "affine")):
+        return
+    a, b = image.affine.detach().cpu().double().numpy(), label.affine.detach().cpu().double().numpy()
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-3):
+        largest = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
+        raise InputError(
+            label_file,
+            f"label's affine differs from the image's (largest difference {largest:.4g})"
+            + (f" ({image_file})" if image_file else "")
+            + ": the rater masks lie on another voxel grid; resample them onto the image first.",
+        )
