@@ -184,6 +184,21 @@ def test_export_refuses_incomplete_bundles(tmp_path, weights):
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
+def test_export_refuses_weights_that_need_pickle_and_writes_no_zip(tmp_path):
+    from conftest import pickled_checkpoint
+
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt")
+    with pytest.raises(InputError, match=r"needs pickle to load \(it holds conftest.NotAWeight\).*is refused") as err:
+        export_bundle("psam", tmp_path / "dist", weights=pickled)
+    assert err.value.path == str(pickled)
+    done = subprocess.run([sys.executable, "-m", "ambisam", "export", "psam", "--out", str(tmp_path / "dist"),
+                           "--weights", str(pickled)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"ambisam: error: {pickled}: needs pickle to load")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "dist").exists()
+
+
 def test_export_command_line_bad_input_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ambisam", "export", "no_such_bundle", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -236,6 +236,24 @@ def _judge(name: str, error: BaseException, expected: str, out: Path) -> list[st
     return problems
 
 
+def check_init_weights_that_need_pickle_are_refused(bundle: str, tmp: Path, names: tuple[str, ...] = ("train",)) -> None:
+    """A training workflow whose ``init_weights`` need pickle to load stops at ``initialize`` with one InputError
+    naming the file, before it writes anything."""
+    from conftest import pickled_checkpoint
+
+    dataset_dir = small_dataset(tmp / "data", cases=2, split=(0.5, 0.5, 0.0)).parent
+    pickled = pickled_checkpoint(tmp / "pickled.pt")
+    overrides = train_overrides(tmp, dataset_dir, init_weights=str(pickled))
+    wf = workflow(bundle, names, "train", **overrides)
+    with pytest.raises(Exception) as err:  # noqa: PT011 - judged below: it must be an InputError
+        wf.initialize()
+    found = find_input_error(err.value)
+    assert found is not None, repr(err.value)
+    assert found.path == str(pickled), found
+    assert "needs pickle to load (it holds conftest.NotAWeight)" in found.problem and "is refused" in found.problem
+    assert not (tmp / "runs").exists() and not (tmp / "models").exists()
+
+
 def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
     """From the command line, a bad input ends in one line naming the file and the problem, exit status 2."""
     missing = tmp / "no_such_scan.nii.gz"
@@ -340,6 +358,9 @@ class ContractChecks:
 
     def test_bad_input_on_the_command_line_is_one_line(self, trained, tmp_path):
         check_cli_bad_input(self.bundle, tmp_path, trained[0] / "models" / "model.pt")
+
+    def test_training_refuses_init_weights_that_need_pickle(self, tmp_path):
+        check_init_weights_that_need_pickle_are_refused(self.bundle, tmp_path)
 
     def test_multi_gpu_train_under_torchrun_gloo(self, tmp_path):
         check_torchrun_with(self.bundle, tmp_path, **self.torchrun)
