@@ -184,6 +184,21 @@ def test_export_refuses_incomplete_bundles(tmp_path, weights):
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
+def test_export_refuses_weights_that_need_pickle_and_writes_no_zip(tmp_path):
+    from conftest import pickled_checkpoint
+
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt")
+    with pytest.raises(InputError, match=r"needs pickle to load \(it holds conftest.NotAWeight\).*is refused") as err:
+        export_bundle("psam", tmp_path / "dist", weights=pickled)
+    assert err.value.path == str(pickled)
+    done = subprocess.run([sys.executable, "-m", "ambisam", "export", "psam", "--out", str(tmp_path / "dist"),
+                           "--weights", str(pickled)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"ambisam: error: {pickled}: needs pickle to load")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "dist").exists()
+
+
 def test_export_command_line_bad_input_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ambisam", "export", "no_such_bundle", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -262,3 +277,26 @@ def test_verify_refuses_a_zip_whose_weights_do_not_match(small_zip, tmp_path, ca
     with pytest.raises(InputError, match="without a recorded checksum") as err:
         verify_bundle_zip(added)
     assert err.value.path == str(added / "psam" / "models" / "extra.pt")
+
+
+def test_verify_refuses_a_zip_lacking_a_recorded_weights_file(small_zip, tmp_path, capsys):
+    from ambisam.cli import main
+
+    zip_path, _ = small_zip
+    lacking = tmp_path / "lacking.zip"
+    with zipfile.ZipFile(zip_path) as source, zipfile.ZipFile(lacking, "w") as copy:
+        for info in source.infolist():
+            if info.filename != "psam/models/model.pt":
+                copy.writestr(info, source.read(info.filename))
+    with zipfile.ZipFile(lacking) as archive:  # still recorded in the metadata, absent from the zip
+        assert "models/model.pt" in archive.read("psam/configs/metadata.json").decode()
+        assert "psam/models/model.pt" not in archive.namelist()
+    missing = lacking / "psam" / "models" / "model.pt"
+    with pytest.raises(InputError, match="recorded in the checksums but missing from the zip") as err:
+        verify_bundle_zip(lacking)
+    assert err.value.path == str(missing)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(lacking)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ambisam: error: {missing}: recorded in the checksums but missing from the zip")

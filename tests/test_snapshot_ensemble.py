@@ -14,6 +14,7 @@ import torch
 
 from ambisam.errors import InputError
 from ambisam.networks import Conditions, MaskSamplingNetwork, P2Sam, SnapshotEnsemble
+from conftest import pickled_checkpoint
 
 BATCH = 2
 
@@ -147,6 +148,10 @@ def test_bad_checkpoints_are_clear_errors(stage2, snapshots, tmp_path):
     with pytest.raises(InputError, match="cannot be read as a PyTorch state dict") as err:
         SnapshotEnsemble(copy.deepcopy(stage2), [garbage])
     assert err.value.path == str(garbage)
+    pickled = pickled_checkpoint(tmp_path / "pickled.pt", snapshots["states"][0])
+    with pytest.raises(InputError, match=r"needs pickle to load \(it holds conftest.NotAWeight\).*is refused") as err:
+        SnapshotEnsemble(copy.deepcopy(stage2), [snapshots["paths"][0], pickled])
+    assert err.value.path == str(pickled)
     partial = tmp_path / "partial.pt"
     torch.save({k: v for k, v in snapshots["states"][0].items() if not k.startswith("prompt_generator.")}, partial)
     with pytest.raises(InputError, match=r"is not a state dict of P2Sam.*missing key\(s\), e.g. prompt_generator"):

@@ -230,6 +230,39 @@ def _judge(name: str, error: BaseException, expected: str, out: Path) -> list[st
     return problems
 
 
+def check_init_weights_that_need_pickle_are_refused(bundle: str, tmp: Path, names: tuple[str, ...] = ("train",)) -> None:
+    """A training workflow whose ``init_weights`` need pickle to load stops at ``initialize`` with one InputError
+    naming the file, before it writes anything."""
+    from conftest import pickled_checkpoint
+
+    dataset_dir = small_dataset(tmp / "data", cases=2, split=(0.5, 0.5, 0.0)).parent
+    pickled = pickled_checkpoint(tmp / "pickled.pt")
+    overrides = train_overrides(tmp, dataset_dir, init_weights=str(pickled))
+    wf = workflow(bundle, names, "train", **overrides)
+    with pytest.raises(Exception) as err:  # noqa: PT011 - judged below: it must be an InputError
+        wf.initialize()
+    found = find_input_error(err.value)
+    assert found is not None, repr(err.value)
+    assert found.path == str(pickled), found
+    assert "needs pickle to load (it holds conftest.NotAWeight)" in found.problem and "is refused" in found.problem
+    assert not (tmp / "runs").exists() and not (tmp / "models").exists()
+
+
+def check_inference_without_weights(bundle: str, tmp: Path, train_command: str | None = None) -> None:
+    """Inference with no trained weights at ``ckpt_path`` stops at ``initialize`` with one InputError saying how
+    to train them (``train_command``; by default ``python -m monai.bundle run`` of the bundle's train.json, the
+    one stage of a single-stage bundle), and writes nothing."""
+    how = train_command or f"python -m monai.bundle run --config_file bundles/{bundle}/configs/train.json"
+    wf = workflow(bundle, ("inference",), "infer", ckpt_path=str(tmp / "none.pt"), output_dir=str(tmp / "o"))
+    with pytest.raises(Exception) as err:  # noqa: PT011 - judged below: it must be an InputError
+        wf.initialize()
+    found = find_input_error(err.value)
+    assert found is not None, repr(err.value)
+    assert found.path == str(tmp / "none.pt"), found
+    assert f"no trained weights; train them first: {how} (or pass --ckpt_path PATH" in found.problem, found
+    assert not (tmp / "o").exists()
+
+
 def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
     """From the command line, a bad input ends in one line naming the file and the problem, exit status 2."""
     missing = tmp / "no_such_scan.nii.gz"
@@ -334,6 +367,12 @@ class ContractChecks:
 
     def test_bad_input_on_the_command_line_is_one_line(self, trained, tmp_path):
         check_cli_bad_input(self.bundle, tmp_path, trained[0] / "models" / "model.pt")
+
+    def test_inference_without_weights_says_how_to_train(self, tmp_path):
+        check_inference_without_weights(self.bundle, tmp_path)
+
+    def test_training_refuses_init_weights_that_need_pickle(self, tmp_path):
+        check_init_weights_that_need_pickle_are_refused(self.bundle, tmp_path)
 
     def test_multi_gpu_train_under_torchrun_gloo(self, tmp_path):
         check_torchrun_with(self.bundle, tmp_path, **self.torchrun)

@@ -21,6 +21,8 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
+    check_inference_without_weights,
+    check_init_weights_that_need_pickle_are_refused,
     check_properties,
     check_torchrun_with,
     run_workflow,
@@ -202,6 +204,15 @@ def test_bad_inputs_stop_with_one_message_and_write_nothing(trained, tmp_path):
 
 def test_bad_input_on_the_command_line_is_one_line(trained, tmp_path):
     check_cli_bad_input(BUNDLE, tmp_path, trained["tmp"] / "models" / "model.pt")
+
+
+def test_inference_without_weights_says_how_to_train(tmp_path):
+    # both stages, in order: monai.bundle run of train.json alone would train stage 1 only
+    check_inference_without_weights(BUNDLE, tmp_path, "python -m ambisam train p2sam (its 2 training stages in order)")
+
+
+def test_stage2_refuses_init_weights_that_need_pickle(tmp_path):
+    check_init_weights_that_need_pickle_are_refused(BUNDLE, tmp_path, STAGE2)
 
 
 def test_multi_gpu_train_both_stages_under_torchrun_gloo(tmp_path):

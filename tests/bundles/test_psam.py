@@ -16,6 +16,8 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
+    check_inference_without_weights,
+    check_init_weights_that_need_pickle_are_refused,
     check_properties,
     check_torchrun,
     check_torchrun_evaluate,
@@ -127,15 +129,11 @@ def test_inference_refuses_weights_that_need_pickle(trained, tmp_path):
 
 
 def test_inference_without_weights_says_how_to_train(tmp_path):
-    from ambisam.errors import find_input_error
-    from bundle_checks import workflow
+    check_inference_without_weights(BUNDLE, tmp_path)
 
-    wf = workflow(BUNDLE, ("inference",), "infer", ckpt_path=str(tmp_path / "none.pt"), output_dir=str(tmp_path / "o"))
-    with pytest.raises(RuntimeError) as err:
-        wf.initialize()
-    found = find_input_error(err.value)
-    assert found is not None and "no trained weights; train them first: python -m monai.bundle run" in str(found)
-    assert not (tmp_path / "o").exists()
+
+def test_training_refuses_init_weights_that_need_pickle(tmp_path):
+    check_init_weights_that_need_pickle_are_refused(BUNDLE, tmp_path)
 
 
 def test_evaluate_writes_metrics_json_and_csv(trained):

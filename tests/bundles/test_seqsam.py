@@ -13,12 +13,12 @@ from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
     check_inference_outputs,
+    check_inference_without_weights,
     check_properties,
     check_torchrun_with,
     run_workflow,
     small_dataset,
     train_overrides,
-    workflow,
 )
 
 BUNDLE = "seqsam"
@@ -78,14 +78,7 @@ def test_inference_outputs(trained):
 
 
 def test_inference_without_weights_says_how_to_train(tmp_path):
-    from ambisam.errors import find_input_error
-
-    wf = workflow(BUNDLE, ("inference",), "infer", ckpt_path=str(tmp_path / "none.pt"), output_dir=str(tmp_path / "o"))
-    with pytest.raises(RuntimeError) as err:
-        wf.initialize()
-    found = find_input_error(err.value)
-    assert found is not None and "no trained weights; train them first: python -m monai.bundle run" in str(found)
-    assert not (tmp_path / "o").exists()
+    check_inference_without_weights(BUNDLE, tmp_path)
 
 
 def test_evaluate_writes_metrics_json_and_csv(trained):
