@@ -482,3 +482,37 @@ def test_benchmark_takes_the_intensity_convention_from_a_converted_datalist(tmp_
     assert record["modality"] == "none" and entry["intensity"] == record["intensity"]
     job = json.loads((tmp_path / "out" / "baseline" / "seed0" / "job.json").read_text())
     assert job["modality"] == "none" and job["value_range"] == record["intensity"]["value_range"]
+
+
+def test_benchmark_bad_files_in_the_datalist_are_refused_before_training(tmp_path):
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    from ambisam.data import synthesize
+
+    datalist = synthesize(tmp_path / "data", cases=4, shape=(64, 64, 10), seed=3)
+    lists = json.loads(datalist.read_text())
+    image = datalist.parent / lists["test"][0]["image"]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(gzip.compress(b"\x00" * 40 + image.read_bytes()[40:400]))
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    label = datalist.parent / lists["training"][0]["label"][0]
+    three = tmp_path / "three.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(label).dataobj).astype(np.uint8) * 3 + 3, np.eye(4)), str(three))
+    for split, key, bad, problem in [("test", "image", corrupt, "not a readable NIfTI file"),
+                                     ("test", "image", truncated, "cannot be read as a NIfTI image"),
+                                     ("training", "image", corrupt, "not a readable NIfTI file"),
+                                     ("training", "image", truncated, "cannot be read as a NIfTI image"),
+                                     ("training", "label", three, "mask values must be 0/1, found 3")]:
+        edited = json.loads(datalist.read_text())
+        entry = edited[split][0]
+        entry[key] = str(bad) if key == "image" else [str(bad), *entry["label"][1:]]
+        bad_list = datalist.parent / f"bad_{split}_{bad.stem}.json"  # the other paths stay relative to it
+        bad_list.write_text(json.dumps(edited))
+        with pytest.raises(InputError) as err:
+            run_benchmark(data=bad_list, methods="baseline,psam", out=tmp_path / "out")
+        assert err.value.path == str(bad) and problem in err.value.problem, (split, key, err.value)
+        assert not (tmp_path / "out").exists()

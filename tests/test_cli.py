@@ -217,3 +217,38 @@ def test_train_names_a_method_and_refuses_a_training_free_one():
                               timeout=300)
         assert done.returncode == 2, done.stderr[-2000:]
         assert expected in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
+
+
+def test_segment_bad_inputs_are_refused_naming_the_file(tmp_path, capsys):
+    import nibabel as nib
+
+    from ambisam.cli import main
+
+    def nifti(name, array):
+        nib.save(nib.Nifti1Image(np.asarray(array, np.float32), np.eye(4)), str(tmp_path / name))
+        return str(tmp_path / name)
+
+    nan = np.random.default_rng(0).random((32, 32))
+    nan[3, 3] = np.nan
+    one = tmp_path / "one.png"
+    Image.fromarray(np.uint8([[7]])).save(one)
+    cases = {
+        "missing file": (str(tmp_path / "nowhere.png"), "image file not found"),
+        "not 2-D": (nifti("volume.nii.gz", np.zeros((32, 32, 5))),
+                    "is not a 2D image (shape (32, 32, 5)); segment takes one slice"),
+        "NaN intensities": (nifti("nan.nii.gz", nan), "has 1 NaN or infinite intensities"),
+        "one pixel": (str(one), "image of 1x1 pixels is too small to segment"),
+    }
+    for name, (path, problem) in cases.items():
+        with pytest.raises(InputError) as err:
+            segment_file(path, "0,0,1,1", str(tmp_path / "mask.png"))
+        assert (err.value.path, err.value.problem) == (path, problem), name
+    # on the command line: one line naming the file and the problem, exit status 2, no traceback
+    path, problem = cases["NaN intensities"]
+    with pytest.raises(SystemExit) as done:
+        main(["segment", "--image", path, "--box", "0,0,1,1", "--out", str(tmp_path / "mask.png")])
+    assert done.value.code == 2
+    err_text = capsys.readouterr().err
+    assert err_text.strip().splitlines()[-1] == f"ambisam: error: {path}: {problem}"
+    assert "Traceback" not in err_text
+    assert not (tmp_path / "mask.png").exists() and not list(tmp_path.glob(".*"))

@@ -553,3 +553,37 @@ def test_lidc_folder_real_sample_split_by_nodule(tmp_path):
                 assert split_of.setdefault(item["patient"], split) == split, f"{item['patient']} in two splits"
         assert len(split_of) == len(set(groups.values())) == 7
         assert {s for s in split_of.values()} == set(SPLITS)
+
+
+def test_qubiq_bad_nifti_files_are_refused_naming_the_file(tmp_path):
+    import gzip
+
+    out = tmp_path / "out"
+    good = tmp_path / "good.nii.gz"
+    _nii(good, np.ones((20, 24), np.float32))
+    whole = good.read_bytes()
+    nan = np.ones((20, 24), np.float32)
+    nan[0, 0] = np.nan
+    cases = {  # case02's file -> (its content, the problem)
+        "image.nii.gz": [(whole[: len(whole) // 2], "not a readable NIfTI image"),
+                         (gzip.compress(b"\x00" * 40 + whole[40:400]), "not a readable NIfTI image"),
+                         (np.ones((20, 24, 3, 2), np.float32), "does not match image image.nii.gz"),
+                         (nan, "has 1 NaN or infinite intensities")],
+        "task01_seg02.nii.gz": [((np.ones((20, 24)) * 3).astype(np.uint8), "mask values must be 0/1, found 3")],
+    }
+    n = 0
+    for name, bad in cases.items():
+        for content, problem in bad:
+            n += 1
+            src = _qubiq_tree(tmp_path / f"src{n}", cases=2, raters=2)
+            target = src / "Training" / "case02" / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                _nii(target, content)
+            with pytest.raises(InputError) as err:
+                convert("qubiq", src, out)
+            # a wrong-dimensional image: the message names the first mask and the image it does not match
+            named = src / "Training" / "case02" / "task01_seg01.nii.gz" if "match" in problem else target
+            assert problem in err.value.problem and err.value.path == str(named), (n, err.value)
+            _assert_nothing_written(out)

@@ -118,19 +118,26 @@ def segment_file(
     Raises:
         InputError: unreadable image, a non-2D image, a malformed box or an unknown precision.
     """
+    from monai.data import PILReader
     from monai.transforms import LoadImage
     from PIL import Image
 
     from ambisam.errors import InputError
 
-    try:
-        array = np.asarray(LoadImage(image_only=True, reverse_indexing=False)(image))
+    if not Path(image).is_file():
+        raise InputError(image, "image file not found")
+    try:  # PNG/JPEG in row-major order; NIfTI and the other formats through MONAI's own readers
+        array = np.asarray(LoadImage(image_only=True, reader=PILReader(reverse_indexing=False))(image))
     except Exception as e:  # noqa: BLE001
         raise InputError(image, f"cannot be read as an image ({e})") from e
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = array[..., :3].mean(-1)
     if array.ndim != 2:
-        raise InputError(image, f"is not a 2D image (shape {array.shape})")
+        raise InputError(image, f"is not a 2D image (shape {array.shape}); segment takes one slice")
+    if min(array.shape) < 2:
+        raise InputError(image, f"image of {array.shape[0]}x{array.shape[1]} pixels is too small to segment")
+    if not np.isfinite(array).all():
+        raise InputError(image, f"has {int((~np.isfinite(array)).sum())} NaN or infinite intensities")
     try:
         coords = [float(v) for v in (box.split(",") if isinstance(box, str) else box)]
         assert len(coords) == 4

@@ -111,12 +111,36 @@ def _resolve_datalist(data: str | os.PathLike) -> Path:
     return ensure_dataset(path).resolve()
 
 
+def _check_item(item: dict) -> None:
+    """Every file of one datalist item reads as NIfTI, the image's intensities are finite, its masks 0/1."""
+    import nibabel as nib
+    import numpy as np
+
+    labels = item.get("label") or []
+    labels = [labels] if isinstance(labels, str) else labels
+    for kind, path in [("image", item["image"]), *(("label", p) for p in labels)]:
+        if not Path(path).is_file():
+            raise InputError(path, f"{kind} file not found")
+        try:
+            array = np.asarray(nib.load(str(path)).dataobj)
+        except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
+            raise InputError(path, f"cannot be read as a NIfTI {kind} ({type(e).__name__}: {e})") from None
+        if kind == "image" and not np.isfinite(array).all():
+            raise InputError(path, f"has {int((~np.isfinite(array)).sum())} NaN or infinite intensities")
+        if kind == "label" and not np.isin(np.unique(array), (0, 1)).all():
+            found = ", ".join(f"{v:g}" for v in np.unique(array)[:5])
+            raise InputError(path, f"mask values must be 0/1, found {found}")
+
+
 def _check_data(datalist: Path, needs_training: bool) -> dict[str, int]:
     from ambisam.data import load_datalist
 
     counts = {}
     for split in ("training", "validation", "test"):
-        counts[split] = len(load_datalist(datalist, split))
+        items = load_datalist(datalist, split)
+        counts[split] = len(items)
+        for item in items:
+            _check_item(item)
     if counts["test"] == 0:
         raise InputError(datalist, "the 'test' list is empty: the benchmark evaluates on it")
     if needs_training and (counts["training"] == 0 or counts["validation"] == 0):

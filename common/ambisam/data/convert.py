@@ -207,6 +207,8 @@ def _qubiq_arrays(image_path: Path, label_paths: list[Path]) -> tuple:
         image = np.asarray(nii.dataobj, dtype=np.float32)
     except Exception as e:
         raise InputError(image_path, f"not a readable NIfTI image ({e})") from e
+    if not np.isfinite(image).all():
+        raise InputError(image_path, f"has {int((~np.isfinite(image)).sum())} NaN or infinite intensities")
     masks = []
     spatial: tuple[int, ...] | None = None
     for p in label_paths:
@@ -221,6 +223,10 @@ def _qubiq_arrays(image_path: Path, label_paths: list[Path]) -> tuple:
             spatial = shape
         elif shape != spatial:
             raise InputError(p, f"mask shape {mask.shape} differs from the case's other masks {spatial}")
+        values = np.unique(mask)
+        if not np.isin(values, (0, 1)).all():
+            shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+            raise InputError(p, f"mask values must be 0/1, found {shown}")
         mask = _binarize(mask.reshape(shape))
         masks.append(mask[..., None] if len(shape) == 2 else mask)
     assert spatial is not None
