@@ -569,7 +569,8 @@ def test_qubiq_bad_nifti_files_are_refused_naming_the_file(tmp_path):
                          (gzip.compress(b"\x00" * 40 + whole[40:400]), "not a readable NIfTI image"),
                          (np.ones((20, 24, 3, 2), np.float32), "does not match image image.nii.gz"),
                          (nan, "has 1 NaN or infinite intensities")],
-        "task01_seg02.nii.gz": [((np.ones((20, 24)) * 3).astype(np.uint8), "mask values must be 0/1, found 3")],
+        "task01_seg02.nii.gz": [((np.ones((20, 24)) * 3).astype(np.uint8), "mask values must be 0/1"),
+                                (np.full((20, 24), 0.4, np.float32), "found 0.4")],
     }
     n = 0
     for name, bad in cases.items():
@@ -587,3 +588,9 @@ def test_qubiq_bad_nifti_files_are_refused_naming_the_file(tmp_path):
             named = src / "Training" / "case02" / "task01_seg01.nii.gz" if "match" in problem else target
             assert problem in err.value.problem and err.value.path == str(named), (n, err.value)
             _assert_nothing_written(out)
+    # an 8-bit 0/255 mask is a mask, not bad input: it converts, binarised
+    src = _qubiq_tree(tmp_path / "src255", cases=2, raters=2)
+    _nii(src / "Training" / "case02" / "task01_seg02.nii.gz", (np.eye(20, 24) * 255).astype(np.uint8))
+    datalist = convert("qubiq", src, out)
+    case02 = next(it for it in _all_items(datalist) if it["id"] == "case02")
+    np.testing.assert_array_equal(_array(case02["label"][1])[..., 0], np.eye(20, 24, dtype=np.uint8))

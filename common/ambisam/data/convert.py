@@ -224,9 +224,9 @@ def _qubiq_arrays(image_path: Path, label_paths: list[Path]) -> tuple:
         elif shape != spatial:
             raise InputError(p, f"mask shape {mask.shape} differs from the case's other masks {spatial}")
         values = np.unique(mask)
-        if not np.isin(values, (0, 1)).all():
+        if not (np.isin(values, (0, 1)).all() or np.isin(values, (0, 255)).all()):
             shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
-            raise InputError(p, f"mask values must be 0/1, found {shown}")
+            raise InputError(p, f"mask values must be 0/1 (or 0/255 for an 8-bit mask), found {shown}")
         mask = _binarize(mask.reshape(shape))
         masks.append(mask[..., None] if len(shape) == 2 else mask)
     assert spatial is not None
