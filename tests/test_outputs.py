@@ -34,6 +34,33 @@ def test_named_samples_are_written_one_file_each_in_order(tmp_path):
 def test_sample_names_must_name_every_sample_once(tmp_path, names):
     with pytest.raises(ValueError, match="must name each of the 3 samples"):
         write_case_outputs(tmp_path, "c0", _maps(), np.eye(4), sample_names=names)
+    assert list(tmp_path.iterdir()) == []  # the case's five files were complete, but the case was not
+
+
+def test_a_full_disk_names_the_file_and_leaves_none_of_the_cases_files(tmp_path, monkeypatch):
+    import errno
+
+    from nibabel.openers import ImageOpener
+
+    from ambisam.errors import OutputError
+
+    write_case_outputs(tmp_path, "c0", _maps(), np.eye(4))  # an earlier case, complete
+    before = sorted(p.name for p in tmp_path.iterdir())
+    opened, real_write = [], ImageOpener.write
+
+    def write(self, data):  # the third file of the case meets a full disk after some of its bytes
+        if self.name not in opened:
+            opened.append(self.name)
+        if len(opened) == 3:
+            real_write(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(ImageOpener, "write", write)
+    with pytest.raises(OutputError) as err:
+        write_case_outputs(tmp_path, "c1", _maps(), np.eye(4), {"bundle": "x"})
+    assert str(err.value) == f"{tmp_path / 'c1_uncertainty.nii.gz'}: could not write the file: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # c1: no file, no temporary file
 
 
 def test_a_second_scoring_merges_into_the_report_of_the_same_cases(tmp_path):

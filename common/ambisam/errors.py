@@ -2,12 +2,13 @@
 
 Every check on user input (a missing file, an unreadable image, a label that is not binary, a box outside the
 image, ...) raises :class:`InputError` with a message that names the offending file and the problem, before
-anything is written.
+anything is written. An output that cannot be written (a full disk, a folder without write permission) raises
+:class:`OutputError`, naming the file, after removing what was partly written.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "find_input_error", "install_excepthook"]
+__all__ = ["InputError", "OutputError", "find_input_error", "find_user_error", "install_excepthook"]
 
 
 class InputError(ValueError):
@@ -24,6 +25,23 @@ class InputError(ValueError):
         super().__init__(problem if path is None else f"{path}: {problem}")
 
 
+class OutputError(OSError):
+    """An output file could not be written (a full disk, no permission): the message names the file.
+
+    Args:
+        path: the file that could not be written.
+        problem: what went wrong (the operating system's reason).
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # OSError's own pickling would pass the message as errno
+        return type(self), (self.path, self.problem)
+
+
 def find_input_error(exc: BaseException | None) -> InputError | None:
     """The :class:`InputError` behind ``exc``, if any.
 
@@ -36,9 +54,18 @@ def find_input_error(exc: BaseException | None) -> InputError | None:
     Returns:
         The first ``InputError`` along ``__cause__`` / ``__context__``, or ``None``.
     """
+    return _find(exc, (InputError,))
+
+
+def find_user_error(exc: BaseException | None) -> InputError | OutputError | None:
+    """The :class:`InputError` or :class:`OutputError` behind ``exc``, if any (as :func:`find_input_error`)."""
+    return _find(exc, (InputError, OutputError))
+
+
+def _find(exc: BaseException | None, types: tuple[type, ...]):
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
+        if isinstance(exc, types):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -61,7 +88,7 @@ def install_excepthook() -> None:
         return
 
     def hook(exc_type, exc, tb):
-        found = find_input_error(exc)
+        found = find_user_error(exc)
         if found is None:
             return previous(exc_type, exc, tb)
         sys.stdout.flush()
@@ -69,7 +96,8 @@ def install_excepthook() -> None:
         sys.stderr.flush()
         import os
 
-        os._exit(2)  # the process ends here, as a bad-input error should, with nothing more printed
+        # the process ends here with nothing more printed: 2 for bad input, 1 for an output it could not write
+        os._exit(2 if isinstance(found, InputError) else 1)
 
     hook._ambisam = True  # type: ignore[attr-defined]
     sys.excepthook = hook

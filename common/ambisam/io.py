@@ -1,5 +1,11 @@
 """Writing outputs safely: every file is written under a temporary name and renamed when complete, so a run
-that dies leaves no half-written file; and every run records what it did beside its outputs."""
+that dies leaves no half-written file; and every run records what it did beside its outputs.
+
+A temporary file is hidden and named for the process writing it (``.<stem>.tmp-<pid>-<host>-<random><suffix>``).
+A process killed outright (SIGKILL, out of memory, power) cannot remove its temporary files; the next process that
+writes into the same folder on the same host removes those whose process is gone. :func:`atomic_group` renames
+several files together, so that a case's outputs appear all at once or not at all.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ import contextlib
 import json
 import os
 import platform
+import re
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +25,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_path", "write_json", "write_nifti", "write_nifti_planes", "run_record", "versions"]
+from ambisam.errors import OutputError
+
+__all__ = ["atomic_path", "atomic_group", "write_json", "write_nifti", "write_nifti_planes", "run_record", "versions"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
@@ -29,12 +40,92 @@ def _umask() -> int:
     return mask
 
 
+#: this host, as it appears in a temporary file's name (letters, digits and ``_`` only)
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+#: a temporary file's name: the writing process and host between the final stem and suffix
+_TEMPORARY = re.compile(r"^\..*\.tmp-(\d+)-([A-Za-z0-9_]+)-[^.]*")
+#: folders whose stale temporary files this process has already removed
+_swept: set[Path] = set()
+#: the commits of the :func:`atomic_group` blocks open in this thread (innermost last)
+_groups = threading.local()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files left in ``folder`` by processes of this host that no longer run.
+
+    Only names that :func:`atomic_path` makes are considered; a file of a process that still runs, or of another
+    host (a shared file system), is left alone.
+
+    Args:
+        folder: the folder to clean.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or match.group(2) != _HOST or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _process_alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_group() -> Iterator[None]:
+    """Rename every file that :func:`atomic_path` writes inside the block only when the whole block completes.
+
+    Files are renamed in the order written. If the block fails, none of them appears and their temporary files are
+    removed. Groups nest: an inner group's files are renamed with the outermost group's.
+    """
+    stack = getattr(_groups, "stack", None)
+    if stack is None:
+        stack = _groups.stack = []
+    pending: list[tuple[Path, Path]] = []
+    stack.append(pending)
+    try:
+        yield
+        stack.pop()
+        if stack:  # nested: the outer group renames them
+            stack[-1].extend(pending)
+            pending = []
+        else:
+            for tmp, path in pending:
+                os.replace(tmp, path)
+    finally:
+        if stack and stack[-1] is pending:
+            stack.pop()
+        for tmp, _ in pending:
+            if tmp.exists():
+                tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block completes.
 
-    The temporary name keeps the final suffixes (``x.nii.gz`` -> ``.x.<random>.nii.gz``) so that writers that
-    choose a format by extension still work.
+    The temporary name keeps the final suffixes (``x.nii.gz`` -> ``.x.tmp-<pid>-<host>-<random>.nii.gz``) so that
+    writers that choose a format by extension still work. The first write into a folder removes the temporary
+    files that killed processes left there (:func:`remove_stale_temporaries`). Inside :func:`atomic_group`, the
+    rename waits for the group.
 
     Args:
         path: the final file path. Its parent folder is created.
@@ -44,18 +135,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+    if folder not in _swept:
+        remove_stale_temporaries(folder)
+        _swept.add(folder)
     suffix = "".join(path.suffixes)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-{os.getpid()}-{_HOST}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, _FILE_MODE & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
+    stack = getattr(_groups, "stack", None)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
+        if stack:
+            stack[-1].append((tmp_path, path))  # renamed (or removed) with its group
+        else:
+            os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -63,9 +163,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
     Returns:
         The final path.
+
+    Raises:
+        OutputError: the file could not be written (naming it; nothing is left at ``path``).
     """
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise _output_error(path, e) from e
     return Path(path)
 
 
@@ -132,9 +239,19 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
         The final path.
     """
     image = _nifti_image(np.asarray(array), affine)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+    try:
+        with atomic_path(path) as tmp:
+            nib.save(image, str(tmp))
+    except OSError as e:
+        raise _output_error(path, e) from e
     return Path(path)
+
+
+def _output_error(path: str | os.PathLike, error: OSError) -> OSError:
+    """``error`` while writing ``path``, as one :class:`~ambisam.errors.OutputError` naming the file."""
+    if isinstance(error, OutputError):
+        return error
+    return OutputError(path, f"could not write the file: {error.strerror or error}")
 
 
 class _Shape:
@@ -169,7 +286,8 @@ def write_nifti_planes(
         The final path.
 
     Raises:
-        OSError: writing failed (the message names the file; nothing is left at ``path``).
+        OutputError: writing failed, e.g. a full disk (an ``OSError`` naming the file; nothing is left at
+            ``path``).
         ValueError: a plane of another shape or dtype, or not ``prod(shape[2:])`` planes (naming the file).
     """
     from nibabel.arraywriters import get_slope_inter, make_array_writer
@@ -200,5 +318,5 @@ def write_nifti_planes(
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     except OSError as e:
-        raise OSError(f"{path}: could not write the file: {e}") from e
+        raise _output_error(path, e) from e
     return Path(path)

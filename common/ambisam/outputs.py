@@ -6,7 +6,8 @@ package can write volumes without importing the inferers and networks.
 Per case ``<id>``: ``<id>_mask.nii.gz`` (the final mask, uint8), ``<id>_mean.nii.gz`` (mean probability),
 ``<id>_uncertainty.nii.gz`` (entropy of the mean, bits), ``<id>_variance.nii.gz``, ``<id>_samples.nii.gz`` (the N
 samples, one 4D file, samples last) and ``<id>.json`` (what was run). Every file is written under a temporary
-name and renamed when complete.
+name, and a case's files are renamed together once all of them are complete (:func:`~ambisam.io.atomic_group`):
+a run that fails or is killed while writing a case leaves none of that case's files.
 
 Each file is streamed plane by plane (:func:`~ambisam.io.write_nifti_planes`) from the case's maps, dense tensors
 or regions (:mod:`ambisam.inferers.region`, the inference bundles' form): a plane outside the region is zeros of
@@ -25,7 +26,7 @@ import torch
 
 from ambisam.inferers.layout import OUTPUT_SUFFIXES
 from ambisam.inferers.region import region_parts, region_planes
-from ambisam.io import write_json, write_nifti, write_nifti_planes  # write_nifti re-exported
+from ambisam.io import atomic_group, write_json, write_nifti, write_nifti_planes  # write_nifti re-exported
 
 __all__ = ["write_nifti", "write_case_outputs", "write_output_file", "output_dtype", "OUTPUT_SUFFIXES"]
 
@@ -92,30 +93,31 @@ def write_case_outputs(
 
     Raises:
         ValueError: ``sample_names`` does not name every sample once, or the output has several structures.
-        OSError: a file could not be written (naming it; no partial file is left).
+        OutputError: a file could not be written, e.g. a full disk (naming it; none of the case's files is left).
     """
     out_dir = Path(out_dir)
-    affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    paths = {}
-    for name, suffix in OUTPUT_SUFFIXES.items():
-        # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
-        channels_last = name == "samples" or int(region_parts(maps[name])[0].shape[0]) != 1
-        paths[name] = write_output_file(out_dir / f"{case_id}{suffix}", maps[name], output_dtype(name), affine,
-                                        channels_last)
-    structures = int(region_parts(maps["mean"])[0].shape[0])
-    num_samples = int(region_parts(maps["samples"])[0].shape[0])
-    if sample_names is not None:
-        names = [str(n) for n in sample_names]
-        if len(names) != num_samples or len(set(names)) != len(names) or structures != 1:
-            raise ValueError(f"sample_names must name each of the {num_samples} samples of one structure once, "
-                             f"got {names}")
-        values, start, shape = region_parts(maps["samples"])
-        for index, name in enumerate(names):
-            one = {"values": values[index : index + 1], "start": torch.as_tensor(start), "shape": torch.as_tensor(shape)}
-            paths[f"sample:{name}"] = write_output_file(out_dir / f"{case_id}_{name}.nii.gz", one,
-                                                        output_dtype("samples"), affine, channels_last=False)
-    rec = dict(record or {})
-    rec.update(case=case_id, num_samples=num_samples // structures, num_structures=structures,
-               files={k: p.name for k, p in paths.items()})
-    paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
-    return paths
+    with atomic_group():  # the case's files appear together, or none of them
+        affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+        paths = {}
+        for name, suffix in OUTPUT_SUFFIXES.items():
+            # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
+            channels_last = name == "samples" or int(region_parts(maps[name])[0].shape[0]) != 1
+            paths[name] = write_output_file(out_dir / f"{case_id}{suffix}", maps[name], output_dtype(name), affine,
+                                            channels_last)
+        structures = int(region_parts(maps["mean"])[0].shape[0])
+        num_samples = int(region_parts(maps["samples"])[0].shape[0])
+        if sample_names is not None:
+            names = [str(n) for n in sample_names]
+            if len(names) != num_samples or len(set(names)) != len(names) or structures != 1:
+                raise ValueError(f"sample_names must name each of the {num_samples} samples of one structure once, "
+                                 f"got {names}")
+            values, start, shape = region_parts(maps["samples"])
+            for index, name in enumerate(names):
+                one = {"values": values[index : index + 1], "start": torch.as_tensor(start), "shape": torch.as_tensor(shape)}
+                paths[f"sample:{name}"] = write_output_file(out_dir / f"{case_id}_{name}.nii.gz", one,
+                                                            output_dtype("samples"), affine, channels_last=False)
+        rec = dict(record or {})
+        rec.update(case=case_id, num_samples=num_samples // structures, num_structures=structures,
+                   files={k: p.name for k, p in paths.items()})
+        paths["record"] = write_json(out_dir / f"{case_id}.json", rec)
+        return paths

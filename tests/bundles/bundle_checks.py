@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,30 @@ def _judge(name: str, error: BaseException, expected: str, out: Path) -> list[st
     return problems
 
 
+def check_training_refuses_bad_datalists(bundle: str, tmp: Path, datalist: Path,
+                                         names: tuple[str, ...] = ("train",)) -> None:
+    """Training on a datalist that is not JSON, or whose training or validation list is empty, stops with one
+    InputError naming the datalist before anything is written."""
+    raw = json.loads(datalist.read_text())
+    for item in (it for split in ("training", "validation", "test") for it in raw.get(split, [])):
+        item["image"] = str(datalist.parent / item["image"])  # the copies below live in other folders
+        item["label"] = [str(datalist.parent / p) for p in item["label"]]
+    cases = {"not JSON": ('{"training": [', "not a readable JSON datalist"),
+             **{f"empty {split}": (json.dumps(dict(raw, **{split: []})), f"the '{split}' list is empty")
+                for split in ("training", "validation")}}
+    for n, (name, (text, problem)) in enumerate(cases.items()):
+        folder = tmp / f"datalist{n}"
+        folder.mkdir(parents=True)
+        (folder / "datalist.json").write_text(text)
+        out = tmp / f"run{n}"
+        with pytest.raises(Exception) as err:
+            run_workflow(bundle, names, "train", **train_overrides(out, folder))
+        found = find_input_error(err.value)
+        assert found is not None and found.path == str(folder / "datalist.json"), (name, err.value)
+        assert problem in found.problem, (name, found)
+        assert not out.exists(), f"{name}: {sorted(out.rglob('*'))}"
+
+
 def check_init_weights_that_need_pickle_are_refused(bundle: str, tmp: Path, names: tuple[str, ...] = ("train",)) -> None:
     """A training workflow whose ``init_weights`` need pickle to load stops at ``initialize`` with one InputError
     naming the file, before it writes anything."""
@@ -276,6 +301,49 @@ def check_cli_bad_input(bundle: str, tmp: Path, ckpt_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == f"ambisam: error: {missing}: image file not found"
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+#: ``python -m monai.bundle run`` with the output writer patched to SIGKILL its own process one plane into the
+#: case's third file: a real kill in the middle of writing a case, at a point a test can count on
+_KILLED_WHILE_WRITING = """
+import os, runpy, signal, sys
+import ambisam.outputs as outputs
+real, files = outputs.write_nifti_planes, []
+
+def write_nifti_planes(path, shape, dtype, affine, planes):
+    files.append(path)
+    if len(files) < 3:
+        return real(path, shape, dtype, affine, planes)
+    def planes_then_kill():
+        for index, plane in enumerate(planes):
+            if index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield plane
+    return real(path, shape, dtype, affine, planes_then_kill())
+
+outputs.write_nifti_planes = write_nifti_planes
+sys.argv = ["monai.bundle"] + sys.argv[1:]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def check_inference_killed_while_writing(bundle: str, tmp: Path, dataset_dir: Path, ckpt_path: Path) -> None:
+    """Inference SIGKILLed in the middle of writing a case's files leaves none of that case's files, only hidden
+    temporary files of the dead process, which the next write into the folder removes."""
+    from ambisam.io import remove_stale_temporaries
+
+    out = tmp / "killed"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_WRITING, "run", "--config_file", configs(bundle, "inference")[0],
+         "--dataset_dir", str(dataset_dir), "--ckpt_path", str(ckpt_path), "--output_dir", str(out),
+         "--num_samples", "2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 3 and all(name.startswith(".") and ".tmp-" in name for name in left), left
+    assert sorted(p.name for p in remove_stale_temporaries(out)) == left
+    assert list(out.iterdir()) == []
 
 
 def check_torchrun_with(
@@ -373,6 +441,9 @@ class ContractChecks:
 
     def test_training_refuses_init_weights_that_need_pickle(self, tmp_path):
         check_init_weights_that_need_pickle_are_refused(self.bundle, tmp_path)
+
+    def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(self, trained, tmp_path):
+        check_training_refuses_bad_datalists(self.bundle, tmp_path, trained[1])
 
     def test_multi_gpu_train_under_torchrun_gloo(self, tmp_path):
         check_torchrun_with(self.bundle, tmp_path, **self.torchrun)

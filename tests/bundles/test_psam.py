@@ -15,10 +15,12 @@ from ambisam.weights import file_sha256
 from bundle_checks import (
     check_bad_inputs,
     check_cli_bad_input,
+    check_inference_killed_while_writing,
     check_inference_outputs,
     check_inference_without_weights,
     check_init_weights_that_need_pickle_are_refused,
     check_properties,
+    check_training_refuses_bad_datalists,
     check_torchrun,
     check_torchrun_evaluate,
     run_workflow,
@@ -111,6 +113,11 @@ def test_inference_with_one_seed_is_reproducible_and_records_seed_versions_and_w
             assert record["weights_sha256"] == weights
 
 
+def test_inference_killed_while_writing_a_case_leaves_none_of_its_files(trained, tmp_path):
+    tmp, datalist, _ = trained
+    check_inference_killed_while_writing(BUNDLE, tmp_path, datalist.parent, tmp / "models" / "model.pt")
+
+
 def test_inference_refuses_weights_that_need_pickle(trained, tmp_path):
     from ambisam.errors import find_input_error
     from bundle_checks import workflow
@@ -134,6 +141,10 @@ def test_inference_without_weights_says_how_to_train(tmp_path):
 
 def test_training_refuses_init_weights_that_need_pickle(tmp_path):
     check_init_weights_that_need_pickle_are_refused(BUNDLE, tmp_path)
+
+
+def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
+    check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained[1])
 
 
 def test_evaluate_writes_metrics_json_and_csv(trained):
