@@ -24,6 +24,7 @@ from bundle_checks import (
     check_inference_without_weights,
     check_init_weights_that_need_pickle_are_refused,
     check_properties,
+    check_training_refuses_bad_datalists,
     check_torchrun_with,
     run_workflow,
     small_dataset,
@@ -213,6 +214,10 @@ def test_inference_without_weights_says_how_to_train(tmp_path):
 
 def test_stage2_refuses_init_weights_that_need_pickle(tmp_path):
     check_init_weights_that_need_pickle_are_refused(BUNDLE, tmp_path, STAGE2)
+
+
+def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
+    check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained["datalist"])
 
 
 def test_multi_gpu_train_both_stages_under_torchrun_gloo(tmp_path):

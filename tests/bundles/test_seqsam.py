@@ -15,6 +15,7 @@ from bundle_checks import (
     check_inference_outputs,
     check_inference_without_weights,
     check_properties,
+    check_training_refuses_bad_datalists,
     check_torchrun_with,
     run_workflow,
     small_dataset,
@@ -119,6 +120,10 @@ def test_bad_inputs_stop_with_one_message_and_write_nothing(trained, tmp_path):
 def test_bad_input_on_the_command_line_is_one_line(trained, tmp_path):
     tmp, _, _ = trained
     check_cli_bad_input(BUNDLE, tmp_path, tmp / "models" / "model.pt")
+
+
+def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
+    check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained[1])
 
 
 def test_multi_gpu_train_under_torchrun_gloo(tmp_path):

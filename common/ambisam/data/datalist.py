@@ -141,7 +141,7 @@ def _check_top_level(raw: dict, path: Path) -> tuple[tuple[str, ...], bool]:
     return datalist_raters(path, raw=raw), "raters" in raw
 
 
-def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = True) -> list[dict]:
+def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = True, required: bool = False) -> list[dict]:
     """Read one list of a multi-rater datalist, with absolute paths, after checking it.
 
     Paths are resolved against the datalist's folder by :func:`monai.data.load_decathlon_datalist` (which keeps
@@ -163,13 +163,16 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
             accepted).
         check_headers: also read the NIfTI headers to check that every rater mask has the image's shape and
             that a ``box`` lies inside the image (a few milliseconds per file; non-NIfTI files are skipped).
+        required: an empty list is an error (training needs training and validation cases, evaluation test
+            cases), not ``[]``.
 
     Returns:
         The items of that list: dicts with ``image`` (str), ``label`` (list of str, ``None`` for a rater who did
         not read the case), ``id``, ``patient`` and any other keys of the item. An empty list gives ``[]``.
 
     Raises:
-        InputError: the datalist is missing or not valid JSON, has no list ``split``, a malformed top-level
+        InputError: the datalist is missing or not valid JSON, has no list ``split`` (or, ``required``, an empty
+            one), a malformed top-level
             ``raters``, ``labels`` or ``intensity`` block, an item is not a dict or lacks ``image`` or ``label``
             or has no rater file at all or a malformed ``box``, an item's ``raters`` names a rater the datalist
             does not have or does not match its ``label`` list, two items share an ``id``, an image or rater
@@ -186,6 +189,8 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
         raise InputError(path, f"'{split}' must be a list of items, got {type(raw_items).__name__}")
     table, declared = _check_top_level(raw, path)
     if not raw_items:
+        if required:
+            raise InputError(path, f"the '{split}' list is empty: this run needs at least one {split} case")
         return []
 
     orders: list[list[int] | None] = []
