@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -409,6 +410,35 @@ def test_benchmark_job_in_its_own_process(benchmark_run, tmp_path):
     assert entry["ged"] == pytest.approx(entries[2]["ged"])  # the same prompts and samples as in-process
     assert (tmp_path / "out" / "baseline" / "seed0" / "job.json").is_file()
 
+
+
+def test_benchmark_killed_mid_job_resumes_without_redoing_finished_jobs(benchmark_run, tmp_path):
+    """`ambisam benchmark` SIGKILLed (its whole process group) while its second job runs; the same benchmark
+    again reuses the finished job's result, runs the killed one, and scores both as an uninterrupted run."""
+    import signal
+
+    _, entries, datalist = benchmark_run
+    out = tmp_path / "out"
+    shutil.copytree(benchmark_run[0] / "embeddings", out / "embeddings")  # the same slices: no re-encoding
+    finished = out / "baseline" / "seed0" / "result.json"
+    command = [sys.executable, "-m", "ambisam", "benchmark", "--data", str(datalist), "--methods", "baseline,jitter",
+               "--samples", "4", "--out", str(out), "--budget", "2", "--max_epochs", "1", "--figure_cases", "0"]
+    job = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not finished.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the benchmark and its job process
+    assert job.wait(timeout=60) == -signal.SIGKILL, "the benchmark ended before it could be killed mid-job"
+    assert finished.is_file() and not (out / "jitter" / "seed0" / "result.json").exists()
+    assert not (out / "results.json").exists()
+    kept = finished.stat().st_mtime_ns
+    again = run_benchmark(data=datalist, methods="baseline,jitter", samples=4, out=out, budget=2, max_epochs=1,
+                          figure_cases=0, isolate=False)
+    assert finished.stat().st_mtime_ns == kept, "the finished job was run again"
+    assert [e["status"] for e in again] == ["ok", "ok"]
+    by_method = {e["method"]: e.get("ged") for e in entries}
+    assert [e["ged"] for e in again] == pytest.approx([by_method["baseline"], by_method["jitter"]])
 
 
 def test_benchmark_evaluation_prompt_is_a_named_protocol(benchmark_run, tmp_path):
