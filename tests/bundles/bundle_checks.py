@@ -99,9 +99,16 @@ def check_properties(
         assert not missing, f"{bundle} {names}: missing properties {missing}"
 
 
-def check_inference_outputs(out_dir: Path, datalist: Path, split: str, num_samples: int, probabilistic: bool) -> None:
+def check_inference_outputs(out_dir: Path, datalist: Path, split: str, num_samples: int, probabilistic: bool,
+                            weights: tuple[Path, ...] = ()) -> None:
     """Files present, in the input's shape and affine, probabilities in [0, 1], samples differ for a
-    probabilistic method, uncertainty zero where all samples agree."""
+    probabilistic method, uncertainty zero where all samples agree; the run's and each case's record hold the
+    seed, the versions and the sha256 of every weights file in ``weights`` (the trained ones the run loaded)."""
+    from ambisam.weights import file_sha256
+
+    run = json.loads((out_dir / "run.json").read_text())
+    for path in weights:
+        assert run["weights_sha256"][str(Path(path).resolve())] == file_sha256(path), (path, run["weights_sha256"])
     items = json.loads(datalist.read_text())[split]
     assert items
     for item in items:
@@ -125,7 +132,7 @@ def check_inference_outputs(out_dir: Path, datalist: Path, split: str, num_sampl
             assert np.all(unc[~agree] > 0)
         record = json.loads((out_dir / f"{item['id']}.json").read_text())
         assert record["num_samples"] == num_samples and "bundle_version" in record and "seed" in record
-    run = json.loads((out_dir / "run.json").read_text())
+        assert record["weights_sha256"] == run["weights_sha256"]
     assert "versions" in run and run["seed"] is not None
     assert not list(out_dir.glob(".*")), "temporary files left behind"
 

@@ -114,7 +114,8 @@ def test_evaluate_and_sample_a_volume(bundle, trained):
     out = tmp / "inference"
     run_workflow(folder, ("inference",), "infer", dataset_dir=str(datalist.parent), output_dir=str(out),
                  ckpt_path=str(tmp / "models" / "model_stage2.pt"), num_samples=3)
-    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=True)
+    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=True,
+                            weights=(tmp / "models" / "model_stage2.pt",))
 
 
 def test_multi_gpu_train_under_torchrun_gloo(bundle, tmp_path, monkeypatch):

@@ -150,7 +150,8 @@ def test_inference_outputs(trained):
     out = tmp / "inference"
     wf = run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent),
                       ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=3)
-    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=False)
+    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=False,
+                            weights=(tmp / "models" / "model.pt",))
     item = json.loads(datalist.read_text())["test"][0]
     assert json.loads((out / f"{item['id']}.json").read_text())["roi_size"] == 128
     # the bundle's network and inferer, each sample's probabilities kept: the draws differ inside the window
@@ -178,7 +179,8 @@ def test_inference_with_a_snapshot_ensemble(trained, resumed):
                       ckpt_path=str(tmp / "models" / "absent.pt"), output_dir=str(out), num_samples=4)
     network = wf.parser.get_parsed_content("network")
     assert type(network).__name__ == "SnapshotEnsemble" and network.samples_per_member(4) == [2, 2]
-    check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False)
+    check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False,
+                            weights=tuple(Path(p) for p in snapshots))
     item = json.loads(datalist.read_text())["test"][0]
     record = json.loads((out / f"{item['id']}.json").read_text())
     assert record["snapshots"] == snapshots

@@ -7,6 +7,7 @@ wiring, torchrun with gloo, every bad input, metadata."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -59,7 +60,8 @@ def test_diverse_inference_outputs(trained):
     out = tmp / "diverse"
     run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent),
                  ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=6)
-    check_inference_outputs(out, datalist, "test", num_samples=6, probabilistic=False)
+    check_inference_outputs(out, datalist, "test", num_samples=6, probabilistic=False,
+                            weights=(tmp / "models" / "model.pt",))
     assert not list(out.glob("*_rater-*.nii.gz"))  # the diverse mode names no rater
 
 
@@ -69,7 +71,8 @@ def test_personalised_inference_writes_one_mask_per_rater_named_and_a_rater_by_n
     out = tmp / "personalised"
     run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent), ckpt_path=ckpt,
                  output_dir=str(out), mode="personalised", seed=1)
-    check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False)
+    check_inference_outputs(out, datalist, "test", num_samples=4, probabilistic=False,
+                            weights=(Path(ckpt),))
     case = json.loads(datalist.read_text())["test"][0]["id"]
     samples = np.asarray(nib.load(out / f"{case}_samples.nii.gz").dataobj)
     for r, name in enumerate(STYLES):  # one file per rater, named, the same mask as sample r

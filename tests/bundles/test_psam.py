@@ -96,7 +96,8 @@ def inferred(trained):
 
 def test_inference_outputs(trained, inferred):
     _, datalist, _ = trained
-    check_inference_outputs(inferred[0], datalist, "test", num_samples=6, probabilistic=True)
+    check_inference_outputs(inferred[0], datalist, "test", num_samples=6, probabilistic=True,
+                            weights=(trained[0] / "models" / "model.pt",))
 
 
 def test_inference_with_one_seed_is_reproducible_and_records_seed_versions_and_weights(trained, inferred):

@@ -75,7 +75,8 @@ def test_inference_outputs(trained):
     out = tmp / "inference"
     run_workflow(BUNDLE, ("inference",), "infer", dataset_dir=str(datalist.parent),
                  ckpt_path=str(tmp / "models" / "model.pt"), output_dir=str(out), num_samples=3, box_jitter=2)
-    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=True)
+    check_inference_outputs(out, datalist, "test", num_samples=3, probabilistic=True,
+                            weights=(tmp / "models" / "model.pt",))
 
 
 def test_inference_without_weights_says_how_to_train(tmp_path):
