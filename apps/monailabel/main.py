@@ -48,6 +48,35 @@ from lib.trainers import FrozenEncoderBundleTrainTask
 logger = logging.getLogger(__name__)
 
 
+def _answer_params_that_are_not_a_json_object_with_400() -> None:
+    """MONAI Label 0.8.5 reads an infer request's ``params`` form field with ``json.loads`` in its endpoint
+    (``monailabel.endpoints.infer.run_inference``), before the app sees the request: malformed JSON, or JSON
+    that is not an object, ends in a bare 500. Wrap that function (its route calls it by name) so that such a
+    request is a 400 saying what is wrong; the request itself goes on unchanged."""
+    import json
+
+    from monailabel.endpoints import infer as endpoint
+
+    run = endpoint.run_inference
+    if getattr(run, "_ambisam", False):
+        return
+
+    def run_inference(background_tasks, model, image="", session_id="", params="{}", *args, **kwargs):
+        if isinstance(params, str) and params:
+            try:
+                parsed = json.loads(params)
+            except json.JSONDecodeError as e:
+                raise HTTPException(status_code=400, detail=f"ambisam: error: the request's params are not JSON "
+                                                             f"({e})") from None
+            if not isinstance(parsed, dict):
+                raise HTTPException(status_code=400, detail="ambisam: error: the request's params must be a JSON "
+                                                             f"object, got {type(parsed).__name__}")
+        return run(background_tasks, model, image, session_id, params, *args, **kwargs)
+
+    run_inference._ambisam = True  # type: ignore[attr-defined]
+    endpoint.run_inference = run_inference
+
+
 class AmbisamApp(MONAILabelApp):
     """Serve the ambisam bundles: inference with uncertainty, training, active learning by sample disagreement.
 
@@ -61,6 +90,7 @@ class AmbisamApp(MONAILabelApp):
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        _answer_params_that_are_not_a_json_object_with_400()
         conf = dict(conf or {})
         self.bundles_dir = Path(conf.get("bundles") or default_bundles_dir(app_dir)).resolve()
         self.sources = selected_bundles(conf, self.bundles_dir)
@@ -146,7 +176,14 @@ class AmbisamApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """MONAI Label's inference, plus: the uncertainty map and the samples stored as the image's labels
         (tags ``<model>_uncertainty``, ``<model>_samples``) and named in the result JSON's ``outputs``; bad
-        input answered as HTTP 400 with its one-line message."""
+        input answered as HTTP 400 with its one-line message, an unknown bundle or image as 404."""
+        model, image_id = request.get("model"), request.get("image")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"ambisam: error: unknown bundle {model!r}; this server "
+                                                         f"serves {sorted(self._infers)}")
+        store = datastore if datastore else self.datastore()
+        if isinstance(image_id, str) and not os.path.exists(image_id) and not self._in_datastore(store, image_id):
+            raise HTTPException(status_code=404, detail=f"ambisam: error: no image {image_id!r} in the datastore")
         try:
             result = super().infer(request, datastore)
         except Exception as e:
@@ -158,8 +195,6 @@ class AmbisamApp(MONAILabelApp):
         if not isinstance(params, dict):
             return result
         files = params.pop(OUTPUT_FILES_KEY, {}) or {}
-        model, image_id = request.get("model"), request.get("image")
-        store = datastore if datastore else self.datastore()
         in_store = isinstance(image_id, str) and not os.path.exists(image_id) and self._in_datastore(store, image_id)
         outputs = {}
         for name in EXTRA_OUTPUTS:
