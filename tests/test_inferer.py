@@ -190,7 +190,7 @@ def test_case_seeds_make_a_cases_samples_independent_of_the_cases_before_it(lite
     other = torch.flip(vol, dims=(2,))  # another case
     net = NoiseNetwork(litemedsam)
     seeds = [CaseSeedd(seed=0)({"id": name})["case_seed"].reshape(1) for name in ("a", "b")]
-    inferer = SlicewiseSamplingInferer(num_samples=4)
+    inferer = SlicewiseSamplingInferer(num_samples=4, cache=EmbeddingCache(litemedsam))  # 4 slices encoded, once
     torch.manual_seed(0)
     alone = inferer(vol, net, box=box, case_seed=seeds[0])
     torch.manual_seed(0)
