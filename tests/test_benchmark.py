@@ -546,3 +546,11 @@ def test_benchmark_bad_files_in_the_datalist_are_refused_before_training(tmp_pat
             run_benchmark(data=bad_list, methods="baseline,psam", out=tmp_path / "out")
         assert err.value.path == str(bad) and problem in err.value.problem, (split, key, err.value)
         assert not (tmp_path / "out").exists()
+    # the datalist itself: not JSON, or an empty training list for methods that train
+    for name, text, problem in [("not_json.json", '{"training": [', "not a readable JSON datalist"),
+                                ("empty.json", json.dumps(dict(lists, training=[])), "non-empty 'training'")]:
+        (datalist.parent / name).write_text(text)
+        with pytest.raises(InputError) as err:
+            run_benchmark(data=datalist.parent / name, methods="baseline,psam", out=tmp_path / "out")
+        assert err.value.path == str(datalist.parent / name) and problem in err.value.problem, (name, err.value)
+        assert not (tmp_path / "out").exists()
