@@ -232,6 +232,15 @@ def test_load_datalist_errors(tmp_path, small_synth):
     wrong_shape = _datalist_with(tmp_path, {"id": "x", "image": good["image"], "label": [str(other)]})
     with pytest.raises(InputError, match="other.nii.gz.*shape"):
         load_datalist(wrong_shape, "training")
+    first = nib.load(good["label"][0])
+    moved = first.affine.copy()
+    moved[:3, 3] += 2.5  # 2.5 mm off: another grid, though of the same shape
+    shifted = write_nifti(tmp_path / "shifted.nii.gz", np.asarray(first.dataobj), moved)
+    wrong_grid = _datalist_with(tmp_path, {"id": "x", "image": good["image"], "label": [str(shifted)]})
+    with pytest.raises(InputError, match=r"shifted.nii.gz: rater mask's affine differs from its image's "
+                                         r"\(largest difference 2.5\)"):
+        load_datalist(wrong_grid, "training")
+    assert load_datalist(wrong_grid, "training", check_headers=False)  # headers unread: the loader's check then
 
 
 # ----------------------------------------------------------------------------------------------- splits

@@ -101,7 +101,8 @@ def scale_data(folder: str | Path, sizes: Sequence[int], seed: int = 0) -> dict[
     datalist = json.loads((folder / "datalist.json").read_text())
     out = {}
     for size in sizes:
-        subset = dict(datalist, training=datalist["training"][: math.ceil(size / depth)])
+        training = datalist["training"][: math.ceil(size / depth)]
+        subset = dict(datalist, training=training, validation=training[:1])  # training needs a validation case
         path = folder / f"datalist_{size}.json"
         path.write_text(json.dumps(subset, indent=1))
         out[size] = path

@@ -226,26 +226,71 @@ def check_bad_inputs(bundle: str, tmp: Path, source_dir: Path, ckpt_path: Path) 
     assert not failures, "\n".join(failures)
 
 
-def _judge(name: str, error: BaseException, expected: str, out: Path) -> list[str]:
+def _judge(name: str, error: BaseException, expected: str | tuple[str, ...], out: Path) -> list[str]:
+    """What is wrong with ``error`` for a bad input: it must be an InputError whose message holds ``expected`` (or
+    one of them), with nothing written to ``out``."""
     found = find_input_error(error)
     problems = []
     if found is None:
         problems.append(f"{name}: not an InputError: {error!r}")
-    elif expected not in str(found):
+    elif not any(e in str(found) for e in ((expected,) if isinstance(expected, str) else expected)):
         problems.append(f"{name}: {found}")
     if out.exists():
         problems.append(f"{name}: output written")
     return problems
 
 
-def check_training_refuses_bad_datalists(bundle: str, tmp: Path, datalist: Path,
-                                         names: tuple[str, ...] = ("train",)) -> None:
-    """Training on a datalist that is not JSON, or whose training or validation list is empty, stops with one
-    InputError naming the datalist before anything is written."""
+def _absolute_datalist(datalist: Path) -> dict:
+    """A datalist's lists with absolute paths, so that an edited copy can live in another folder."""
     raw = json.loads(datalist.read_text())
     for item in (it for split in ("training", "validation", "test") for it in raw.get(split, [])):
-        item["image"] = str(datalist.parent / item["image"])  # the copies below live in other folders
+        item["image"] = str(datalist.parent / item["image"])
         item["label"] = [str(datalist.parent / p) for p in item["label"]]
+    return raw
+
+
+def check_workflow_bad_inputs(bundle: str, tmp: Path, datalist: Path, split: str = "training",
+                              names: tuple[str, ...] = ("train",), **extra) -> None:
+    """Each corpus case that has a label (the box cases do not apply: training and evaluation draw their boxes from
+    the labels), put in place of the first case of ``split``, stops the ``names`` workflow (training; evaluation
+    with ``("train", "evaluate")``, ``split="test"`` and the trained ``ckpt_path`` in ``extra``) in ``initialize``
+    with an InputError naming the file, and nothing is written."""
+    raw = _absolute_datalist(datalist)
+    good_labels = raw[split][0]["label"]
+    failures = []
+    for n, (name, (override, expected)) in enumerate(bad_inputs(tmp, datalist.parent).items()):
+        if "label" not in override:
+            continue
+        override = dict(override)
+        label = override.pop("label")
+        if isinstance(label, str):  # one file: the first rater's, bad or good, with the other raters' good ones
+            label = [label, *good_labels[1:]]
+        image = override.pop("image")
+        # a datalist names a missing file in its own words; either message must name the bad file
+        bad_files = tuple(Path(p).name for p in (image, label[0]) if Path(p).parent == tmp / "bad")
+        edited = json.loads(json.dumps(raw))
+        edited[split][0].update(image=image, label=label)
+        folder = tmp / f"{split}_datalist{n}"
+        folder.mkdir()
+        (folder / "datalist.json").write_text(json.dumps(edited))
+        out = tmp / f"{split}_run{n}"
+        if "evaluate" in names:
+            override["eval_dir"] = str(out / "evaluate")
+        wf = workflow(bundle, names, "train", **{**train_overrides(out, folder), **extra, **override})
+        try:
+            wf.initialize()
+        except Exception as e:  # noqa: BLE001 - judged below: it must be an InputError
+            failures.extend(_judge(name, e, (expected, *bad_files), out))
+        else:
+            failures.append(f"{name}: no error")
+    assert not failures, "\n".join(failures)
+
+
+def check_training_refuses_bad_datalists(bundle: str, tmp: Path, datalist: Path,
+                                         names: tuple[str, ...] = ("train",), **extra) -> None:
+    """Training on a datalist that is not JSON, or whose training or validation list is empty, stops with one
+    InputError naming the datalist before anything is written (``extra``: more overrides)."""
+    raw = _absolute_datalist(datalist)
     cases = {"not JSON": ('{"training": [', "not a readable JSON datalist"),
              **{f"empty {split}": (json.dumps(dict(raw, **{split: []})), f"the '{split}' list is empty")
                 for split in ("training", "validation")}}
@@ -255,7 +300,7 @@ def check_training_refuses_bad_datalists(bundle: str, tmp: Path, datalist: Path,
         (folder / "datalist.json").write_text(text)
         out = tmp / f"run{n}"
         with pytest.raises(Exception) as err:
-            run_workflow(bundle, names, "train", **train_overrides(out, folder))
+            run_workflow(bundle, names, "train", **train_overrides(out, folder, **extra))
         found = find_input_error(err.value)
         assert found is not None and found.path == str(folder / "datalist.json"), (name, err.value)
         assert problem in found.problem, (name, found)
@@ -451,6 +496,14 @@ class ContractChecks:
 
     def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(self, trained, tmp_path):
         check_training_refuses_bad_datalists(self.bundle, tmp_path, trained[1])
+
+    def test_training_refuses_bad_inputs_before_writing_anything(self, trained, tmp_path):
+        check_workflow_bad_inputs(self.bundle, tmp_path, trained[1])
+
+    def test_evaluation_refuses_bad_inputs_before_writing_anything(self, trained, tmp_path):
+        tmp, datalist = trained[:2]
+        check_workflow_bad_inputs(self.bundle, tmp_path, datalist, "test", ("train", "evaluate"),
+                                  ckpt_path=str(tmp / "models" / "model.pt"))
 
     def test_multi_gpu_train_under_torchrun_gloo(self, tmp_path):
         check_torchrun_with(self.bundle, tmp_path, **self.torchrun)

@@ -24,8 +24,9 @@ from bundle_checks import (
     check_inference_without_weights,
     check_init_weights_that_need_pickle_are_refused,
     check_properties,
-    check_training_refuses_bad_datalists,
     check_torchrun_with,
+    check_training_refuses_bad_datalists,
+    check_workflow_bad_inputs,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -220,6 +221,15 @@ def test_stage2_refuses_init_weights_that_need_pickle(tmp_path):
 
 def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
     check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained["datalist"])
+
+
+def test_training_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    check_workflow_bad_inputs(BUNDLE, tmp_path, trained["datalist"])
+
+
+def test_evaluation_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    check_workflow_bad_inputs(BUNDLE, tmp_path, trained["datalist"], "test", (*STAGE2, "evaluate"),
+                              ckpt_path=str(trained["tmp"] / "models" / "model.pt"))
 
 
 def test_multi_gpu_train_both_stages_under_torchrun_gloo(tmp_path):

@@ -20,9 +20,10 @@ from bundle_checks import (
     check_inference_without_weights,
     check_init_weights_that_need_pickle_are_refused,
     check_properties,
-    check_training_refuses_bad_datalists,
     check_torchrun,
     check_torchrun_evaluate,
+    check_training_refuses_bad_datalists,
+    check_workflow_bad_inputs,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -146,6 +147,16 @@ def test_training_refuses_init_weights_that_need_pickle(tmp_path):
 
 def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
     check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained[1])
+
+
+def test_training_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    check_workflow_bad_inputs(BUNDLE, tmp_path, trained[1])
+
+
+def test_evaluation_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    tmp, datalist, _ = trained
+    check_workflow_bad_inputs(BUNDLE, tmp_path, datalist, "test", ("train", "evaluate"),
+                              ckpt_path=str(tmp / "models" / "model.pt"))
 
 
 def test_evaluate_writes_metrics_json_and_csv(trained):

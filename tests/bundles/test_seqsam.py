@@ -15,8 +15,9 @@ from bundle_checks import (
     check_inference_outputs,
     check_inference_without_weights,
     check_properties,
-    check_training_refuses_bad_datalists,
     check_torchrun_with,
+    check_training_refuses_bad_datalists,
+    check_workflow_bad_inputs,
     run_workflow,
     small_dataset,
     train_overrides,
@@ -124,7 +125,17 @@ def test_bad_input_on_the_command_line_is_one_line(trained, tmp_path):
 
 
 def test_training_refuses_a_datalist_not_json_or_with_an_empty_list(trained, tmp_path):
-    check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained[1])
+    check_training_refuses_bad_datalists(BUNDLE, tmp_path, trained[1], **SMALL)
+
+
+def test_training_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    check_workflow_bad_inputs(BUNDLE, tmp_path, trained[1], **SMALL)
+
+
+def test_evaluation_refuses_bad_inputs_before_writing_anything(trained, tmp_path):
+    tmp, datalist, _ = trained
+    check_workflow_bad_inputs(BUNDLE, tmp_path, datalist, "test", ("train", "evaluate"),
+                              ckpt_path=str(tmp / "models" / "model.pt"), **SMALL)
 
 
 def test_multi_gpu_train_under_torchrun_gloo(tmp_path):

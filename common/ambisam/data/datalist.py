@@ -71,14 +71,36 @@ def natural_key(text: str) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text)))]
 
 
-def _header_shape(path: str) -> tuple[int, ...] | None:
-    """The stored array shape of a NIfTI file from its header alone, or ``None`` for other formats."""
+def _header_grid(path: str) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The stored array shape and affine of a NIfTI file from its header alone, or ``None`` for other formats."""
     if not path.lower().endswith(_NIFTI_SUFFIXES):
         return None
     try:
-        return tuple(int(s) for s in nib.load(path).shape)
+        image = nib.load(path)
+        return tuple(int(s) for s in image.shape), image.affine
     except Exception as e:  # nibabel raises several types for a damaged file
         raise InputError(path, f"not a readable NIfTI file ({e})") from e
+
+
+def _check_rater_grids(image: str, files: Sequence[str | None]) -> tuple[int, ...] | None:
+    """Each rater mask on its image's voxel grid (shape and affine, from the headers); returns the image's shape."""
+    from ambisam.data.transforms.validation import affine_difference
+
+    grid = _header_grid(image)
+    if grid is None:
+        return None
+    shape, affine = grid
+    for p in files:
+        theirs = None if p is None else _header_grid(p)
+        if theirs is None:
+            continue
+        if theirs[0][:3] != shape[:3]:
+            raise InputError(p, f"rater mask shape {theirs[0]} differs from its image's {shape} ({image})")
+        largest = affine_difference(theirs[1], affine)
+        if largest is not None:
+            raise InputError(p, f"rater mask's affine differs from its image's (largest difference {largest:.4g}) "
+                                f"({image}): the mask lies on another voxel grid; resample it onto the image first.")
+    return shape
 
 
 def _check_box(box: Any, where: str, datalist: Path, shape: tuple[int, ...] | None) -> None:
@@ -162,7 +184,8 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
         split: which list to read: ``"training"``, ``"validation"`` or ``"test"`` (any key of the JSON is
             accepted).
         check_headers: also read the NIfTI headers to check that every rater mask has the image's shape and
-            that a ``box`` lies inside the image (a few milliseconds per file; non-NIfTI files are skipped).
+            affine and that a ``box`` lies inside the image (a few milliseconds per file; non-NIfTI files are
+            skipped).
         required: an empty list is an error (training needs training and validation cases, evaluation test
             cases), not ``[]``.
 
@@ -176,7 +199,7 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
             ``raters``, ``labels`` or ``intensity`` block, an item is not a dict or lacks ``image`` or ``label``
             or has no rater file at all or a malformed ``box``, an item's ``raters`` names a rater the datalist
             does not have or does not match its ``label`` list, two items share an ``id``, an image or rater
-            file does not exist, or (with ``check_headers``) a rater mask's shape differs from its image's or a
+            file does not exist, or (with ``check_headers``) a rater mask's shape or affine differs from its image's or a
             ``box`` lies outside it. The message names the offending file.
     """
     path = Path(path)
@@ -245,14 +268,7 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
             if p is not None and not os.path.isfile(p):
                 raise InputError(p, f"rater {name} mask listed in {path} ({where}) does not exist")
 
-        image_shape = None
-        if check_headers:
-            image_shape = _header_shape(item["image"])
-            if image_shape is not None:
-                for p in files:
-                    shape = None if p is None else _header_shape(p)
-                    if shape is not None and shape[:3] != image_shape[:3]:
-                        raise InputError(p, f"rater mask shape {shape} differs from its image's {image_shape}")
+        image_shape = _check_rater_grids(item["image"], files) if check_headers else None
         if "box" in item:
             _check_box(item["box"], where, path, image_shape)
         items.append(item)

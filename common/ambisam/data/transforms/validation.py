@@ -139,14 +139,29 @@ class ValidateMultiRaterd(MapTransform):
         return d
 
 
+def affine_difference(a: Any, b: Any) -> float | None:
+    """How far apart two voxel-to-world affines are, when they are not one voxel grid.
+
+    Args:
+        a, b: 4x4 affines (arrays or tensors).
+
+    Returns:
+        ``None`` when they agree within float32 rounding of a NIfTI header (relative 1e-4, absolute 1e-3 mm),
+        else their largest element difference (``nan`` for affines of different shapes).
+    """
+    a, b = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64) for x in (a, b))
+    if a.shape != b.shape:
+        return float("nan")
+    return None if np.allclose(a, b, rtol=1e-4, atol=1e-3) else float(np.abs(a - b).max())
+
+
 def _check_same_grid(image: Any, label: Any, image_file: Any, label_file: Any) -> None:
     """Raise an InputError naming the label file when both carry an affine (MetaTensors) and they differ by more
     than float32 rounding of a NIfTI header: the rater masks would be drawn on another grid than the image."""
     if not (hasattr(image, "affine") and hasattr(label, "affine")):
         return
-    a, b = image.affine.detach().cpu().double().numpy(), label.affine.detach().cpu().double().numpy()
-    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-3):
-        largest = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
+    largest = affine_difference(image.affine, label.affine)
+    if largest is not None:
         raise InputError(
             label_file,
             f"label's affine differs from the image's (largest difference {largest:.4g})"
