@@ -531,7 +531,8 @@ def test_benchmark_bad_files_in_the_datalist_are_refused_before_training(tmp_pat
     truncated.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     label = datalist.parent / lists["training"][0]["label"][0]
     three = tmp_path / "three.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(nib.load(label).dataobj).astype(np.uint8) * 3 + 3, np.eye(4)), str(three))
+    rater = nib.load(label)  # the bad mask keeps the rater's own grid: only its values are wrong
+    nib.save(nib.Nifti1Image(np.asarray(rater.dataobj).astype(np.uint8) * 3 + 3, rater.affine), str(three))
     for split, key, bad, problem in [("test", "image", corrupt, "not a readable NIfTI file"),
                                      ("test", "image", truncated, "cannot be read as a NIfTI image"),
                                      ("training", "image", corrupt, "not a readable NIfTI file"),
