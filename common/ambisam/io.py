@@ -27,7 +27,8 @@ import numpy as np
 
 from ambisam.errors import OutputError
 
-__all__ = ["atomic_path", "atomic_group", "write_json", "write_nifti", "write_nifti_planes", "run_record", "versions"]
+__all__ = ["atomic_path", "atomic_group", "remove_stale_temporaries", "write_json", "write_nifti", "write_nifti_planes",
+           "run_record", "versions"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)

@@ -113,7 +113,8 @@ def write_case_outputs(
                                  f"got {names}")
             values, start, shape = region_parts(maps["samples"])
             for index, name in enumerate(names):
-                one = {"values": values[index : index + 1], "start": torch.as_tensor(start), "shape": torch.as_tensor(shape)}
+                one = {"values": values[index : index + 1], "start": torch.as_tensor(start),
+                       "shape": torch.as_tensor(shape)}
                 paths[f"sample:{name}"] = write_output_file(out_dir / f"{case_id}_{name}.nii.gz", one,
                                                             output_dtype("samples"), affine, channels_last=False)
         rec = dict(record or {})

@@ -163,7 +163,9 @@ def _check_top_level(raw: dict, path: Path) -> tuple[tuple[str, ...], bool]:
     return datalist_raters(path, raw=raw), "raters" in raw
 
 
-def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = True, required: bool = False) -> list[dict]:
+def load_datalist(
+    path: str | os.PathLike, split: str, *, check_headers: bool = True, required: bool = False
+) -> list[dict]:
     """Read one list of a multi-rater datalist, with absolute paths, after checking it.
 
     Paths are resolved against the datalist's folder by :func:`monai.data.load_decathlon_datalist` (which keeps
@@ -195,12 +197,11 @@ def load_datalist(path: str | os.PathLike, split: str, *, check_headers: bool = 
 
     Raises:
         InputError: the datalist is missing or not valid JSON, has no list ``split`` (or, ``required``, an empty
-            one), a malformed top-level
-            ``raters``, ``labels`` or ``intensity`` block, an item is not a dict or lacks ``image`` or ``label``
-            or has no rater file at all or a malformed ``box``, an item's ``raters`` names a rater the datalist
-            does not have or does not match its ``label`` list, two items share an ``id``, an image or rater
-            file does not exist, or (with ``check_headers``) a rater mask's shape or affine differs from its image's or a
-            ``box`` lies outside it. The message names the offending file.
+            one), a malformed top-level ``raters``, ``labels`` or ``intensity`` block, an item is not a dict or
+            lacks ``image`` or ``label`` or has no rater file at all or a malformed ``box``, an item's ``raters``
+            names a rater the datalist does not have or does not match its ``label`` list, two items share an
+            ``id``, an image or rater file does not exist, or (with ``check_headers``) a rater mask's shape or
+            affine differs from its image's or a ``box`` lies outside it. The message names the offending file.
     """
     path = Path(path)
     raw = read_datalist_file(path)
