@@ -27,6 +27,7 @@ from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volu
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
 from ambisam.data.transforms import (
     NO_BOX,
+    ORGAN_PROMPTS,
     PROMPT_PROTOCOLS,
     BoxesFromLabeld,
     BoxFromRaterd,
@@ -34,7 +35,11 @@ from ambisam.data.transforms import (
     LesionCropd,
     LoadBoxd,
     LoadRatersd,
+    ManualOrganBoxesd,
+    OrganBoxFiled,
+    OrganPromptsd,
     RankRatersByAread,
+    RectifyByUncertaintyd,
     SelectReadRatersd,
     PromptBoxesd,
     ResizeBoxd,
@@ -47,6 +52,7 @@ from ambisam.data.transforms import (
     case_seed,
     check_prompt,
     intensity_transform,
+    multi_label_volume,
     slice_boxes_from_box3d,
 )
 
@@ -98,6 +104,12 @@ __all__ = [
     "ResizeBoxd",
     "SelectSlicesd",
     "SplitSamplingOutputd",
+    "ORGAN_PROMPTS",
+    "ManualOrganBoxesd",
+    "OrganBoxFiled",
+    "OrganPromptsd",
+    "RectifyByUncertaintyd",
+    "multi_label_volume",
     "StructureMasksd",
     "ValidateMultiRaterd",
     "box_from_mask",

@@ -11,6 +11,7 @@ from ambisam.engines.handlers import (
     lower_is_better,
     require_weights,
 )
+from ambisam.engines.strategy_table import StrategyTableWriter
 from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch, slice_batches, take_slices
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "MetricsReportWriter",
     "ResumeFromCheckpoint",
     "SamplingOutputWriter",
+    "StrategyTableWriter",
     "require_weights",
     "latest_checkpoint",
     "lower_is_better",

@@ -4,6 +4,7 @@
 from ambisam.inferers.layout import (
     OUTPUT_NAMES,
     OUTPUT_SUFFIXES,
+    OPTIONAL_OUTPUT_SUFFIXES,
     SAMPLING_CHANNELS,
     binary_entropy,
     num_structures,
@@ -18,6 +19,7 @@ __all__ = [
     "SAMPLING_CHANNELS",
     "OUTPUT_NAMES",
     "OUTPUT_SUFFIXES",
+    "OPTIONAL_OUTPUT_SUFFIXES",
     "binary_entropy",
     "num_structures",
     "sampling_maps",
