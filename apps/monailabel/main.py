@@ -150,10 +150,14 @@ class AmbisamApp(MONAILabelApp):
         for name, path in self.working_copies.items():
             if not (path / "configs" / "train.json").is_file():
                 continue
+            spec = method_registry.get(name)
+            if spec is not None and not spec.trainable:
+                logger.info(f"{name}: training-free for SAM (its train.json trains no segmentation model); training "
+                            "from MONAI Label is not offered")
+                continue
             if not self._encoder_frozen(name):
                 logger.info(f"{name}: the image encoder is trained too; training from MONAI Label is not offered")
                 continue
-            spec = method_registry.get(name)
             if spec is not None and "rater_id" in spec.capabilities.conditions:
                 logger.info(f"{name}: trains on raters by identity, and the datastore's labels name no rater; "
                             "training from MONAI Label is not offered (train it on a datalist with its raters)")
