@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.utils import optional_import
@@ -243,6 +244,38 @@ def synth_case(
     return image, masks, info
 
 
+def _output_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a path; raises InputError where it exists and is not a folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "output path exists and is not a folder")
+    return out_dir
+
+
+def _generate_cases(
+    cases: int, seed: int, draw: Callable[[np.random.Generator], tuple], progress: bool
+) -> list[tuple]:
+    """Draw every case before anything is written (drawing may raise): ``[(id, *draw(rng)), ...]`` with id
+    ``case<nnn>`` and case ``n`` drawn from ``numpy.random.default_rng([seed, n])``."""
+    generated = []
+    numbers = range(cases)
+    if progress and _has_tqdm:
+        numbers = tqdm(numbers, desc="synth", unit="case")
+    for n in numbers:
+        generated.append((f"case{n:03d}", *draw(np.random.default_rng([seed, n]))))
+    return generated
+
+
+def _write_record(
+    out_dir: Path, kind: str, parameters: Mapping[str, Any], by_split: Mapping[str, Sequence], **details: Any
+) -> Path:
+    """Write ``out_dir/synth.json``: the run's ``kind``, its folder, ``parameters``, the cases per list, then
+    ``details`` (each in the order given) and the versions (:func:`~ambisam.io.run_record`)."""
+    counts = {k: len(v) for k, v in by_split.items()}
+    record = run_record(kind=kind, out=str(out_dir.absolute()), **parameters, counts=counts, **details)
+    return write_json(out_dir / "synth.json", record)
+
+
 def synthesize(
     out_dir: str | os.PathLike,
     cases: int = 8,
@@ -286,19 +319,10 @@ def synthesize(
         raise InputError(None, f"synth shape must be three positive sizes (H, W, D), got {shape}")
     styles = _check_styles(raters, rater_styles)
     fractions = parse_split(split)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "output path exists and is not a folder")
+    out_dir = _output_folder(out_dir)
     shape = tuple(int(s) for s in shape)
     cases, raters, seed = int(cases), int(raters), int(seed)
-
-    generated = []  # generate everything (may raise) before writing anything
-    numbers = range(cases)
-    if progress and _has_tqdm:
-        numbers = tqdm(numbers, desc="synth", unit="case")
-    for n in numbers:
-        image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters, bool(styles))
-        generated.append((f"case{n:03d}", image, masks, info))
+    generated = _generate_cases(cases, seed, lambda rng: synth_case(rng, shape, raters, bool(styles)), progress)
 
     affine = np.diag([*SPACING, 1.0])
     items, lesions = [], {}
@@ -322,25 +346,10 @@ def synthesize(
             faint_hu=FAINT_HU,
             faint_cases=sorted(case_id for case_id, info in lesions.items() if info["faint"]),
         )
-    write_json(
-        out_dir / "synth.json",
-        run_record(
-            kind="synth",
-            out=str(out_dir.absolute()),
-            cases=cases,
-            raters=raters,
-            seed=seed,
-            shape=list(shape),
-            spacing=list(SPACING),
-            split=list(fractions),
-            counts={k: len(v) for k, v in by_split.items()},
-            radius_range=list(RADIUS_RANGE),
-            small_radius=SMALL_RADIUS,
-            miss_probability=MISS_PROBABILITY,
-            lesions=lesions,
-            **style_record,
-        ),
-    )
+    parameters = dict(cases=cases, raters=raters, seed=seed, shape=list(shape), spacing=list(SPACING),
+                      split=list(fractions))
+    _write_record(out_dir, "synth", parameters, by_split, radius_range=list(RADIUS_RANGE), small_radius=SMALL_RADIUS,
+                  miss_probability=MISS_PROBABILITY, lesions=lesions, **style_record)
     return datalist
 
 
