@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fire
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+from ambisam.cli import Commands, main
 from ambisam.data import (
     FLARE22_LABELS,
     SPLITS,
     datalist_class_map,
     datalist_intensity,
+    ensure_dataset,
     load_datalist,
     synth_organ_case,
     synthesize_organs,
@@ -174,3 +177,33 @@ def test_bad_arguments_are_one_input_error_and_nothing_is_written(tmp_path, kwar
     with pytest.raises(InputError, match=problem):
         synthesize_organs(out, **{"cases": 1, "shape": SHAPE, **kwargs})
     assert not out.exists()
+
+
+def test_ensure_dataset_writes_the_organ_set_for_a_config(tmp_path):
+    datalist = ensure_dataset(tmp_path / "organs", organs=["spleen", "liver"], cases=1, shape=SHAPE)
+    assert datalist_class_map(datalist) == {"liver": 1, "spleen": 3}
+    assert ensure_dataset(tmp_path / "organs", organs=True) == datalist  # used as it is
+    with pytest.raises(InputError, match="unknown organ"):
+        ensure_dataset(tmp_path / "bad", organs=["livr"])
+    with pytest.raises(InputError, match="one rater"):
+        ensure_dataset(tmp_path / "bad", organs=True, raters=4)
+    assert not (tmp_path / "bad").exists()
+    everything = ensure_dataset(tmp_path / "all", organs=True, cases=1, shape=SHAPE)
+    assert datalist_class_map(everything) == FLARE22_LABELS
+
+
+def test_cli_organs_and_spacing(tmp_path, capsys):
+    out = tmp_path / "cli"
+    fire.Fire(Commands(), command=["synth", str(out), "--cases", "1", "--organs", "liver,kidney_left",
+                                   "--spacing", "1.0,1.0,2.5"], name="ambisam")
+    datalist = out / "datalist.json"
+    assert capsys.readouterr().out.strip() == str(datalist)
+    assert datalist_class_map(datalist) == {"liver": 1, "kidney_left": 13}
+    image = nib.load(out / "imagesTr" / "case000.nii.gz")
+    assert image.shape == (96, 96, 32) and np.allclose(np.diag(image.affine)[:3], (1.0, 1.0, 2.5))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(tmp_path / "bad"), "--organs", "liver,gall_bladder"])
+    assert exit_info.value.code == 2
+    assert "unknown organ(s) ['gall_bladder']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -26,7 +26,7 @@ from ambisam.data.datalist import (
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
 from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volume_transforms
-from ambisam.data.synth import ensure_dataset, synth_case, synthesize
+from ambisam.data.synth import ensure_dataset, synth_case, synthesize, synthesize_dataset
 from ambisam.data.synth_organs import FLARE22_LABELS, organ_names, synth_organ_case, synthesize_organs
 from ambisam.data.transforms import (
     NO_BOX,
@@ -85,6 +85,7 @@ __all__ = [
     "ensure_dataset",
     "synth_case",
     "synthesize",
+    "synthesize_dataset",
     "FLARE22_LABELS",
     "organ_names",
     "synth_organ_case",
