@@ -1,7 +1,9 @@
 """The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`) and their top-level blocks (raters,
-class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), a synthetic CT-like data set
-(:mod:`ambisam.data.synth`), a byte-bounded caching dataset (:mod:`ambisam.data.datasets`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
-transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
+class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), synthetic CT-like data
+sets (:mod:`ambisam.data.synth`: one lesion, K raters; :mod:`ambisam.data.synth_organs`: 13 abdominal organs, one
+rater), a byte-bounded caching dataset (:mod:`ambisam.data.datasets`), converters from public layouts
+(:mod:`ambisam.data.convert`), MONAI dictionary transforms (:mod:`ambisam.data.transforms`) and ready pipelines
+(:mod:`ambisam.data.pipelines`)."""
 
 from ambisam.data.conventions import (
     DEFAULT_INTENSITY,
@@ -24,7 +26,8 @@ from ambisam.data.datalist import (
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
 from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volume_transforms
-from ambisam.data.synth import ensure_dataset, synth_case, synthesize
+from ambisam.data.synth import ensure_dataset, synth_case, synthesize, synthesize_dataset
+from ambisam.data.synth_organs import FLARE22_LABELS, organ_names, synth_organ_case, synthesize_organs
 from ambisam.data.transforms import (
     NO_BOX,
     ORGAN_PROMPTS,
@@ -88,6 +91,11 @@ __all__ = [
     "ensure_dataset",
     "synth_case",
     "synthesize",
+    "synthesize_dataset",
+    "FLARE22_LABELS",
+    "organ_names",
+    "synth_organ_case",
+    "synthesize_organs",
     "CaseSeedd",
     "case_seed",
     "NO_BOX",
