@@ -114,6 +114,11 @@ class AmbisamApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
         for name, path in self.working_copies.items():
+            spec = method_registry.get(name)
+            if spec is not None and spec.multi_organ:
+                logger.warning(f"{name}: a multi-organ bundle (organs as labels, a box per organ); serving it through "
+                               "MONAI Label is not implemented yet: not served for inference")
+                continue
             if not self.has_weights[name]:
                 logger.warning(
                     f"{name}: no trained weights (give --conf weights DIR, or train it: POST /train/{name}); "
