@@ -40,6 +40,7 @@ class Bench:
         training: bool = True,
         json: bool = False,
         precision: str = "fp32",
+        structures: int | None = None,
     ) -> None:
         """Encoder ms per slice, decoder ms per sample, the ratio time(N)/time(1) and volume throughput.
 
@@ -56,11 +57,15 @@ class Bench:
             json: print JSON instead of lines.
             precision: fp32, bf16 or auto: what the figures are measured in; a lower one than fp32 also prints
                 its encoder and per-sample decoder speed-up over fp32, measured in the same run.
+            structures: structures (organs) prompted per slice in the volume test, from one embedding; default 13
+                for a multi-organ method (ursam), 1 otherwise and in the table.
         """
         from ambisam.bench import print_methods, print_sampling
 
         settings = dict(backbone=backbone, checkpoint=checkpoint, num_samples=num_samples, repeats=repeats,
                         volume_slices=volume_slices, threads=threads, precision=precision)
+        if structures is not None:
+            settings["structures"] = structures
         if isinstance(method, str) and method != "all" and "," not in method:
             print_sampling(as_json=json, method=method, **settings)
         else:  # fire passes "a,b" as a tuple
