@@ -262,3 +262,48 @@ def test_the_next_box_is_the_tight_box_inside_the_extent_grown_and_clipped():
     assert waves.ranges == {(0, 0): (1, 2)} and waves.extents[(0, 0)].tolist() == [1.0, 0.0, 6.0, 5.0]
     assert [(u.slice, u.box.tolist()) for u in waves.wave()] == [(1, [1.0, 1.0, 5.0, 5.0])]
     assert waves.needs(0, 2) and not waves.needs(0, 0)
+
+
+def _two_organ_datalist(folder):
+    """One test case of two structures in a class-mapped datalist (2 raters alike): a tapered "kidney" whose 3D box
+    holds a bright pixel near its corner on its end slices (a vessel, say, in no label), and a "spleen"."""
+    from ambisam.data import write_datalist, write_nifti
+
+    kidney = _ellipsoid(8, (10, 10, 3.5), (7, 7, 3.9))  # slices 0-7, box rows/columns 4-16
+    spleen = _ellipsoid(8, (24, 24, 4), (5, 5, 3))
+    image = np.full(kidney.shape, -1000, np.int16)
+    image[kidney | spleen] = 300
+    image[4, 4, [0, 7]] = 300  # inside the kidney's 3D box, outside the kidney
+    label = (kidney * 1 + spleen * 2).astype(np.uint8)
+    item = {"image": write_nifti(folder / "ct.nii.gz", image, np.eye(4)),
+            "label": [write_nifti(folder / f"ct_r{r}.nii.gz", label, np.eye(4)) for r in range(2)]}
+    return write_datalist(folder, {"test": [item]}, labels={"kidney": 1, "spleen": 2},
+                          intensity={"modality": "ct", "window": [-1000, 400]})
+
+
+def test_the_bench_gives_a_dice_per_structure_for_both_modes_on_a_class_mapped_and_a_synthetic_data_set(tmp_path):
+    import json
+
+    from ambisam.bench_propagation import PROPAGATION_MODES, bench_propagation, format_propagation
+    from ambisam.data import synthesize
+    from ambisam.errors import InputError
+
+    _two_organ_datalist(tmp_path / "organs")
+    r = bench_propagation(tmp_path / "organs", num_samples=2, margin=0, network=BrightInBox(), out=tmp_path / "r.json")
+    assert list(r["structures"]) == ["kidney", "spleen"] and [c["box"] for c in r["cases"]][0] == [4, 4, 0, 16, 16, 7]
+    kidney, spleen = r["structures"]["kidney"], r["structures"]["spleen"]
+    assert kidney["propagated"] == {"dice": 1.0, "end_dice": 1.0}  # the end slices' boxes leave the pixel out
+    assert kidney["same_box"]["dice"] < 1.0 and kidney["same_box"]["end_dice"] < 1.0  # the 3D box holds it
+    assert spleen["same_box"] == spleen["propagated"] == {"dice": 1.0, "end_dice": 1.0}
+    assert r["mean"]["propagated"]["dice"] == 1.0 and r["slices_encoded"] == {"same_box": 8, "propagated": 8}
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["job"] == "bench propagation" and record["seed"] == 0 and "torch" in record["versions"]
+    assert record["structures"] == r["structures"] and "| kidney | 1 | " in format_propagation(r)
+
+    synthesize(tmp_path / "synthetic", cases=2, shape=(32, 32, 12), split=(0.0, 0.0, 1.0))
+    r = bench_propagation(tmp_path / "synthetic", num_samples=2, network=BrightInBox())
+    assert list(r["structures"]) == ["foreground"] and r["structures"]["foreground"]["cases"] == 2
+    for mode in PROPAGATION_MODES:
+        assert 0.5 < r["mean"][mode]["dice"] <= 1.0 and r["seconds"][mode] > 0
+    with pytest.raises(InputError, match="training-free"):
+        bench_propagation(tmp_path / "synthetic", method="psam")
