@@ -1,5 +1,6 @@
 """The one sampling inferer (:mod:`~ambisam.inferers.sampling`), the layout of its output
-(:mod:`~ambisam.inferers.layout`) and its region form (:mod:`~ambisam.inferers.region`)."""
+(:mod:`~ambisam.inferers.layout`), its region form (:mod:`~ambisam.inferers.region`) and the box prompts that
+follow a structure from slice to slice (:mod:`~ambisam.inferers.propagation`)."""
 
 from ambisam.inferers.layout import (
     OUTPUT_NAMES,
@@ -10,6 +11,14 @@ from ambisam.inferers.layout import (
     num_structures,
     sampling_maps,
     split_sampling_output,
+)
+from ambisam.inferers.propagation import (
+    PROPAGATION_STARTS,
+    BoxPropagation,
+    PropagationUnit,
+    check_propagation_margin,
+    check_propagation_start,
+    propagated_boxes,
 )
 from ambisam.inferers.region import dense, is_region, region_parts, region_planes, sampling_region
 from ambisam.inferers.sampling import SlicewiseSamplingInferer
@@ -29,4 +38,10 @@ __all__ = [
     "region_parts",
     "region_planes",
     "dense",
+    "PROPAGATION_STARTS",
+    "BoxPropagation",
+    "PropagationUnit",
+    "check_propagation_margin",
+    "check_propagation_start",
+    "propagated_boxes",
 ]
