@@ -115,7 +115,7 @@ def bench_propagation(
     dataset_dir: str | Path = "data/synthetic",
     split: str | Sequence[str] = "test",
     num_samples: int = 4,
-    margin: int = 5,
+    margin: int = 3,
     start: str | int = "centre",
     method: str = "baseline",
     backbone: str = DEFAULT_BACKBONE,

@@ -213,7 +213,7 @@ class Bench:
         dataset_dir: str = "data/synthetic",
         split: str = "test",
         num_samples: int = 4,
-        margin: int = 5,
+        margin: int = 3,
         start: str | int = "centre",
         method: str = "baseline",
         backbone: str = "litemedsam",

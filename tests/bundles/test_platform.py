@@ -148,7 +148,7 @@ def test_every_inferer_takes_the_shared_box_propagation_off_by_default(bundle):
     box_propagation, propagation_margin and propagation_start: off by default, on from a top-level override."""
     from monai.bundle import ConfigParser
 
-    ids = {"box_propagation": False, "propagation_margin": 5, "propagation_start": "centre"}
+    ids = {"box_propagation": False, "propagation_margin": 3, "propagation_start": "centre"}
     folder = BUNDLES[bundle] / "configs"
     parser = ConfigParser(flatten_config(folder / "inference.json"))
     inferer = parser.get_parsed_content("inferer")

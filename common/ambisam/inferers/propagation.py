@@ -135,7 +135,7 @@ class BoxPropagation:
         ValueError: a negative ``margin``, a bad ``start``, or a start index outside a structure's slice range.
     """
 
-    def __init__(self, boxes: torch.Tensor, margin: int = 5, start: str | int = "centre") -> None:
+    def __init__(self, boxes: torch.Tensor, margin: int = 3, start: str | int = "centre") -> None:
         self.margin = check_propagation_margin(margin)
         self.start = check_propagation_start(start)
         self.ranges: dict[tuple[int, int], tuple[int, int]] = {}  # (case, structure) -> (first, last)
