@@ -23,7 +23,13 @@ from ambisam.data.datalist import (
 )
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
-from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volume_transforms
+from ambisam.data.pipelines import (
+    RATER_ORDERS,
+    localiser_training_transforms,
+    localiser_volume_transforms,
+    training_slice_transforms,
+    volume_transforms,
+)
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize
 from ambisam.data.transforms import (
     NO_BOX,
@@ -33,6 +39,8 @@ from ambisam.data.transforms import (
     CaseSeedd,
     LesionCropd,
     LoadBoxd,
+    LocaliserPairsd,
+    PiecewiseLinearIntensityd,
     LoadRatersd,
     RankRatersByAread,
     SelectReadRatersd,
@@ -47,6 +55,7 @@ from ambisam.data.transforms import (
     case_seed,
     check_prompt,
     intensity_transform,
+    piecewise_linear_intensity,
     slice_boxes_from_box3d,
 )
 
@@ -79,6 +88,8 @@ __all__ = [
     "RATER_ORDERS",
     "training_slice_transforms",
     "volume_transforms",
+    "localiser_volume_transforms",
+    "localiser_training_transforms",
     "ensure_dataset",
     "synth_case",
     "synthesize",
@@ -103,5 +114,8 @@ __all__ = [
     "box_from_mask",
     "boxes_from_mask",
     "intensity_transform",
+    "piecewise_linear_intensity",
+    "PiecewiseLinearIntensityd",
+    "LocaliserPairsd",
     "slice_boxes_from_box3d",
 ]
