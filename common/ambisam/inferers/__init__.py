@@ -1,5 +1,6 @@
 """The one sampling inferer (:mod:`~ambisam.inferers.sampling`), the layout of its output
-(:mod:`~ambisam.inferers.layout`) and its region form (:mod:`~ambisam.inferers.region`)."""
+(:mod:`~ambisam.inferers.layout`), its region form (:mod:`~ambisam.inferers.region`), and UR-SAM's organ boxes
+from the localiser (:mod:`~ambisam.inferers.localise`)."""
 
 from ambisam.inferers.layout import (
     OUTPUT_NAMES,
@@ -10,11 +11,27 @@ from ambisam.inferers.layout import (
     sampling_maps,
     split_sampling_output,
 )
+from ambisam.inferers.localise import (
+    EXTREME_POINTS,
+    MIN_EXTENT_VOXELS,
+    LocaliseOrgansd,
+    LocaliserGrid,
+    OrganLocaliser,
+    box_overlap,
+    extreme_points,
+)
 from ambisam.inferers.region import dense, is_region, region_parts, region_planes, sampling_region
 from ambisam.inferers.sampling import SlicewiseSamplingInferer
 
 __all__ = [
     "SlicewiseSamplingInferer",
+    "OrganLocaliser",
+    "LocaliseOrgansd",
+    "LocaliserGrid",
+    "EXTREME_POINTS",
+    "MIN_EXTENT_VOXELS",
+    "box_overlap",
+    "extreme_points",
     "SAMPLING_CHANNELS",
     "OUTPUT_NAMES",
     "OUTPUT_SUFFIXES",
