@@ -1,7 +1,8 @@
 """The ``ambisam`` command line (``python -m ambisam ...`` or ``ambisam ...``), one ``fire`` CLI.
 
 Commands:
-    synth      a synthetic multi-rater CT-like data set (the embedded default data)
+    synth      a synthetic multi-rater CT-like data set (the embedded default data), or --organs a
+               multi-organ abdominal CT one
     convert    LIDC (folder or pickle) and QUBIQ layouts -> NIfTI + datalist.json
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
@@ -209,20 +210,34 @@ class Commands:
     def __init__(self) -> None:
         self.bench = Bench()
 
-    def synth(self, out: str, cases: int = 8, raters: int = 4, seed: int = 0, rater_styles: bool = False) -> None:
-        """Write a synthetic CT-like multi-rater data set (NIfTI + datalist.json) to OUT, deterministic for a seed.
+    def synth(
+        self,
+        out: str,
+        cases: int | None = None,
+        raters: int | None = None,
+        seed: int = 0,
+        rater_styles: bool = False,
+        organs: bool | str | tuple[str, ...] | None = None,
+        spacing: str | tuple[float, ...] | None = None,
+    ) -> None:
+        """Write a synthetic CT-like data set (NIfTI + datalist.json) to OUT, deterministic for a seed: one lesion
+        per case outlined by K raters, or with --organs the 13 abdominal organs of FLARE22 (one label map per case).
 
         Args:
             out: the output folder.
-            cases: the number of cases.
-            raters: the number of raters K.
+            cases: the number of cases (default 8; 6 with --organs).
+            raters: the number of raters K (default 4; the organ data set has one).
             seed: the random seed.
             rater_styles: (``--rater_styles`` or ``--rater-styles``) the 4 raters draw the same way on every case:
                 generous, conservative, misses_faint (some lesions are then faint), typical; the datalist names them.
+            organs: the multi-organ abdominal CT data set instead (``--organs``: all 13; ``--organs
+                liver,spleen,kidney_left``: those labelled, with FLARE22's values); 96 x 96 x 32 voxels.
+            spacing: with --organs, the voxel size in mm along i,j,k (default 1.6,1.6,5.0).
         """
-        from ambisam.data.synth import synthesize
+        from ambisam.data.synth import synthesize_dataset
 
-        print(synthesize(out, cases=cases, raters=raters, seed=seed, rater_styles=rater_styles))
+        print(synthesize_dataset(out, organs, cases=cases, raters=raters, seed=seed, rater_styles=rater_styles,
+                                 spacing=spacing))
 
     def convert(
         self,

@@ -1,7 +1,9 @@
 """The multi-rater data pipeline: datalists (:mod:`ambisam.data.datalist`) and their top-level blocks (raters,
-class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), a synthetic CT-like data set
-(:mod:`ambisam.data.synth`), a byte-bounded caching dataset (:mod:`ambisam.data.datasets`), converters from public layouts (:mod:`ambisam.data.convert`), MONAI dictionary
-transforms (:mod:`ambisam.data.transforms`) and ready pipelines (:mod:`ambisam.data.pipelines`)."""
+class map, intensity: :mod:`ambisam.data.conventions`), case ids (:mod:`ambisam.data.ids`), synthetic CT-like data
+sets (:mod:`ambisam.data.synth`: one lesion, K raters; :mod:`ambisam.data.synth_organs`: 13 abdominal organs, one
+rater), a byte-bounded caching dataset (:mod:`ambisam.data.datasets`), converters from public layouts
+(:mod:`ambisam.data.convert`), MONAI dictionary transforms (:mod:`ambisam.data.transforms`) and ready pipelines
+(:mod:`ambisam.data.pipelines`)."""
 
 from ambisam.data.conventions import (
     DEFAULT_INTENSITY,
@@ -30,7 +32,8 @@ from ambisam.data.pipelines import (
     training_slice_transforms,
     volume_transforms,
 )
-from ambisam.data.synth import ensure_dataset, synth_case, synthesize
+from ambisam.data.synth import ensure_dataset, synth_case, synthesize, synthesize_dataset
+from ambisam.data.synth_organs import FLARE22_LABELS, organ_names, synth_organ_case, synthesize_organs
 from ambisam.data.transforms import (
     NO_BOX,
     PROMPT_PROTOCOLS,
@@ -93,6 +96,11 @@ __all__ = [
     "ensure_dataset",
     "synth_case",
     "synthesize",
+    "synthesize_dataset",
+    "FLARE22_LABELS",
+    "organ_names",
+    "synth_organ_case",
+    "synthesize_organs",
     "CaseSeedd",
     "case_seed",
     "NO_BOX",

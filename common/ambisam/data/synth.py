@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.utils import optional_import
@@ -52,6 +53,7 @@ __all__ = [
     "STYLE_OFFSET_MM",
     "FAINT_SHARE",
     "FAINT_HU",
+    "synthesize_dataset",
     "ensure_dataset",
 ]
 
@@ -243,6 +245,38 @@ def synth_case(
     return image, masks, info
 
 
+def _output_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a path; raises InputError where it exists and is not a folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "output path exists and is not a folder")
+    return out_dir
+
+
+def _generate_cases(
+    cases: int, seed: int, draw: Callable[[np.random.Generator], tuple], progress: bool
+) -> list[tuple]:
+    """Draw every case before anything is written (drawing may raise): ``[(id, *draw(rng)), ...]`` with id
+    ``case<nnn>`` and case ``n`` drawn from ``numpy.random.default_rng([seed, n])``."""
+    generated = []
+    numbers = range(cases)
+    if progress and _has_tqdm:
+        numbers = tqdm(numbers, desc="synth", unit="case")
+    for n in numbers:
+        generated.append((f"case{n:03d}", *draw(np.random.default_rng([seed, n]))))
+    return generated
+
+
+def _write_record(
+    out_dir: Path, kind: str, parameters: Mapping[str, Any], by_split: Mapping[str, Sequence], **details: Any
+) -> Path:
+    """Write ``out_dir/synth.json``: the run's ``kind``, its folder, ``parameters``, the cases per list, then
+    ``details`` (each in the order given) and the versions (:func:`~ambisam.io.run_record`)."""
+    counts = {k: len(v) for k, v in by_split.items()}
+    record = run_record(kind=kind, out=str(out_dir.absolute()), **parameters, counts=counts, **details)
+    return write_json(out_dir / "synth.json", record)
+
+
 def synthesize(
     out_dir: str | os.PathLike,
     cases: int = 8,
@@ -286,19 +320,10 @@ def synthesize(
         raise InputError(None, f"synth shape must be three positive sizes (H, W, D), got {shape}")
     styles = _check_styles(raters, rater_styles)
     fractions = parse_split(split)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "output path exists and is not a folder")
+    out_dir = _output_folder(out_dir)
     shape = tuple(int(s) for s in shape)
     cases, raters, seed = int(cases), int(raters), int(seed)
-
-    generated = []  # generate everything (may raise) before writing anything
-    numbers = range(cases)
-    if progress and _has_tqdm:
-        numbers = tqdm(numbers, desc="synth", unit="case")
-    for n in numbers:
-        image, masks, info = synth_case(np.random.default_rng([seed, n]), shape, raters, bool(styles))
-        generated.append((f"case{n:03d}", image, masks, info))
+    generated = _generate_cases(cases, seed, lambda rng: synth_case(rng, shape, raters, bool(styles)), progress)
 
     affine = np.diag([*SPACING, 1.0])
     items, lesions = [], {}
@@ -322,57 +347,103 @@ def synthesize(
             faint_hu=FAINT_HU,
             faint_cases=sorted(case_id for case_id, info in lesions.items() if info["faint"]),
         )
-    write_json(
-        out_dir / "synth.json",
-        run_record(
-            kind="synth",
-            out=str(out_dir.absolute()),
-            cases=cases,
-            raters=raters,
-            seed=seed,
-            shape=list(shape),
-            spacing=list(SPACING),
-            split=list(fractions),
-            counts={k: len(v) for k, v in by_split.items()},
-            radius_range=list(RADIUS_RANGE),
-            small_radius=SMALL_RADIUS,
-            miss_probability=MISS_PROBABILITY,
-            lesions=lesions,
-            **style_record,
-        ),
-    )
+    parameters = dict(cases=cases, raters=raters, seed=seed, shape=list(shape), spacing=list(SPACING),
+                      split=list(fractions))
+    _write_record(out_dir, "synth", parameters, by_split, radius_range=list(RADIUS_RANGE), small_radius=SMALL_RADIUS,
+                  miss_probability=MISS_PROBABILITY, lesions=lesions, **style_record)
     return datalist
+
+
+def synthesize_dataset(
+    out_dir: str | os.PathLike, organs: bool | str | Sequence[str] | None = None, **options: Any
+) -> Path:
+    """Write the synthetic lesion data set (:func:`synthesize`) or, with ``organs``, the multi-organ one
+    (:func:`~ambisam.data.synth_organs.synthesize_organs`): the one switch of ``ambisam synth`` and
+    :func:`ensure_dataset`.
+
+    Args:
+        out_dir: the output folder (created).
+        organs: ``None`` or ``False``: the lesion data set; ``True``: the organ data set with all 13 organs; organ
+            names (a list or a comma-separated string): the organ data set labelling those.
+        options: the other arguments of the function chosen (``cases``, ``seed``, ``shape``, ``split``,
+            ``progress``; ``raters`` and ``rater_styles`` for lesions, ``spacing`` for organs); ``None`` leaves an
+            argument at that function's default (lesions: 8 cases of ``(96, 96, 24)``, 4 raters; organs: 6 cases
+            of ``(96, 96, 32)``, spacing ``(1.6, 1.6, 5.0)``).
+
+    Returns:
+        The path of ``datalist.json``.
+
+    Raises:
+        InputError: a bad argument, checked before anything is written: among them ``organs`` with more than one
+            rater or with ``rater_styles``, and ``spacing`` without ``organs``.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if not _organ_mode(organs, options):
+        return synthesize(out_dir, **options)
+    from ambisam.data.synth_organs import synthesize_organs
+
+    for lesion_only in ("raters", "rater_styles"):  # one rater and no styles: checked above
+        options.pop(lesion_only, None)
+    return synthesize_organs(out_dir, organs=organs, **options)
+
+
+def _organ_mode(organs: bool | str | Sequence[str] | None, options: Mapping[str, Any]) -> bool:
+    """Whether ``organs`` asks for the organ data set; raises InputError where ``options`` do not fit the one asked
+    for (an unknown organ, more than one rater or rater styles with organs, a spacing without them)."""
+    if organs is None or organs is False:
+        if options.get("spacing") is not None:
+            raise InputError(None, f"spacing applies to the organ data set (organs) only; the lesion data set's is "
+                                   f"{SPACING}")
+        return False
+    from ambisam.data.synth_organs import organ_names
+
+    organ_names(organs)
+    raters, rater_styles = options.get("raters"), options.get("rater_styles", False)
+    if rater_styles or raters not in (None, 1):
+        raise InputError(None, "the organ data set has one rater (a label map per case): drop raters and "
+                               f"rater_styles, got raters={raters}, rater_styles={rater_styles}")
+    return True
 
 
 def ensure_dataset(
     dataset_dir: str | os.PathLike,
-    cases: int = 8,
-    raters: int = 4,
+    cases: int | None = None,
+    raters: int | None = None,
     seed: int = 0,
-    shape: Sequence[int] = (96, 96, 24),
+    shape: Sequence[int] | None = None,
     rater_styles: bool = False,
+    organs: bool | str | Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """The datalist of ``dataset_dir``, writing the synthetic data set there first when the folder is new.
 
     This is how bundles run on the embedded default with no data to fetch: a missing or empty folder gets the
     synthetic data set; a folder with a ``datalist.json`` is used as it is; anything else is an error (it never
     writes synthetic data into a folder of yours). Bundle configs call it as
-    ``ambisam.data.ensure_dataset(@dataset_dir, **@synthetic)``, ``synthetic`` holding these options.
+    ``ambisam.data.ensure_dataset(@dataset_dir, **@synthetic)``, ``synthetic`` holding these options:
+    ``{"rater_styles": true}`` for the lesion set with rater styles, ``{"organs": true}`` (or a list of organ names)
+    for the multi-organ set of :mod:`ambisam.data.synth_organs`.
 
     Args:
         dataset_dir: the data set folder.
-        cases, raters, seed, shape, rater_styles: as :func:`synthesize`, used only when the data set is generated.
+        cases, raters, seed, shape, rater_styles, organs, spacing: as :func:`synthesize_dataset` (``None``: the
+            generator's default; without ``organs``, 8 cases, 4 raters, ``(96, 96, 24)`` as before; ``spacing``
+            with ``organs`` only), used only when the data set is generated.
 
     Returns:
         The path of ``dataset_dir/datalist.json``.
 
     Raises:
-        InputError: the folder exists, is not empty and has no ``datalist.json``.
+        InputError: the folder exists, is not empty and has no ``datalist.json``; with ``organs``, an unknown organ
+            name, more than one rater or ``rater_styles`` (checked even where the data set exists).
     """
+    options = dict(cases=cases, raters=raters, seed=seed, shape=shape, rater_styles=rater_styles, spacing=spacing)
+    if organs is not None and organs is not False:  # a config naming an organ that does not exist is an error
+        _organ_mode(organs, options)
     dataset_dir = Path(dataset_dir)
     datalist = dataset_dir / "datalist.json"
     if datalist.is_file():  # a data set is used as it is, whatever the options would have generated
         return datalist
     if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
         raise InputError(dataset_dir, "has no datalist.json (see docs/datalist.md, or `python -m ambisam convert`)")
-    return synthesize(dataset_dir, cases=cases, raters=raters, seed=seed, shape=shape, rater_styles=rater_styles)
+    return synthesize_dataset(dataset_dir, organs, **options)
