@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from ambisam.data import NO_BOX, load_datalist, localiser_training_transforms, piecewise_linear_intensity
 from ambisam.engines import localiser_views_forward
 from ambisam.errors import InputError
-from ambisam.inferers import LocaliseOrgansd, OrganLocaliser, box_overlap, extreme_points
+from ambisam.inferers import LocaliseOrgansd, OrganLocaliser, box_overlap, extreme_points, score_boxes
 from ambisam.losses import LocaliserLoss, PointEmbeddingLoss, RelativeDistanceLoss
 from ambisam.networks.localiser import RELATIVE_RANGE_MM, RelativePositionLocaliser
 from ambisam.weights import load_weights
@@ -177,6 +177,15 @@ def test_bundle_trains_and_resumes_where_it_stopped(datalist, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     weights = load_weights(models / "localiser.pt")
     RelativePositionLocaliser().load_state_dict(weights)
+    # the trained weights through the box finding (the real network's path: patches, latents, dense features)
+    from monai.transforms import LoadImage
+
+    localiser = OrganLocaliser.from_datalist(models / "localiser.pt", datalist, "training", num_supports=2,
+                                             coarse_steps=2, search_size=6)
+    image = LoadImage(image_only=True, ensure_channel_first=True)(load_datalist(datalist, "test")[0]["image"])
+    boxes = localiser.locate(image, ["liver", "aorta"])
+    assert all(box is None or all(0 <= box[a] <= box[a + 3] < image.shape[1 + a] for a in range(3))
+               for box in boxes.values())
     run = json.loads((tmp_path / "resumed" / "runs" / "run.json").read_text())
     assert run["bundle"] == "ursam" and run["seed"] == 0 and "torch" in run["versions"]
     training = json.loads((tmp_path / "resumed" / "runs" / "training.json").read_text())
@@ -279,6 +288,12 @@ def test_localise_organsd_writes_boxes_and_no_box_rows(supports, tmp_path, monke
     assert torch.all(out["box3d"][1] == -1) and torch.all(out["box"][1] == torch.tensor(NO_BOX))
     assert torch.equal(out["box"][0, spleen[2]], torch.tensor([spleen[1], spleen[0], spleen[4], spleen[3]]).float())
     assert spleen[2] > 0 and torch.all(out["box"][0, 0] == torch.tensor(NO_BOX))
+    # the benchmark's scoring: one value per volume that has the organ, 0 for a box not found
+    scores = score_boxes(localiser, [{"image": str(tmp_path / "query.nii.gz"),
+                                      "label": [str(tmp_path / "query_label.nii.gz")]}], ["spleen", "liver"])
+    assert scores["liver"]["iou"] == [0.0] and scores["liver"]["coverage"] == [0.0]
+    assert 0.3 < scores["spleen"]["iou"][0] <= 1 and scores["spleen"]["coverage"][0] > 0.5
+    assert len(scores["seconds"]) == 1
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

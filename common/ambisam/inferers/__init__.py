@@ -19,6 +19,8 @@ from ambisam.inferers.localise import (
     OrganLocaliser,
     box_overlap,
     extreme_points,
+    organ_box,
+    score_boxes,
 )
 from ambisam.inferers.region import dense, is_region, region_parts, region_planes, sampling_region
 from ambisam.inferers.sampling import SlicewiseSamplingInferer
@@ -32,6 +34,8 @@ __all__ = [
     "MIN_EXTENT_VOXELS",
     "box_overlap",
     "extreme_points",
+    "organ_box",
+    "score_boxes",
     "SAMPLING_CHANNELS",
     "OUTPUT_NAMES",
     "OUTPUT_SUFFIXES",

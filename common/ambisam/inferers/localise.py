@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,8 @@ __all__ = [
     "LocaliseOrgansd",
     "box_overlap",
     "extreme_points",
+    "organ_box",
+    "score_boxes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -209,7 +212,7 @@ class OrganLocaliser:
         self.range_mm = tuple(float(v) for v in range_mm)
         self.batch_size = int(batch_size)
         self._volume_transforms = localiser_volume_transforms(load=False)
-        self._supports: list[tuple[LocaliserGrid, MetaTensor, Any]] | None = None
+        self._supports: list[tuple[LocaliserGrid, dict[str, np.ndarray | None], Any]] | None = None
         self._templates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -296,16 +299,26 @@ class OrganLocaliser:
         return torch.cat(out)
 
     # -------------------------------------------------------------------------------------------- supports
-    def _load_supports(self) -> list[tuple[LocaliserGrid, MetaTensor, Any]]:
+    def _load_supports(self) -> list[tuple[LocaliserGrid, dict[str, np.ndarray | None], Any]]:
+        """Each support scan on the grid, with every class-map organ's six extreme points on that grid (``None``
+        for an organ it lacks) and its label file; the label volumes are not kept."""
         if self._supports is None:
-            loader = LoadImage(image_only=True, ensure_channel_first=True)
+            load_image = LoadImage(image_only=True, ensure_channel_first=True)
+            load_label = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)  # the file's integers
             supports = []
             for item in self.support_items:
                 labels = item.get("label")
                 label_file = next((f for f in labels if f), None) if isinstance(labels, (list, tuple)) else labels
                 if label_file is None:
                     raise InputError(item.get("image"), "a support scan needs a label (the organs' label map)")
-                supports.append((self.grid(loader(item["image"])), loader(label_file), label_file))
+                grid, label = self.grid(load_image(item["image"])), load_label(label_file)
+                affine, values = np.asarray(label.affine, dtype=np.float64), np.asarray(label[0])
+                points = {}
+                for organ, value in self.class_map.items():
+                    voxels = np.argwhere(values == value)
+                    world = voxels @ affine[:3, :3].T + affine[:3, 3]
+                    points[organ] = extreme_points(grid.from_world(world)) if len(voxels) else None
+                supports.append((grid, points, label_file))
             self._supports = supports
         return self._supports
 
@@ -332,14 +345,11 @@ class OrganLocaliser:
         self.check_organs([organ])
         if organ not in self._templates:
             positions, features = [], []
-            for grid, label, label_file in self._load_supports():
-                voxels = np.argwhere(np.asarray(label[0]) == self.class_map[organ])
-                if not len(voxels):
+            for grid, extremes, label_file in self._load_supports():
+                if extremes[organ] is None:
                     raise InputError(label_file, f"support scan has no voxel of organ {organ!r} (label value "
                                                  f"{self.class_map[organ]})")
-                world = voxels @ np.asarray(label.affine, dtype=np.float64)[:3, :3].T + \
-                    np.asarray(label.affine, dtype=np.float64)[:3, 3]
-                points = torch.as_tensor(extreme_points(grid.from_world(world)), dtype=torch.float32)
+                points = torch.as_tensor(extremes[organ], dtype=torch.float32)
                 positions.append(self.latent_positions(grid, points))
                 features.append(self.point_features(grid, points, points[:, None])[:, 0])
             self._templates[organ] = (torch.stack(positions).mean(0),
@@ -376,8 +386,9 @@ class OrganLocaliser:
             refined.append(candidates[int(torch.argmax(similarity - penalty))])
         return torch.stack(refined)
 
-    def _extension(self, affine: np.ndarray) -> np.ndarray:
-        """Voxels to add at each end along each input axis: ``extension_zxy`` by the world axis it runs along."""
+    def extension(self, affine: np.ndarray) -> np.ndarray:
+        """``(3,)`` voxels added at each end of a box along each axis of a grid with this ``(4, 4)`` affine:
+        ``extension_zxy`` by the world axis the grid's axis runs along most."""
         z, x, y = self.extension_zxy
         by_world_axis = np.array([x, y, z])
         return by_world_axis[np.argmax(np.abs(affine[:3, :3]), axis=0)]
@@ -398,7 +409,7 @@ class OrganLocaliser:
         """
         inverse = np.linalg.inv(affine)
         voxels = grid.to_world(points) @ inverse[:3, :3].T + inverse[:3, 3]
-        extension = self._extension(affine)
+        extension = self.extension(affine)
         first = np.floor(voxels.min(axis=0) + 1e-6) - extension
         last = np.ceil(voxels.max(axis=0) - 1e-6) + extension
         size = np.asarray(shape) - 1
@@ -442,7 +453,8 @@ class LocaliseOrgansd(MapTransform):
     Args:
         localiser: the localiser.
         structures: the organs, in output order (default: the item's ``structures``, else the class map's organs).
-        image_key: the ``(1, H, W, D)`` image in HU (before any intensity scaling).
+        image_key: the ``(1, H, W, D)`` image in HU: place the transform before the pipeline's intensity scaling
+            (or point ``image_key`` at a copy in HU); the boxes are on this image's grid.
         structures_key, box_key, box3d_key: the keys read and written.
 
     Raises:
@@ -473,3 +485,54 @@ class LocaliseOrgansd(MapTransform):
         d[self.box3d_key] = boxes
         d[self.box_key] = slices
         return d
+
+
+def organ_box(label: np.ndarray, value: int) -> list[int] | None:
+    """The tight box ``[i_min, j_min, k_min, i_max, j_max, k_max]`` of the voxels of ``label`` equal to ``value``
+    (``(H, W, D)``), or ``None`` where there is none."""
+    where = np.argwhere(np.asarray(label) == value)
+    return None if not len(where) else [int(v) for v in (*where.min(axis=0), *where.max(axis=0))]
+
+
+def score_boxes(localiser: OrganLocaliser, items: Sequence[Mapping], organs: Sequence[str] | None = None) -> dict:
+    """The found boxes of labelled volumes against their ground truth, per organ.
+
+    The ground truth is the organ's tight box extended and clipped as the localiser extends its own
+    (:meth:`OrganLocaliser.extension`), so a perfect localiser scores 1; ``iou_tight`` compares with the tight box
+    itself, ``coverage`` is the share of the organ's voxels inside the found box. A box not found scores 0.
+
+    Args:
+        localiser: the localiser.
+        items: datalist items with ``image`` and ``label`` (a multi-label map, or a list whose first file is one).
+        organs: the organs (default: the class map's); an organ a volume does not have is skipped there.
+
+    Returns:
+        ``{organ: {"iou": [...], "dice": [...], "iou_tight": [...], "coverage": [...]}}`` (one value per volume
+        that has the organ) and ``"seconds"``, the wall time of each volume's :meth:`OrganLocaliser.locate`.
+    """
+    organs = localiser.check_organs(list(localiser.class_map) if organs is None else list(organs))
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    scores: dict = {organ: {"iou": [], "dice": [], "iou_tight": [], "coverage": []} for organ in organs}
+    scores["seconds"] = []
+    for item in items:
+        labels = item["label"]
+        image = loader(item["image"])
+        label = np.asarray(loader(labels[0] if isinstance(labels, (list, tuple)) else labels)[0])
+        start = time.perf_counter()
+        found = localiser.locate(image, organs)
+        scores["seconds"].append(time.perf_counter() - start)
+        extension, size = localiser.extension(np.asarray(image.affine, dtype=np.float64)), np.asarray(label.shape) - 1
+        for organ in organs:
+            tight = organ_box(label, localiser.class_map[organ])
+            if tight is None:
+                continue
+            truth = [*np.maximum(np.asarray(tight[:3]) - extension, 0),
+                     *np.minimum(np.asarray(tight[3:]) + extension, size)]
+            box = found[organ]
+            iou, dice = box_overlap(box, truth) if box is not None else (0.0, 0.0)
+            inside = np.argwhere(label == localiser.class_map[organ])
+            covered = 0.0 if box is None else float(np.all((inside >= box[:3]) & (inside <= box[3:]), axis=1).mean())
+            for key, value in zip(("iou", "dice", "iou_tight", "coverage"),
+                                  (iou, dice, 0.0 if box is None else box_overlap(box, tight)[0], covered)):
+                scores[organ][key].append(value)
+    return scores
