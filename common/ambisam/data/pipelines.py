@@ -16,7 +16,6 @@ from monai.transforms import (
     Resized,
     SelectItemsd,
     Spacingd,
-    SpatialPadd,
 )
 
 from ambisam.data.transforms import (
@@ -237,8 +236,8 @@ def localiser_volume_transforms(load: bool = True, spacing: float = LOCALISER_SP
 def localiser_training_transforms(augment: bool = True, seed: int = 0, patch_size: int = PATCH_SIZE,
                                   num_points: int = 64, spacing: float = LOCALISER_SPACING_MM) -> Compose:
     """The localiser's training (``augment``) or validation pipeline: one datalist item (only its image is read)
-    -> :func:`localiser_volume_transforms` -> ``SpatialPadd`` to at least one patch (air) ->
-    :class:`~ambisam.data.LocaliserPairsd` -> the keys the trainer reads.
+    -> :func:`localiser_volume_transforms` -> :class:`~ambisam.data.LocaliserPairsd` -> the keys the trainer
+    reads.
 
     Args:
         augment: random crops and augmentations (training); ``False``: crops seeded per case, not augmented.
@@ -252,7 +251,6 @@ def localiser_training_transforms(augment: bool = True, seed: int = 0, patch_siz
     """
     return Compose([  # one flat list, so that a CacheDataset caches the volume (up to the first random transform)
         *localiser_volume_transforms(load=True, spacing=spacing).transforms,
-        SpatialPadd(keys="image", spatial_size=(patch_size,) * 3, value=0.0),
         LocaliserPairsd("image", patch_size=patch_size, num_points=num_points, augment=augment, seed=seed),
         SelectItemsd(keys=["image", "offset_mm", "points", "id"]),
     ])

@@ -2,7 +2,9 @@
 their centres in mm and the voxel coordinates of the same physical points in a crop and its augmented copy.
 
 The volume is on the localiser's grid (:func:`ambisam.data.localiser_volume_transforms`: RAS, 3 mm, intensities
-in ``[0, 1]``), padded to at least one patch. Every crop and augmentation is a MONAI transform on a MetaTensor,
+in ``[0, 1]``, air 0). A crop is centred anywhere in the volume and sees air beyond it, as the box finding's patches
+do (:class:`ambisam.inferers.LocaliserGrid`), so a volume of about one patch or less still gives crops at
+different places. Every crop and augmentation is a MONAI transform on a MetaTensor,
 which carries each view's voxel-to-world affine (``SpatialCrop`` moves it, ``RandAffine`` composes its sampling
 matrix into it), so the offsets and the point correspondences come from the views' affines.
 """
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    BorderPad,
     Compose,
     MapTransform,
     RandAdjustContrast,
@@ -64,7 +67,8 @@ def _voxels(affine: torch.Tensor, world: np.ndarray) -> np.ndarray:
 class LocaliserPairsd(RandomizableTransform, MapTransform):
     """Three views of one volume for the localiser's losses (:data:`LOCALISER_VIEWS`).
 
-    Two crops of ``patch_size^3`` at independent uniform places of the volume: crop A and crop B. Crop A is kept
+    Two crops of ``patch_size^3`` centred at independent uniform places of the volume (the volume padded with
+    air by half a patch on every side, MONAI ``BorderPad``): crop A and crop B. Crop A is kept
     (intensity augmentation only) and also augmented with a small random affine (MONAI ``RandAffine``: rotation
     up to ``rotate_degrees`` about each axis, scaling within ``scale``, translation up to ``translate_voxels``,
     zero padding = air), crop B gets both. The intensity augmentation is MONAI's ``RandScaleIntensity``,
@@ -82,7 +86,7 @@ class LocaliserPairsd(RandomizableTransform, MapTransform):
       ``EMBEDDING_PAIR[1]`` (row 1, clipped to the patch).
 
     Args:
-        image_key: the volume ``(1, H, W, D)``, a MetaTensor with its affine, each side at least ``patch_size``.
+        image_key: the volume ``(1, H, W, D)``, a MetaTensor with its affine.
         patch_size: the crops' side.
         num_points: points per pair for the point-embedding loss.
         augment: augment the views (training) or not (validation, seeded per case).
@@ -91,7 +95,7 @@ class LocaliserPairsd(RandomizableTransform, MapTransform):
         noise_std: the Gaussian noise's standard deviation (intensities are in ``[0, 1]``).
 
     Raises:
-        InputError: (at call) a volume with a side under ``patch_size`` (pad it first), naming its file.
+        InputError: (at call) a volume that is not ``(1, H, W, D)``, naming its file.
     """
 
     def __init__(self, image_key: str = "image", patch_size: int = PATCH_SIZE, num_points: int = 64,
@@ -134,11 +138,11 @@ class LocaliserPairsd(RandomizableTransform, MapTransform):
         volume = d[self.image_key]
         if not isinstance(volume, MetaTensor):
             volume = MetaTensor(volume)
+        if volume.ndim != 4 or volume.shape[0] != 1:
+            raise InputError(_filename(volume), f"the localiser's crops need a (1, H, W, D) volume, got "
+                                                f"{tuple(volume.shape)}")
+        volume = BorderPad(spatial_border=self.patch_size // 2, value=0.0)(volume)  # air; the affine follows
         shape = np.asarray(volume.shape[1:])
-        if volume.ndim != 4 or np.any(shape < self.patch_size):
-            raise InputError(_filename(volume), f"is {tuple(volume.shape)} on the localiser's grid; crops need at "
-                                                f"least (1, {self.patch_size}, {self.patch_size}, {self.patch_size}): "
-                                                "pad it first (SpatialPadd)")
         if not self.augment:
             self.set_random_state(seed=case_seed(self.seed, case_id(d)) % 2**32)
         crop_a, crop_b = self._crop(volume, shape), self._crop(volume, shape)
