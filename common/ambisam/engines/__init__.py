@@ -12,11 +12,23 @@ from ambisam.engines.handlers import (
     require_weights,
 )
 from ambisam.engines.strategy_table import StrategyTableWriter
+from ambisam.engines.localiser import (
+    LocaliserTrainer,
+    RelativeOffsetInferer,
+    localiser_views_forward,
+    offset_error_output,
+    prepare_localiser_batch,
+)
 from ambisam.engines.trainer import MultiRaterTrainer, prepare_multirater_batch, slice_batches, take_slices
 
 __all__ = [
     "BestModelSaver",
     "MultiRaterTrainer",
+    "LocaliserTrainer",
+    "RelativeOffsetInferer",
+    "localiser_views_forward",
+    "prepare_localiser_batch",
+    "offset_error_output",
     "prepare_multirater_batch",
     "slice_batches",
     "take_slices",
