@@ -36,8 +36,11 @@ __all__ = ["ORGAN_PROMPTS", "ManualOrganBoxesd", "OrganBoxFiled", "OrganPromptsd
 ORGAN_PROMPTS = {
     "manual": "the ground-truth 3D box of each organ, each in-plane side moved by a random 0-20 px (a user's box)",
     "box_file": "each organ's 3D box from a JSON box file, voxel or world coordinates",
-    "auto": "a trained localiser's boxes",
+    "auto": "a trained localiser's boxes (bundles/ursam/configs/train.json trains it)",
 }
+
+#: how to train the localiser that prompt "auto" needs
+_TRAIN_LOCALISER = "python -m monai.bundle run --config_file bundles/ursam/configs/train.json"
 
 #: the side, in pixels, of the grid the manual perturbation's pixels refer to (SAM's input, the paper's slices)
 PERTURBATION_GRID = 1024
@@ -216,13 +219,16 @@ class OrganPromptsd(MapTransform):
     """The organ prompts of one case in the mode ``prompt`` (:data:`ORGAN_PROMPTS`).
 
     ``"manual"``: :class:`ManualOrganBoxesd` (needs the case's label); ``"box_file"``: :class:`OrganBoxFiled`
-    (needs the item's ``box``, a path); ``"auto"``: a trained localiser's boxes (not available in this version: it
-    says so).
+    (needs the item's ``box``, a path); ``"auto"``: the boxes of a trained localiser
+    (:class:`~ambisam.inferers.LocaliseOrgansd`), found on the image as stored, in HU (read again from its file, since
+    the pipeline's image is already windowed), so the pipeline must not resample before this step.
 
     Args:
         prompt: the mode.
-        structures: the organs to prompt when the case has no label (a box file).
+        structures: the organs to prompt when the case has no label (a box file, the localiser).
         max_perturbation: as :class:`ManualOrganBoxesd`.
+        localiser: an :class:`~ambisam.inferers.OrganLocaliser` (``"auto"`` only); ``None`` with ``"auto"`` is an
+            error saying how to train one.
 
     Raises:
         InputError: an unknown mode (at construction); at call, what the mode needs and the case lacks, naming the
@@ -230,13 +236,15 @@ class OrganPromptsd(MapTransform):
     """
 
     def __init__(self, prompt: str = "manual", structures: Sequence[str] | None = None,
-                 max_perturbation: float = 20.0) -> None:
+                 max_perturbation: float = 20.0, localiser: Any = None) -> None:
         super().__init__("image")
         if prompt not in ORGAN_PROMPTS:
             raise InputError(None, f"prompt must be one of {', '.join(ORGAN_PROMPTS)}, got {prompt!r}")
         self.prompt = prompt
         self.manual = ManualOrganBoxesd(max_perturbation=max_perturbation)
         self.box_file = OrganBoxFiled(structures=structures)
+        self.structures = None if structures is None else list(structures)
+        self.localiser = localiser
 
     def set_random_state(self, seed=None, state=None):
         self.manual.set_random_state(seed, state)
@@ -245,14 +253,30 @@ class OrganPromptsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         source = _filename(data.get("image"))
         if self.prompt == "auto":
-            raise InputError(source, "auto-prompting needs a trained localiser, which this version of the ursam "
-                                     "bundle does not have yet: use prompt 'box_file' (a box per organ) or "
-                                     "'manual' (boxes simulated from a label)")
+            if self.localiser is None:
+                raise InputError(source, f"auto-prompting needs a trained localiser ({_TRAIN_LOCALISER}); or use "
+                                         "prompt 'box_file' (a box per organ) or 'manual' (boxes from a label)")
+            return self.locate(data)
         if self.prompt == "box_file":
             if not isinstance(data.get("box"), (str, os.PathLike)):
                 raise InputError(source, "prompt 'box_file' needs an organ box file (--box PATH)")
             return self.box_file(data)
         if "label" not in data:
-            raise InputError(source, "prompt 'manual' simulates boxes from the label: give one (--label PATH), or "
-                                     "an organ box file with prompt 'box_file'")
+            raise InputError(source, "prompt 'manual' simulates boxes from the label: give one (--label PATH), an "
+                                     f"organ box file with prompt 'box_file', or train a localiser for prompt 'auto' "
+                                     f"({_TRAIN_LOCALISER})")
         return self.manual(data)
+
+    def locate(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The localiser's boxes on the image as stored, read again in HU from its file."""
+        from monai.transforms import LoadImage
+
+        from ambisam.inferers.localise import LocaliseOrgansd
+
+        source = _filename(data.get("image"))
+        if source is None:
+            raise InputError(None, "prompt 'auto' reads the image again in HU: it needs the image's file")
+        hu = LoadImage(image_only=True, ensure_channel_first=True)(source)
+        names = data.get("structures") or self.structures
+        found = LocaliseOrgansd(self.localiser, names)({"image": hu})
+        return {**data, **{k: found[k] for k in ("structures", "box", "box3d")}}
