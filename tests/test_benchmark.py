@@ -304,7 +304,7 @@ def test_the_timed_cache_goes_only_to_stages_that_cache_embeddings():
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory):
     """psam and proseg (one epoch each), the jitter ensemble and the baseline on 4 generated 64x64x10 cases, N = 4;
-    ursam, whose network is not written yet, is listed as unavailable (p2sam, which runs, trains too slowly on a
+    ursam, a multi-organ method with its own table, is listed as unavailable (p2sam, which runs, trains too slowly on a
     CPU for this test)."""
     from ambisam.data import synthesize
 
@@ -354,7 +354,7 @@ def test_benchmark_results_json(benchmark_run):
     assert 0.0 < psam["rater_diversity"] <= 1.0
     assert all(r["rater_diversity"] == pytest.approx(psam["rater_diversity"]) for r in results[:4])
     assert results[4]["status"] == "unavailable" and "ursam" in results[4]["reason"]
-    assert "does not exist yet" in results[4]["reason"]
+    assert "multi-organ method" in results[4]["reason"] and "ursam/configs/evaluate.json" in results[4]["reason"]
     # proseg runs beside the others, its personalised scoring beside the distribution metrics
     assert proseg["parameters_trained"] > 0 and proseg["training"][0]["epochs"] == 1
     assert 0.0 <= proseg["personalised_dice"] <= 1.0, proseg

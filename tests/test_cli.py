@@ -84,7 +84,9 @@ def test_segment_file_and_its_errors(tmp_path):
 
 
 def test_bench_sampling_reports_the_ratio_line():
-    result = bench_sampling(num_samples=2, repeats=1, volume_slices=1, threads=2)
+    """UR-SAM's figures: its volume prompts FLARE22's 13 organs on every slice, all from one embedding."""
+    result = bench_sampling(method="ursam", num_samples=2, repeats=1, volume_slices=1, threads=2)
+    assert result["volume_structures"] == 13 and result["network"] == "UrSam"
     assert result["ratio"] > 0 and result["encoder_ms_per_slice"] > result["decoder_ms_one_sample"] > 0
     text = format_sampling(result)
     assert "ratio time(2)/time(1): " in text and "slices/s" in text
@@ -92,10 +94,11 @@ def test_bench_sampling_reports_the_ratio_line():
     assert 50 < result["encoder_gflop"] < 100 and 0.5 < result["decoder_gflop_per_sample"] < 10
     assert result["matmul_peak_gflops"] > 0 and 0 < result["encoder_of_peak"] and 0 < result["decoder_of_peak"]
     assert result["encoder_gflops"] == pytest.approx(result["encoder_gflop"] / result["encoder_ms_per_slice"] * 1000)
-    # re-encoding the slice for each of the N samples costs N x (encoder + one sample) per slice
+    # re-encoding the slice for each of the N samples of each organ costs 13 N x (encoder + one sample) per slice
     assert result["speedup_over_reencoding"] == pytest.approx(
-        2 * (result["encoder_ms_per_slice"] + result["decoder_ms_one_sample"]) / 1000 * result["volume_slices_per_s"])
-    assert "roofline (matmul peak" in text and "of peak" in text and "re-encoding each sample's slice" in text
+        13 * 2 * (result["encoder_ms_per_slice"] + result["decoder_ms_one_sample"]) / 1000
+        * result["volume_slices_per_s"])
+    assert "13 structures per slice" in text and "roofline (matmul peak" in text and "of peak" in text and "re-encoding each sample's slice" in text
 
 
 def test_count_flops_counts_a_matrix_product_as_2mnk():
@@ -183,9 +186,9 @@ def test_bench_all_is_every_registered_method_with_a_network_and_training_free_o
 
     names = _method_names("all")
     assert set(names) <= set(method_registry) and {"psam", "baseline", "prob_unet"} <= set(names)
-    assert {"p2sam", "proseg"} <= set(names) and "ursam" not in names
-    with pytest.raises(InputError, match="bundle 'ursam' does not exist yet"):
-        _method_names("ursam")
+    assert {"p2sam", "proseg", "ursam"} <= set(names)
+    with pytest.raises(InputError, match="unknown method"):
+        _method_names("nonsense")
     with pytest.raises(InputError, match="training-free"):
         bench_training("baseline")
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ambisam.errors import InputError
+from ambisam.registry import get_method
 from ambisam.export import check_metadata, check_network, export_bundle, network_test_inputs, verify_bundle_zip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,8 @@ BUNDLES = sorted(
     for p in (ROOT / "bundles").iterdir()
     if (p / "configs" / "inference.json").is_file() and (p / "configs" / "metadata.json").is_file()
 )
+#: the bundles that train weights (and ship them); a training-free one (ursam) ships configs and docs only
+TRAINED = [b for b in BUNDLES if get_method(b).trainable]
 SHAPE = (48, 48, 3)
 
 
@@ -37,7 +40,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
     tmp = tmp_path_factory.mktemp("weights")
     found = {}
-    for name in BUNDLES:
+    for name in TRAINED:
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundles" / name / "configs" / "inference.json"))
         torch.manual_seed(0)
@@ -97,7 +100,20 @@ def _case(folder: Path) -> tuple[Path, Path]:
 FRESH_PROCESS = {"p2sam", "proseg"}
 
 
-@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("bundle", sorted(set(BUNDLES) - set(TRAINED)))
+def test_a_training_free_bundle_exports_its_configs_and_docs_without_weights(bundle, tmp_path):
+    zip_path = export_bundle(bundle, tmp_path / "dist")
+    with zipfile.ZipFile(zip_path) as archive:
+        names = set(archive.namelist())
+    for required in ("configs/inference.json", "configs/evaluate.json", "configs/metadata.json", "docs/README.md",
+                     "LICENSE"):
+        assert f"{bundle}/{required}" in names
+    assert not [n for n in names if "/models/" in n] and verify_bundle_zip(zip_path) == {}
+    with pytest.raises(InputError, match="no trained weights"):
+        export_bundle(bundle, tmp_path / "dist2", torchscript=True)
+
+
+@pytest.mark.parametrize("bundle", TRAINED)
 def test_exported_zip_runs_inference_from_an_empty_folder_in_a_fresh_process(bundle, weights, tmp_path):
     zip_path = export_bundle(bundle, tmp_path / "dist", weights=weights[bundle], torchscript=True)
     version = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())["version"]

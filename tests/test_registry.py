@@ -29,12 +29,10 @@ def registered():
 
 
 def test_methods_without_a_network_class_or_a_bundle_are_unavailable(registered):
-    # UR-SAM's network exists (ambisam.networks.UrSam), its bundle not yet
-    assert "bundle 'ursam' does not exist yet" in method_availability(get_method("ursam"))
     classless = registered(MethodSpec("classless", "a bundle whose network is not written", "ambisam.networks.NoSuchNet",
                                       bundle="psam"))
     assert "not implemented yet" in method_availability(classless)
-    for name in ("psam", "seqsam", "mcl", "p2sam", "proseg", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
+    for name in ("psam", "seqsam", "mcl", "p2sam", "proseg", "ursam", "baseline", "multimask", "jitter", "mc_dropout", "prob_unet"):
         assert method_availability(get_method(name)) is None, name
 
 

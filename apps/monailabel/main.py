@@ -114,6 +114,11 @@ class AmbisamApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
         for name, path in self.working_copies.items():
+            spec = method_registry.get(name)
+            if spec is not None and spec.multi_organ:
+                logger.warning(f"{name}: a multi-organ bundle (organs as labels, a box per organ); serving it through "
+                               "MONAI Label is not implemented yet: not served for inference")
+                continue
             if not self.has_weights[name]:
                 logger.warning(
                     f"{name}: no trained weights (give --conf weights DIR, or train it: POST /train/{name}); "
@@ -150,10 +155,14 @@ class AmbisamApp(MONAILabelApp):
         for name, path in self.working_copies.items():
             if not (path / "configs" / "train.json").is_file():
                 continue
+            spec = method_registry.get(name)
+            if spec is not None and not spec.trainable:
+                logger.info(f"{name}: training-free for SAM (its train.json trains no segmentation model); training "
+                            "from MONAI Label is not offered")
+                continue
             if not self._encoder_frozen(name):
                 logger.info(f"{name}: the image encoder is trained too; training from MONAI Label is not offered")
                 continue
-            spec = method_registry.get(name)
             if spec is not None and "rater_id" in spec.capabilities.conditions:
                 logger.info(f"{name}: trains on raters by identity, and the datastore's labels name no rater; "
                             "training from MONAI Label is not offered (train it on a datalist with its raters)")

@@ -7,7 +7,7 @@ Commands:
     segment    the deterministic box-prompted baseline on one 2D image
     demo       the main job on the embedded default: a small benchmark of every bundle and the SAM baselines
     bench      benchmarks that print figures (``bench sampling``, ``bench training``, ``bench memory``,
-               ``bench scale``, ``bench precision``)
+               ``bench scale``, ``bench precision``, ``bench propagation``)
     export     a bundle as a self-contained model-zoo zip
     verify     an exported zip's weights against the checksums it records
     benchmark  every method and baseline trained and scored alike
@@ -40,6 +40,7 @@ class Bench:
         training: bool = True,
         json: bool = False,
         precision: str = "fp32",
+        structures: int | None = None,
     ) -> None:
         """Encoder ms per slice, decoder ms per sample, the ratio time(N)/time(1) and volume throughput.
 
@@ -56,11 +57,15 @@ class Bench:
             json: print JSON instead of lines.
             precision: fp32, bf16 or auto: what the figures are measured in; a lower one than fp32 also prints
                 its encoder and per-sample decoder speed-up over fp32, measured in the same run.
+            structures: structures (organs) prompted per slice in the volume test, from one embedding; default 13
+                for a multi-organ method (ursam), 1 otherwise and in the table.
         """
         from ambisam.bench import print_methods, print_sampling
 
         settings = dict(backbone=backbone, checkpoint=checkpoint, num_samples=num_samples, repeats=repeats,
                         volume_slices=volume_slices, threads=threads, precision=precision)
+        if structures is not None:
+            settings["structures"] = structures
         if isinstance(method, str) and method != "all" and "," not in method:
             print_sampling(as_json=json, method=method, **settings)
         else:  # fire passes "a,b" as a tuple
@@ -202,6 +207,52 @@ class Bench:
         print_precision(as_json=json, precision=precision, lidc=lidc, synthetic=synthetic, repeats=repeats,
                         timed_slices=timed_slices, backbone=backbone, checkpoint=checkpoint, threads=threads,
                         progress=not json, cases=None if cases is None else [str(c) for c in cases])
+
+    def propagation(
+        self,
+        dataset_dir: str = "data/synthetic",
+        split: str = "test",
+        num_samples: int = 4,
+        margin: int = 3,
+        start: str | int = "centre",
+        method: str = "baseline",
+        backbone: str = "litemedsam",
+        checkpoint: str | None = None,
+        threads: int | None = None,
+        seed: int = 0,
+        structures: str | tuple[str, ...] | None = None,
+        out: str = "runs/bench/propagation.json",
+        json: bool = False,
+    ) -> None:
+        """Dice per structure of a box-prompted method given each structure's tight 3D box (from the raters' union):
+        the same 2D box on every slice against box propagation; seconds and slices encoded of each
+        (``ambisam.bench_propagation``).
+
+        Args:
+            dataset_dir: a data set folder with datalist.json (a new or empty one gets the synthetic default); a
+                multi-label datalist's class map names the structures.
+            split: the split measured, or comma-separated splits (training,validation,test: every case).
+            num_samples: N samples per slice.
+            margin: the propagation margin in pixels.
+            start: centre, or the slice index propagation starts on.
+            method: a training-free method (baseline, multimask, jitter).
+            backbone: backbone registry name.
+            checkpoint: backbone weights, where needed.
+            threads: torch threads.
+            seed: the run's seed.
+            structures: comma-separated structures of the class map (default: all).
+            out: the JSON record of the figures and the run.
+            json: print JSON instead of the table.
+        """
+        from ambisam.bench_propagation import print_propagation
+
+        if isinstance(structures, str):
+            structures = [s for s in structures.split(",") if s]
+        if not isinstance(split, str):  # fire passes "a,b" as a tuple
+            split = ",".join(split)
+        print_propagation(as_json=json, dataset_dir=dataset_dir, split=split, num_samples=num_samples, margin=margin,
+                          start=start, method=method, backbone=backbone, checkpoint=checkpoint, threads=threads,
+                          seed=seed, structures=None if structures is None else list(structures), out=out)
 
 
 class Commands:

@@ -27,8 +27,8 @@ import numpy as np
 
 from ambisam.errors import OutputError
 
-__all__ = ["atomic_path", "atomic_group", "remove_stale_temporaries", "write_json", "write_nifti", "write_nifti_planes",
-           "run_record", "versions"]
+__all__ = ["atomic_path", "atomic_group", "remove_stale_temporaries", "write_json", "write_text", "write_nifti",
+           "write_nifti_planes", "run_record", "versions"]
 
 
 #: what ``open`` gives a new file before the umask (``mkstemp`` gives 0600)
@@ -168,10 +168,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     Raises:
         OutputError: the file could not be written (naming it; nothing is left at ``path``).
     """
-    text = json.dumps(obj, indent=2, default=str) + "\n"
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Returns:
+        The final path.
+
+    Raises:
+        OutputError: the file could not be written (naming it; nothing is left at ``path``).
+    """
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
     except OSError as e:
         raise _output_error(path, e) from e
     return Path(path)

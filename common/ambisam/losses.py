@@ -11,12 +11,17 @@
   logit against one rater, plus an L2 term on the parameters the network names.
 - :class:`ProSegLoss`: ProSeg's generalised Dice against one rater, plus the cross-entropy of its rater
   classifier, the image reconstruction MSE and the two latents' KL divergences.
+- :class:`RelativeDistanceLoss`, :class:`PointEmbeddingLoss` and their sum :class:`LocaliserLoss`: UR-SAM's
+  self-supervised localiser (MedLAM-style): ``MSE(r * tanh(p_a - p_b), delta)`` on two crops' latent positions,
+  and an InfoNCE cross-entropy over positions that aligns the point embeddings of a crop and its augmented copy.
 
 Every loss here takes the ``dict`` a method's ``training_outputs`` returns and keeps its last components in
 ``last_components`` (detached scalars), so a trainer can log them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +30,19 @@ from monai.losses import DiceLoss, FocalLoss, GeneralizedDiceLoss
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-__all__ = ["LatentSegmentationLoss", "HungarianSetLoss", "WinnerTakesAllLoss", "P2SamLoss", "ProSegLoss"]
+from ambisam.data.transforms.localiser import DISTANCE_PAIRS, EMBEDDING_PAIR, PATCH_SIZE
+from ambisam.networks.localiser import RELATIVE_RANGE_MM, point_features, relative_offset_mm
+
+__all__ = [
+    "LatentSegmentationLoss",
+    "HungarianSetLoss",
+    "WinnerTakesAllLoss",
+    "P2SamLoss",
+    "ProSegLoss",
+    "RelativeDistanceLoss",
+    "PointEmbeddingLoss",
+    "LocaliserLoss",
+]
 
 
 class LatentSegmentationLoss(nn.Module):
@@ -538,6 +555,174 @@ class ProSegLoss(nn.Module):
             "kl_rater": kl_rater.detach(),
             "kl_image": kl_image.detach(),
             "kl_weighted": (self.weights["kl"] * terms["kl"]).detach(),
+            "total": total.detach(),
+        }
+        return total
+
+    def components(self) -> dict[str, float]:
+        """The last call's components as Python floats (for logging); empty before the first call."""
+        return {name: float(value) for name, value in self.last_components.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UR-SAM's localiser (self-supervised; see ambisam.networks.localiser for the axes and the views)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RelativeDistanceLoss(nn.Module):
+    """``MSE(r * tanh(p_a - p_b), delta)``, in mm^2: the relative-distance regression of MedLAM.
+
+    ``delta`` is the offset in mm from crop ``b``'s centre to crop ``a``'s (``centre_a - centre_b``), so that at
+    inference the displacement from a query patch to a support point is ``r * tanh(p_support - p_query)``
+    (:func:`ambisam.networks.localiser.relative_offset_mm`). The mean is over the batch and the three axes.
+
+    Args:
+        range_mm: ``r`` along ``(i, j, k)`` of the localiser's RAS grid (default ``(600, 600, 1500)``, METHODS.md's
+            ``[1500, 600, 600]`` in ``(z, y, x)``).
+
+    Raises:
+        ValueError: ``range_mm`` not three positive values.
+    """
+
+    def __init__(self, range_mm: Sequence[float] = RELATIVE_RANGE_MM) -> None:
+        super().__init__()
+        range_mm = tuple(float(v) for v in range_mm)
+        if len(range_mm) != 3 or min(range_mm) <= 0:
+            raise ValueError(f"range_mm must be three positive values, got {range_mm}")
+        self.range_mm = range_mm
+
+    def forward(self, position_a: torch.Tensor, position_b: torch.Tensor, offset_mm: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch of crop pairs.
+
+        Args:
+            position_a: ``(B, 3)`` latent positions of crops ``a``.
+            position_b: ``(B, 3)`` latent positions of crops ``b``.
+            offset_mm: ``(B, 3)`` ``centre_a - centre_b`` in mm along ``(i, j, k)``.
+
+        Returns:
+            The scalar mean squared error in mm^2.
+
+        Raises:
+            ValueError: shapes that are not ``(B, 3)`` alike.
+        """
+        if position_a.shape != position_b.shape or position_a.shape != offset_mm.shape or position_a.shape[-1] != 3:
+            raise ValueError(f"expected (B, 3) positions and offset, got {tuple(position_a.shape)}, "
+                             f"{tuple(position_b.shape)}, {tuple(offset_mm.shape)}")
+        predicted = relative_offset_mm(position_a, position_b, self.range_mm)
+        return F.mse_loss(predicted, offset_mm.to(predicted.dtype))
+
+
+class PointEmbeddingLoss(nn.Module):
+    """InfoNCE over positions: the embedding of point ``n`` in crop ``a`` should be most similar to the embedding
+    of the same physical point ``n`` in crop ``b`` among the ``N`` points of ``b`` (and the other way round).
+
+    Per batch item the logits are ``f_a @ f_b^T / temperature`` ``(N, N)``; the loss is the cross-entropy with the
+    diagonal as the target, averaged over both directions, the points and the batch.
+
+    Args:
+        temperature: the softmax temperature (the embeddings are unit vectors, so the logits lie in
+            ``[-1/t, 1/t]``).
+
+    Raises:
+        ValueError: a temperature that is not positive.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch of point sets.
+
+        Args:
+            features_a: ``(B, N, F)`` the points' embeddings in crop ``a``.
+            features_b: ``(B, N, F)`` the same points' embeddings in crop ``b``.
+
+        Returns:
+            The scalar cross-entropy.
+
+        Raises:
+            ValueError: shapes that are not ``(B, N, F)`` alike.
+        """
+        if features_a.ndim != 3 or features_a.shape != features_b.shape:
+            raise ValueError(f"expected (B, N, F) features alike, got {tuple(features_a.shape)}, "
+                             f"{tuple(features_b.shape)}")
+        logits = features_a @ features_b.transpose(1, 2) / self.temperature  # (B, N, N)
+        target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+        return 0.5 * (F.cross_entropy(logits.transpose(1, 2), target) + F.cross_entropy(logits, target))
+
+
+class LocaliserLoss(nn.Module):
+    """The localiser's training loss: ``distance_weight * relative distance (mm^2) + embedding_weight * mean over
+    scales of the point-embedding InfoNCE``.
+
+    The default ``distance_weight`` of 0.01 counts the distance term in cm^2, so that neither term swamps the other
+    (an RMS error of 10 mm is 1, as is an InfoNCE of 1).
+
+    Args:
+        range_mm: ``r`` along ``(i, j, k)``.
+        distance_weight: weight of the relative-distance MSE in mm^2.
+        embedding_weight: weight of the point-embedding cross-entropy.
+        temperature: of the InfoNCE.
+        patch_size: the views' side (the points' frame).
+
+    Attributes:
+        last_components: after each call, detached scalars ``distance_mse_mm2``, ``distance_rmse_mm``,
+            ``embedding`` and ``total``.
+
+    Raises:
+        ValueError: a negative weight, or as the two losses.
+    """
+
+    def __init__(self, range_mm: Sequence[float] = RELATIVE_RANGE_MM, distance_weight: float = 0.01,
+                 embedding_weight: float = 1.0, temperature: float = 0.1, patch_size: int = PATCH_SIZE) -> None:
+        super().__init__()
+        if min(distance_weight, embedding_weight) < 0:
+            raise ValueError(f"weights must be non-negative, got {distance_weight}, {embedding_weight}")
+        self.distance = RelativeDistanceLoss(range_mm)
+        self.embedding = PointEmbeddingLoss(temperature)
+        self.distance_weight, self.embedding_weight = float(distance_weight), float(embedding_weight)
+        self.patch_size = int(patch_size)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def forward(self, outputs: dict, target: dict) -> torch.Tensor:
+        """The loss of one training step.
+
+        Args:
+            outputs: the localiser's outputs on the three views of each volume
+                (:data:`~ambisam.data.transforms.localiser.LOCALISER_VIEWS`): ``"position" (B, 3 views, 3)`` and
+                ``"features"``, a list of ``(B, 3 views, E, s, s, s)``.
+            target: ``"offset_mm" (B, 2, 3)`` (a row per pair of
+                :data:`~ambisam.data.transforms.localiser.DISTANCE_PAIRS`) and ``"points" (B, 2, N, 3)`` (the
+                points in the two views of :data:`~ambisam.data.transforms.localiser.EMBEDDING_PAIR`).
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            ValueError: a key missing from ``outputs`` or ``target``.
+        """
+        missing = [k for k in ("position", "features") if k not in outputs]
+        missing += [k for k in ("offset_mm", "points") if k not in target]
+        if missing:
+            raise ValueError(f"the localiser loss needs {missing} (outputs {sorted(outputs)}, target {sorted(target)})")
+        position, offsets = outputs["position"], target["offset_mm"]
+        distance = torch.stack([self.distance(position[:, a], position[:, b], offsets[:, n])
+                                for n, (a, b) in enumerate(DISTANCE_PAIRS)]).mean()
+        first, second = EMBEDDING_PAIR
+        points = target["points"]
+        embedding = torch.stack([
+            self.embedding(point_features([f[:, first]], points[:, 0], self.patch_size),
+                           point_features([f[:, second]], points[:, 1], self.patch_size))
+            for f in outputs["features"]
+        ]).mean()
+        total = self.distance_weight * distance + self.embedding_weight * embedding
+        self.last_components = {
+            "distance_mse_mm2": distance.detach(),
+            "distance_rmse_mm": distance.detach().sqrt(),
+            "embedding": embedding.detach(),
             "total": total.detach(),
         }
         return total

@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambisam.inferers.layout import OUTPUT_SUFFIXES
+from ambisam.inferers.layout import OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES
 from ambisam.inferers.region import region_parts, region_planes
 from ambisam.io import atomic_group, write_json, write_nifti, write_nifti_planes  # write_nifti re-exported
 
 __all__ = ["write_nifti", "write_case_outputs", "write_output_file", "output_dtype", "OUTPUT_SUFFIXES"]
 
-#: the outputs written as 0/1 ``uint8`` (the others are ``float32``)
-_MASKS = ("pred", "samples")
+#: the outputs written as ``uint8`` (0/1 masks and the label volume; the others are ``float32``)
+_MASKS = ("pred", "samples", "uncertain", "labels")
 
 
 def output_dtype(name: str) -> np.dtype:
-    """The file dtype of an output: ``uint8`` for ``pred`` and ``samples``, ``float32`` for the maps."""
+    """The file dtype of an output: ``uint8`` for the masks and labels, ``float32`` for the maps."""
     return np.dtype(np.uint8 if name in _MASKS else np.float32)
 
 
@@ -82,7 +82,9 @@ def write_case_outputs(
             :class:`ambisam.data.SplitSamplingOutputd`): ``pred``, ``mean``, ``uncertainty``, ``variance``, each
             ``(S, H, W, D)`` for ``S`` structures (written 3D for one, with the structures last for several),
             and ``samples (S * N, H, W, D)`` (one 4D file, samples last, structure-major); each a tensor or a
-            region of one (:mod:`ambisam.inferers.region`).
+            region of one (:mod:`ambisam.inferers.region`). The optional outputs of
+            :data:`~ambisam.inferers.layout.OPTIONAL_OUTPUT_SUFFIXES` (``uncertain``, ``labels``) are written
+            when present.
         affine: the input's 4x4 affine, so the outputs overlay the input.
         record: what was run (bundle/method, backbone, N, seed, timings), written as ``<id>.json``.
         sample_names: a name per sample (``N`` of them, one structure): each sample is also written on its own as
@@ -99,7 +101,8 @@ def write_case_outputs(
     with atomic_group():  # the case's files appear together, or none of them
         affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
         paths = {}
-        for name, suffix in OUTPUT_SUFFIXES.items():
+        present = {k: v for k, v in OPTIONAL_OUTPUT_SUFFIXES.items() if k in maps}
+        for name, suffix in {**OUTPUT_SUFFIXES, **present}.items():
             # channels first in memory, last in NIfTI: (C, H, W, D) -> (H, W, D[, C])
             channels_last = name == "samples" or int(region_parts(maps[name])[0].shape[0]) != 1
             paths[name] = write_output_file(out_dir / f"{case_id}{suffix}", maps[name], output_dtype(name), affine,

@@ -43,6 +43,8 @@ class MethodSpec:
         loss: the loss component config (harness-trained methods; a bundle states its own).
         overrides: further config overrides for this method's training and evaluation (harness methods).
         deterministic: its samples do not depend on the seed.
+        multi_organ: it segments the structures of a class-mapped datalist (its own evaluation table); the
+            benchmark's multi-rater scoring does not run it (see :func:`ambisam.benchmark.run_benchmark`).
     """
 
     name: str
@@ -55,6 +57,7 @@ class MethodSpec:
     loss: Mapping[str, Any] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     deterministic: bool = False
+    multi_organ: bool = False
 
     @property
     def network_class(self) -> type:
@@ -138,7 +141,7 @@ for _spec in (
     MethodSpec("proseg", "ProSeg: rater-preference and image-ambiguity latents", "ambisam.networks.ProSeg",
                bundle="proseg"),
     MethodSpec("ursam", "UR-SAM: prompt augmentation and uncertainty rectification (training-free)",
-               "ambisam.networks.UrSam", bundle="ursam", stages=(), eval_base=("inference",)),
+               "ambisam.networks.UrSam", bundle="ursam", stages=(), eval_base=("inference",), multi_organ=True),
     MethodSpec("baseline", "deterministic box-prompted SAM (every sample the same)",
                "ambisam.networks.BoxPromptedSam", stages=(), network_args=_ON_BACKBONE, deterministic=True),
     MethodSpec("multimask", "SAM's 3 multimask outputs as 3 hypotheses, tiled to N",

@@ -140,3 +140,27 @@ def test_every_config_with_an_embedding_cache_bounds_its_ram(bundle):
         assert parser.get_parsed_content("embedding_cache#max_memory_mb") == 1024, names
         assert parser.get_parsed_content("embedding_cache#storage_dtype") == "float32", names
     assert cached >= 2  # a training and its evaluation at least
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_inferer_takes_the_shared_box_propagation_off_by_default(bundle):
+    """Inference, the validation and the evaluation (and ProSeg's personalised scoring) sample with the base's
+    box_propagation, propagation_margin and propagation_start: off by default, on from a top-level override."""
+    from monai.bundle import ConfigParser
+
+    ids = {"box_propagation": False, "propagation_margin": 3, "propagation_start": "centre"}
+    folder = BUNDLES[bundle] / "configs"
+    parser = ConfigParser(flatten_config(folder / "inference.json"))
+    inferer = parser.get_parsed_content("inferer")
+    assert {k: getattr(inferer, k) for k in ids} == ids
+    parser = ConfigParser(flatten_config(folder / "inference.json"))
+    parser.update({"box_propagation": True, "propagation_margin": 2, "propagation_start": 7})
+    inferer = parser.get_parsed_content("inferer")
+    assert (inferer.box_propagation, inferer.propagation_margin, inferer.propagation_start) == (True, 2, 7)
+    stages = [p.stem for p in folder.glob("train_stage*.json")]
+    for names in (["train"], ["train", *stages, "evaluate"]):
+        flat = flatten_config([folder / f"{n}.json" for n in names])
+        assert {k: flat[k] for k in ids} == ids, names
+        inferers = [flat["validate"]["inferer"]] + ([flat["personalised"]["inferer"]] if "personalised" in flat else [])
+        for config in inferers:
+            assert {k: config[k] for k in ids} == {k: f"@{k}" for k in ids}, names

@@ -188,7 +188,7 @@ class TrainingBudget:
                 "parameters_trained": count_parameters(network, trainable=True),
                 "cache_hits": getattr(cache, "hits", None),
                 "cache_misses": getattr(cache, "misses", None),
-                "last_loss": None if loss is None else float(loss),
+                "last_loss": None if loss is None else float(torch.as_tensor(loss).detach()),
                 "validation_curve": self.validation_curve,
             },
         )

@@ -34,7 +34,8 @@ same, and ``results.json`` and ``run.json`` record it with its source.
 The parent process then writes ``DIR/results.json`` (one object per method, mean and standard deviation
 over seeds), ``DIR/results.md`` (the table) and the figures (:mod:`ambisam.benchmark.report`), and
 ``DIR/run.json`` (what was run: settings, versions, time). A method that is not implemented yet (no network
-class, or no bundle) is listed as ``unavailable``; a job that fails is listed as ``failed`` with its error, and
+class, or no bundle) is listed as ``unavailable``, and so is a multi-organ method (UR-SAM), with where its own
+table comes from; a job that fails is listed as ``failed`` with its error, and
 the other methods still run. Running the same command on the same ``DIR`` again reuses every job already
 completed with the same settings (``--rerun`` to redo them).
 """
@@ -337,6 +338,11 @@ def run_benchmark(
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     unavailable = {n: method_availability(get_method(n)) for n in names}
+    for n in names:
+        if unavailable[n] is None and get_method(n).multi_organ:
+            unavailable[n] = (f"'{n}' is a multi-organ method with its own table (Dice per organ and strategy): run "
+                              f"bundles/{get_method(n).config_bundle}/configs/evaluate.json on a class-mapped "
+                              "datalist; the benchmark's multi-rater scoring does not run it")
     runnable = [n for n in names if unavailable[n] is None]
     datalist = _resolve_datalist(data)
     counts = _check_data(datalist, any(get_method(n).trainable for n in runnable))

@@ -25,19 +25,32 @@ from ambisam.data.datalist import (
 )
 from ambisam.data.ids import IMAGE_EXTENSIONS, case_id, strip_image_extension
 from ambisam.data.inputs import check_inputs, inference_items
-from ambisam.data.pipelines import RATER_ORDERS, training_slice_transforms, volume_transforms
+from ambisam.data.pipelines import (
+    RATER_ORDERS,
+    localiser_training_transforms,
+    localiser_volume_transforms,
+    training_slice_transforms,
+    volume_transforms,
+)
 from ambisam.data.synth import ensure_dataset, synth_case, synthesize, synthesize_dataset
 from ambisam.data.synth_organs import FLARE22_LABELS, organ_names, synth_organ_case, synthesize_organs
 from ambisam.data.transforms import (
     NO_BOX,
+    ORGAN_PROMPTS,
     PROMPT_PROTOCOLS,
     BoxesFromLabeld,
     BoxFromRaterd,
     CaseSeedd,
     LesionCropd,
     LoadBoxd,
+    LocaliserPairsd,
+    PiecewiseLinearIntensityd,
     LoadRatersd,
+    ManualOrganBoxesd,
+    OrganBoxFiled,
+    OrganPromptsd,
     RankRatersByAread,
+    RectifyByUncertaintyd,
     SelectReadRatersd,
     PromptBoxesd,
     ResizeBoxd,
@@ -50,6 +63,8 @@ from ambisam.data.transforms import (
     case_seed,
     check_prompt,
     intensity_transform,
+    multi_label_volume,
+    piecewise_linear_intensity,
     slice_boxes_from_box3d,
 )
 
@@ -82,6 +97,8 @@ __all__ = [
     "RATER_ORDERS",
     "training_slice_transforms",
     "volume_transforms",
+    "localiser_volume_transforms",
+    "localiser_training_transforms",
     "ensure_dataset",
     "synth_case",
     "synthesize",
@@ -106,10 +123,19 @@ __all__ = [
     "ResizeBoxd",
     "SelectSlicesd",
     "SplitSamplingOutputd",
+    "ORGAN_PROMPTS",
+    "ManualOrganBoxesd",
+    "OrganBoxFiled",
+    "OrganPromptsd",
+    "RectifyByUncertaintyd",
+    "multi_label_volume",
     "StructureMasksd",
     "ValidateMultiRaterd",
     "box_from_mask",
     "boxes_from_mask",
     "intensity_transform",
+    "piecewise_linear_intensity",
+    "PiecewiseLinearIntensityd",
+    "LocaliserPairsd",
     "slice_boxes_from_box3d",
 ]

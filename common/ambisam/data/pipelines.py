@@ -10,9 +10,11 @@ from collections.abc import Mapping, Sequence
 from monai.transforms import (
     Compose,
     DeleteItemsd,
+    EnsureTyped,
     LoadImaged,
     Orientationd,
     Resized,
+    SelectItemsd,
     Spacingd,
 )
 
@@ -29,8 +31,16 @@ from ambisam.data.transforms import (
     ValidateMultiRaterd,
     intensity_transform,
 )
+from ambisam.data.transforms.intensity import PiecewiseLinearIntensityd
+from ambisam.data.transforms.localiser import LOCALISER_SPACING_MM, PATCH_SIZE, LocaliserPairsd
 
-__all__ = ["RATER_ORDERS", "volume_transforms", "training_slice_transforms"]
+__all__ = [
+    "RATER_ORDERS",
+    "volume_transforms",
+    "training_slice_transforms",
+    "localiser_volume_transforms",
+    "localiser_training_transforms",
+]
 
 #: the ``rater_order`` of the pipelines: the datalist's rater table, or the area rank (:class:`RankRatersByAread`)
 RATER_ORDERS = ("datalist", "area")
@@ -197,3 +207,50 @@ def training_slice_transforms(
         Resized(keys=["image"] + masks, spatial_size=size, mode=["bilinear"] + ["nearest"] * len(masks)),
     ]
     return Compose(xs)
+
+
+def localiser_volume_transforms(load: bool = True, spacing: float = LOCALISER_SPACING_MM) -> Compose:
+    """A CT volume on the localiser's grid: ``Orientationd`` to RAS, the piecewise-linear HU map
+    (:class:`~ambisam.data.transforms.intensity.PiecewiseLinearIntensityd`, air 0), ``Spacingd`` to ``spacing`` mm
+    isotropic with ``diagonal=True`` (any rotation or shear of the affine is resampled away, so the grid's
+    ``(i, j, k)`` are the world's RAS axes; outside the scan is 0, air) and ``float32``.
+
+    Args:
+        load: start with ``LoadImaged`` of ``image`` (a datalist item); ``False``: ``image`` is already a
+            ``(1, H, W, D)`` MetaTensor in HU.
+        spacing: the grid's voxel size in mm.
+
+    Returns:
+        A ``Compose`` giving ``image (1, h, w, d)`` with its grid affine (``image.affine``).
+    """
+    xs = [LoadImaged(keys="image", ensure_channel_first=True, image_only=True)] if load else []
+    xs += [
+        Orientationd(keys="image", axcodes="RAS", labels=None),
+        PiecewiseLinearIntensityd("image"),
+        Spacingd(keys="image", pixdim=(float(spacing),) * 3, diagonal=True, mode="bilinear", padding_mode="zeros"),
+        EnsureTyped(keys="image", dtype="float32"),
+    ]
+    return Compose(xs)
+
+
+def localiser_training_transforms(augment: bool = True, seed: int = 0, patch_size: int = PATCH_SIZE,
+                                  num_points: int = 64, spacing: float = LOCALISER_SPACING_MM) -> Compose:
+    """The localiser's training (``augment``) or validation pipeline: one datalist item (only its image is read)
+    -> :func:`localiser_volume_transforms` -> :class:`~ambisam.data.LocaliserPairsd` -> the keys the trainer
+    reads.
+
+    Args:
+        augment: random crops and augmentations (training); ``False``: crops seeded per case, not augmented.
+        seed: the run's seed (the per-case crops of validation).
+        patch_size: the crops' side in voxels.
+        num_points: points per crop for the point-embedding loss.
+        spacing: the grid's voxel size in mm.
+
+    Returns:
+        A ``Compose`` giving ``image (3, P, P, P)``, ``offset_mm (2, 3)``, ``points (2, N, 3)`` and ``id``.
+    """
+    return Compose([  # one flat list, so that a CacheDataset caches the volume (up to the first random transform)
+        *localiser_volume_transforms(load=True, spacing=spacing).transforms,
+        LocaliserPairsd("image", patch_size=patch_size, num_points=num_points, augment=augment, seed=seed),
+        SelectItemsd(keys=["image", "offset_mm", "points", "id"]),
+    ])

@@ -22,7 +22,7 @@ from monai.utils import string_list_all_gather
 from ambisam.data.ids import case_id
 from ambisam.errors import InputError
 from ambisam.io import atomic_path, run_record, write_json
-from ambisam.inferers.layout import OUTPUT_NAMES
+from ambisam.inferers.layout import OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_NAMES
 from ambisam.outputs import write_case_outputs
 from ambisam.registry import method_registry
 from ambisam.weights import load_weights
@@ -278,7 +278,7 @@ class SamplingOutputWriter:
             meta = getattr(ref, "meta", {})
             case = case_id(item)
             record = dict(self.record, seconds=seconds, image=str(meta.get("filename_or_obj", "")))
-            maps = {k: item[k] for k in OUTPUT_NAMES}
+            maps = {k: item[k] for k in (*OUTPUT_NAMES, *OPTIONAL_OUTPUT_SUFFIXES) if k in item}
             write_case_outputs(self.output_dir, case, maps, ref.affine, record, self.sample_names)
             self.cases[case] = seconds
 

@@ -161,9 +161,15 @@ class MultiRaterTrainer(SupervisedTrainer):
             module docstring), so that a resumed run repeats the interrupted one. ``None``: the generators run on
             from whatever state they are in (a resumed run then draws differently).
 
+    Attributes:
+        prediction_key: the training output logged as the step's prediction (``"logits"``; a subclass for another
+            kind of network names its own).
+
     Raises:
         ValueError: ``slice_batch_size`` below 1.
     """
+
+    prediction_key = "logits"
 
     def __init__(
         self,
@@ -321,7 +327,7 @@ class MultiRaterTrainer(SupervisedTrainer):
                 outputs, sliced, runs = self._gradient_free_outputs(batch, parts, num_slices)
             else:
                 outputs = self.training_outputs(batch)
-            engine.state.output[Keys.PRED] = outputs["logits"]
+            engine.state.output[Keys.PRED] = outputs[self.prediction_key]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = self.compute_loss(outputs, batch)
         engine.state.output[Keys.LOSS] = loss

@@ -29,6 +29,7 @@ __all__ = [
     "SAMPLING_CHANNELS",
     "OUTPUT_NAMES",
     "OUTPUT_SUFFIXES",
+    "OPTIONAL_OUTPUT_SUFFIXES",
     "binary_entropy",
     "sampling_maps",
     "split_sampling_output",
@@ -46,6 +47,11 @@ OUTPUT_SUFFIXES = {
     "uncertainty": "_uncertainty.nii.gz",
     "variance": "_variance.nii.gz",
     "samples": "_samples.nii.gz",
+}
+#: outputs a method's post-processing may add (UR-SAM's), written when a case has them: output name -> suffix
+OPTIONAL_OUTPUT_SUFFIXES = {
+    "uncertain": "_uncertain.nii.gz",  # the high-uncertainty masks, (S, ...) 0/1
+    "labels": "_labels.nii.gz",  # one multi-label volume of every structure's final mask, (1, ...)
 }
 
 

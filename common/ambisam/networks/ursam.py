@@ -38,6 +38,7 @@ import os
 import torch
 
 from ambisam.inferers.layout import binary_entropy
+from ambisam.networks.base import Conditions
 from ambisam.networks.baselines import PromptJitterSam
 from ambisam.sam import DEFAULT_BACKBONE, SamBackbone
 
@@ -50,11 +51,17 @@ __all__ = [
     "box_masks",
     "rectify",
     "correct",
+    "MODES",
 ]
 
 #: the strategies of the paper's Tables 3-4: the ensemble alone, the corrections of its reference [37] that remove
 #: (FPC), add (FNC) or flip (FPNC) the high-uncertainty pixels, and UR-SAM's intensity rectification
 STRATEGIES = ("ensemble", "unc_fpc", "unc_fnc", "unc_fpnc", "ursam")
+
+#: the inference modes (``conditions.mode``; ``None`` is the first): ``"augmented"``, every sample an augmented
+#: box; ``"given_box_first"``, sample 0 the box as given and samples 1..N-1 augmented (the evaluation's "SAM with
+#: the prompt" row and its ensemble from one call, one embedding)
+MODES = ("augmented", "given_box_first")
 
 
 def ensemble_uncertainty(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +172,7 @@ def rectify(
 
 def correct(
     strategy: str,
-    probs: torch.Tensor,
+    probability: torch.Tensor,
     image: torch.Tensor | None,
     boxes: torch.Tensor,
     alpha_h: float = 1.5,
@@ -175,7 +182,8 @@ def correct(
 
     Args:
         strategy: one of :data:`STRATEGIES`.
-        probs: ``(B, n, H, W)`` the augmented boxes' probabilities.
+        probability: ``(B, n, H, W)`` the augmented boxes' probabilities, or ``(B, H, W)`` their ensemble ``y_hat``
+            already (eq. 2; the sampling inferer's mean map).
         image: ``(B, H, W)`` intensities (needed by ``"ursam"`` only).
         boxes: ``(B, 4)`` the unaugmented box per unit, pixels of the ``(H, W)`` grid.
         alpha_h: see :func:`rectify`.
@@ -190,9 +198,13 @@ def correct(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    probability, uncertainty = ensemble_uncertainty(probs)
+    if probability.dim() == 4:
+        probability, uncertainty = ensemble_uncertainty(probability)
+    else:
+        probability = probability.float()
+        uncertainty = binary_entropy(probability)
     mask = probability > 0.5
-    box = box_masks(boxes, tuple(probs.shape[-2:]))
+    box = box_masks(boxes, tuple(probability.shape[-2:]))
     unsure = uncertainty_mask(uncertainty, mask, box, threshold)
     if strategy == "ensemble":
         out = mask
@@ -216,6 +228,8 @@ class UrSam(PromptJitterSam):
     decoded from the slice's one embedding, so the sampling inferer's mean and entropy are eqs. 2-3;
     :meth:`rectified` turns them into one strategy's mask (:func:`correct`).
 
+    Inference modes (``conditions.mode``, :data:`MODES`): ``"augmented"`` (the default) and ``"given_box_first"``.
+
     Args:
         backbone: a built backbone or a registry name.
         checkpoint: backbone weights for a registry name that needs them.
@@ -228,6 +242,8 @@ class UrSam(PromptJitterSam):
     Raises:
         ValueError: a negative ``ratio`` or an unknown ``strategy``.
     """
+
+    inference_modes = MODES
 
     def __init__(
         self,
@@ -255,6 +271,24 @@ class UrSam(PromptJitterSam):
             ``(B, 4)`` in pixels of backbone input.
         """
         return torch.full_like(boxes, self.ratio * self.backbone.image_size)
+
+    def draw_samples(self, embeddings: torch.Tensor, conditions: Conditions, num_samples: int) -> torch.Tensor:
+        """The augmented boxes' masks; with ``conditions.mode == "given_box_first"`` sample 0 is the box as given.
+
+        Args and shapes as :meth:`PromptJitterSam.draw_samples`.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        if conditions.mode is not None and conditions.mode not in MODES:
+            raise ValueError(f"unknown mode {conditions.mode!r}: UR-SAM offers {MODES} ('augmented' is the default)")
+        if conditions.mode != "given_box_first":
+            return super().draw_samples(embeddings, conditions, num_samples)
+        boxes = conditions.boxes.float()
+        prompts = torch.cat([boxes[:, None], self.jitter_boxes(boxes, num_samples - 1)], dim=1)
+        b, n = prompts.shape[:2]
+        logits, _ = self.backbone.decode_boxes(embeddings, prompts.reshape(b * n, 4))
+        return logits.view(b, n, *logits.shape[-2:])
 
     def rectified(
         self, logits: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, strategy: str | None = None

@@ -31,8 +31,15 @@ from ambisam.data.transforms.boxes import (
     check_prompt,
     slice_boxes_from_box3d,
 )
-from ambisam.data.transforms.intensity import intensity_transform
+from ambisam.data.transforms.intensity import (
+    PiecewiseLinearIntensityd,
+    intensity_transform,
+    piecewise_linear_intensity,
+)
+from ambisam.data.transforms.localiser import LocaliserPairsd
+from ambisam.data.transforms.organ_boxes import ORGAN_PROMPTS, ManualOrganBoxesd, OrganBoxFiled, OrganPromptsd
 from ambisam.data.transforms.outputs import SplitSamplingOutputd
+from ambisam.data.transforms.rectification import RectifyByUncertaintyd, multi_label_volume
 from ambisam.data.transforms.seeds import CaseSeedd, case_seed
 from ambisam.data.transforms.raters import LoadRatersd, RankRatersByAread, SelectReadRatersd
 from ambisam.data.transforms.slices import LesionCropd, SelectSlicesd
@@ -46,6 +53,9 @@ __all__ = [
     "slice_boxes_from_box3d",
     "ValidateMultiRaterd",
     "intensity_transform",
+    "piecewise_linear_intensity",
+    "PiecewiseLinearIntensityd",
+    "LocaliserPairsd",
     "SelectSlicesd",
     "LesionCropd",
     "BoxFromRaterd",
@@ -56,6 +66,12 @@ __all__ = [
     "LoadBoxd",
     "ResizeBoxd",
     "SplitSamplingOutputd",
+    "ORGAN_PROMPTS",
+    "ManualOrganBoxesd",
+    "OrganBoxFiled",
+    "OrganPromptsd",
+    "RectifyByUncertaintyd",
+    "multi_label_volume",
     "LoadRatersd",
     "RankRatersByAread",
     "SelectReadRatersd",

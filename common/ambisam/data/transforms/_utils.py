@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +19,21 @@ def _filename(x: Any, fallback: Any = None) -> Any:
         if name:
             return name
     return fallback
+
+
+def _read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The content of a JSON prompt file; an :class:`~ambisam.errors.InputError` naming it when it is missing or
+    not readable JSON (``what`` names the kind of file in the message)."""
+    from ambisam.errors import InputError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(path, f"{what} not found.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"{what} is not readable JSON ({e}).") from None
 
 
 def _as_tensor(x: Any) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from copy import deepcopy
@@ -15,7 +14,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import ensure_tuple
 
-from ambisam.data.transforms._utils import _as_tensor, _check_jitter, _filename, _fmt_shape, _jitter_box
+from ambisam.data.transforms._utils import (
+    _as_tensor,
+    _check_jitter,
+    _filename,
+    _fmt_shape,
+    _jitter_box,
+    _read_json_file,
+)
 from ambisam.errors import InputError
 
 __all__ = [
@@ -424,13 +430,7 @@ class LoadBoxd(MapTransform):
         """The raw 3D box from a path, a dict or a list, and the file to name in errors."""
         if isinstance(value, (str, os.PathLike)):
             path = os.fspath(value)
-            if not os.path.isfile(path):
-                raise InputError(path, "box file not found.")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    content = json.load(f)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InputError(path, f"box file is not readable JSON ({e}).") from None
+            content = _read_json_file(path, "box file")
             if not isinstance(content, dict) or "box" not in content:
                 raise InputError(path, 'box file must hold a JSON object {"box": [i_min, j_min, k_min, i_max, '
                                        "j_max, k_max]}.")

@@ -1,13 +1,22 @@
-"""Mapping intensities to ``[0, 1]`` per modality, with MONAI's own intensity transforms."""
+"""Mapping intensities to ``[0, 1]`` per modality, with MONAI's own intensity transforms, and the localiser's
+piecewise-linear CT map (MONAI 1.6 has no piecewise-linear intensity transform)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
 
-__all__ = ["intensity_transform"]
+__all__ = ["intensity_transform", "LOCALISER_HU_KNOTS", "LOCALISER_KNOT_VALUES", "piecewise_linear_intensity",
+           "PiecewiseLinearIntensityd"]
+
+#: the Hounsfield units of the localiser's piecewise-linear map (MedLAM's) ...
+LOCALISER_HU_KNOTS = (-1000.0, -200.0, 200.0, 1500.0)
+#: ... and the values they map to
+LOCALISER_KNOT_VALUES = (0.0, 0.2, 0.8, 1.0)
 
 
 def _fixed_range(keys: KeysCollection, pair: Sequence[float], what: str) -> MapTransform:
@@ -64,3 +73,53 @@ def intensity_transform(
     if mod == "none":
         return ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0, channel_wise=True)
     raise ValueError(f"modality must be 'ct', 'mri' or 'none', got {modality!r}.")
+
+
+def piecewise_linear_intensity(image: torch.Tensor, knots: Sequence[float] = LOCALISER_HU_KNOTS,
+                               values: Sequence[float] = LOCALISER_KNOT_VALUES) -> torch.Tensor:
+    """Map intensities piecewise-linearly through ``(knots[n], values[n])``, constant beyond the end knots
+    (``numpy.interp``'s rule): the localiser's ``[-1000, -200, 200, 1500]`` HU to ``[0, 0.2, 0.8, 1]`` by default,
+    so that air is 0, soft tissue spreads over ``[0.2, 0.8]`` and bone saturates at 1.
+
+    Args:
+        image: any shape, any floating or integer dtype (HU).
+        knots: increasing intensities.
+        values: the value at each knot.
+
+    Returns:
+        ``float32`` tensor of ``image``'s shape (a MetaTensor stays one, with its metadata).
+
+    Raises:
+        ValueError: fewer than two knots, ``values`` of another length, or knots not strictly increasing.
+    """
+    knots, values = [float(v) for v in knots], [float(v) for v in values]
+    if len(knots) < 2 or len(knots) != len(values) or any(b <= a for a, b in zip(knots, knots[1:])):
+        raise ValueError(f"knots must be >= 2 strictly increasing values with one value each, got {knots}, {values}")
+    x = torch.as_tensor(image).to(torch.float32)
+    out = torch.full_like(x, values[0])
+    for (x0, x1), (y0, y1) in zip(zip(knots, knots[1:]), zip(values, values[1:])):
+        segment = (x >= x0) & (x < x1)
+        out = torch.where(segment, y0 + (x - x0) * ((y1 - y0) / (x1 - x0)), out)
+    return torch.where(x >= knots[-1], torch.full_like(x, values[-1]), out)
+
+
+class PiecewiseLinearIntensityd(MapTransform):
+    """:func:`piecewise_linear_intensity` on ``keys``.
+
+    Args:
+        keys: the image key(s).
+        knots, values: as :func:`piecewise_linear_intensity`.
+        allow_missing_keys: as MONAI's ``MapTransform``.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", knots: Sequence[float] = LOCALISER_HU_KNOTS,
+                 values: Sequence[float] = LOCALISER_KNOT_VALUES, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        piecewise_linear_intensity(torch.zeros(1), knots, values)  # check the knots once, here
+        self.knots, self.values = tuple(knots), tuple(values)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = piecewise_linear_intensity(d[key], self.knots, self.values)
+        return d
