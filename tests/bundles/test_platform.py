@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from ambisam.registry import get_method
 from ambisam.bundle import BASE_CONFIG_DIR, available_bundles, flatten_config
 from ambisam.bundle.config import MACRO
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = available_bundles(ROOT / "bundles")
+#: the bundles that train SAM-based networks through the shared train.json (ursam is training-free for SAM: its
+#: train.json trains the localiser, and its evaluation merges over inference.json)
+TRAINED = sorted(b for b in BUNDLES if get_method(b).trainable)
 #: at most this many identical settings between two bundles' same config, macros to the base aside (the network's
 #: backbone arguments, the optimizer's parameter list, a common learning rate)
 SHARED_LIMIT = 6
@@ -64,6 +68,10 @@ def test_every_macro_resolves(bundle):
     for file in files:
         flat = flatten_config(file)
         assert MACRO + "common/" not in json.dumps(flat), file
+    if not get_method(bundle).trainable:  # a training-free bundle's evaluation merges over its inference.json
+        merged = flatten_config([BUNDLES[bundle] / "configs" / "inference.json", BUNDLES[bundle] / "configs" / "evaluate.json"])
+        assert merged["split"] == "@eval_split" and merged["training_free"] is True
+        return
     merged = flatten_config([BUNDLES[bundle] / "configs" / "train.json", BUNDLES[bundle] / "configs" / "evaluate.json"])
     assert merged["validate_split"] == "@eval_split" and merged["train"]["trainer"]["_target_"] == "ambisam.engines.MultiRaterTrainer"
 
@@ -87,7 +95,7 @@ def test_the_synthetic_options_reach_ensure_dataset(bundle, tmp_path):
         assert datalist_raters(tmp_path / name / "datalist.json") == RATER_STYLES
 
 
-@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+@pytest.mark.parametrize("bundle", TRAINED)
 def test_every_training_config_stops_early_and_no_evaluation_does(bundle):
     """Each training config list (train.json with its override files, multi-GPU included) keeps the base's early
     stopping, the run step that gives it the trainer, and the TrainingBudget; evaluate.json replaces both the
@@ -105,7 +113,7 @@ def test_every_training_config_stops_early_and_no_evaluation_does(bundle):
     assert not any("set_trainer" in step for step in flat["run"])
 
 
-@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+@pytest.mark.parametrize("bundle", TRAINED)
 def test_every_bundle_evaluates_under_torchrun_with_the_shared_multi_gpu_evaluate(bundle):
     """multi_gpu_evaluate.json takes the shared base's ids: the test split shared out unpadded, every rank's report
     writer gathering the case ids (rank 0 writes), the evaluation's own run list (a second scoring included)."""
@@ -123,7 +131,7 @@ def test_every_bundle_evaluates_under_torchrun_with_the_shared_multi_gpu_evaluat
     assert flat["network"] == evaluate["network"]  # no DDP wrapper: nothing is back-propagated
 
 
-@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+@pytest.mark.parametrize("bundle", TRAINED)
 def test_every_config_with_an_embedding_cache_bounds_its_ram(bundle):
     """Training, multi-GPU training and evaluation build the cache with the base's RAM bound and storage dtype."""
     from monai.bundle import ConfigParser
@@ -157,6 +165,10 @@ def test_every_inferer_takes_the_shared_box_propagation_off_by_default(bundle):
     parser.update({"box_propagation": True, "propagation_margin": 2, "propagation_start": 7})
     inferer = parser.get_parsed_content("inferer")
     assert (inferer.box_propagation, inferer.propagation_margin, inferer.propagation_start) == (True, 2, 7)
+    if bundle not in TRAINED:  # its evaluation's own inferer takes them too
+        flat = flatten_config([folder / "inference.json", folder / "evaluate.json"])
+        assert {k: flat["inferer"][k] for k in ids} == {k: f"@{k}" for k in ids}
+        return
     stages = [p.stem for p in folder.glob("train_stage*.json")]
     for names in (["train"], ["train", *stages, "evaluate"]):
         flat = flatten_config([folder / f"{n}.json" for n in names])
