@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ambisam.errors import InputError, find_input_error
-from bundle_checks import ROOT, plain_workflow, run_workflow
+from bundle_checks import ROOT, plain_workflow, run_workflow, torchrun
 
 BUNDLE = "ursam"
 ORGANS = ["liver", "spleen", "kidney_left"]  # FLARE22 order: the class map's, the outputs'
@@ -175,6 +175,23 @@ def test_bad_inputs_are_one_message_and_write_nothing(organs, override, expected
     found = find_input_error(error.value)
     assert isinstance(found, InputError) and expected in str(found), error.value
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_localiser_trains_under_torchrun_gloo(organs):
+    """multi_gpu_train.json: the localiser's training with DDP on two CPU ranks (gloo), one epoch; rank 0 writes
+    the run record and weights that load into the plain network (no DDP prefix)."""
+    from ambisam.data import synthesize_organs
+    from ambisam.networks.localiser import RelativePositionLocaliser
+    from ambisam.weights import load_weights
+
+    tmp = organs[0] / "torchrun"
+    data = synthesize_organs(tmp / "data", cases=4, seed=3, shape=(32, 32, 10), organs=["liver"],
+                             split=(0.5, 0.5, 0.0)).parent
+    torchrun(BUNDLE, ("train", "multi_gpu_train"), {"dataset_dir": data, "ckpt_dir": tmp / "models",
+                                                     "output_dir": tmp / "runs", "max_epochs": 1, "val_interval": 1})
+    assert json.loads((tmp / "runs" / "run.json").read_text())["world_size"] == 2
+    assert (tmp / "models" / "localiser_checkpoint_epoch=1.pt").is_file()
+    RelativePositionLocaliser().load_state_dict(load_weights(tmp / "models" / "localiser.pt"))
 
 
 def test_metadata_names_the_organ_outputs():
