@@ -23,7 +23,9 @@ from monai.utils import min_version, optional_import
 
 from ambisam.data.transforms._utils import _as_tensor
 from ambisam.data.transforms.rectification import RectifyByUncertaintyd
+from ambisam.inferers.layout import binary_entropy
 from ambisam.io import write_json, write_text
+from ambisam.networks.ursam import box_masks
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -96,18 +98,17 @@ class StrategyTableWriter:
         masks = {"prompt": (probs[:, 0] > 0.5) & prompted[:, None, None]}
         for strategy in ROW_NAMES:
             if strategy != "prompt":
-                masks[strategy], unsure = self.rectifier.strategy_masks(ensemble, image, boxes, 0, strategy)
+                masks[strategy], _ = self.rectifier.strategy_masks(ensemble, image, boxes, 0, strategy)
         dice = {row: {name: _dice(masks[row][t], label[t]) for t, name in enumerate(names)} for row in ROW_NAMES}
+        # the voxels SAM was asked about: inside the box of a prompted slice (a -1 row holds no pixel)
+        h, w, depth = label.shape[1:]
+        inside = box_masks(boxes.reshape(-1, 4), (h, w)).reshape(s, depth, h, w).permute(0, 2, 3, 1)
         auroc = {}
         for t, name in enumerate(names):
-            inside = torch.zeros_like(label[t])  # the voxels SAM was asked about: inside the box of a prompted slice
-            for k in torch.nonzero(prompted[t]).flatten().tolist():
-                x0, y0, x1, y1 = (int(v) for v in boxes[t, k])
-                inside[y0 : y1 + 1, x0 : x1 + 1, k] = True
-            wrong = (masks["ursam"][t] != label[t])[inside]
+            wrong = (masks["ursam"][t] != label[t])[inside[t]]
             auroc[name] = None
             if wrong.any() and not wrong.all():
-                u = _entropy(ensemble[t])[inside]
+                u = binary_entropy(ensemble[t])[inside[t]]
                 auroc[name] = float(compute_roc_auc(u, wrong.float()))
         return {"dice": dice, "auroc": auroc}
 
@@ -137,12 +138,6 @@ class StrategyTableWriter:
         write_text(self.save_dir / "strategies.md", strategy_table_markdown(result))
         write_text(self.save_dir / "strategies.csv", _csv(result))
         return result
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    from ambisam.inferers.layout import binary_entropy
-
-    return binary_entropy(p)
 
 
 def _csv(result: Mapping) -> str:

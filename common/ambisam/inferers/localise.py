@@ -44,7 +44,6 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from ambisam.data.pipelines import localiser_volume_transforms
-from ambisam.data.transforms.boxes import NO_BOX, slice_boxes_from_box3d
 from ambisam.errors import InputError
 from ambisam.data.transforms.localiser import LOCALISER_SPACING_MM, PATCH_SIZE
 from ambisam.networks.localiser import (
@@ -474,16 +473,12 @@ class LocaliseOrgansd(MapTransform):
         names = self.structures or d.get(self.structures_key) or list(self.localiser.class_map)
         image = d[self.image_key]
         found = self.localiser.locate(image, names)
-        depth = int(image.shape[-1])
-        boxes = torch.full((len(names), 6), -1.0)
-        slices = torch.tensor(NO_BOX, dtype=torch.float32).repeat(len(names), depth, 1)
-        for s, name in enumerate(names):
-            if found[name] is not None:
-                boxes[s] = torch.tensor(found[name], dtype=torch.float32)
-                slices[s] = slice_boxes_from_box3d(found[name], depth)
+        from ambisam.data.transforms.organ_boxes import organ_slice_boxes  # the data package imports this one
+
+        boxes = torch.tensor([found[name] or [-1] * 6 for name in names], dtype=torch.float32).reshape(-1, 6)
         d[self.structures_key] = list(names)
         d[self.box3d_key] = boxes
-        d[self.box_key] = slices
+        d[self.box_key] = organ_slice_boxes(boxes, int(image.shape[-1]))
         return d
 
 

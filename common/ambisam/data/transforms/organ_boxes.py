@@ -30,7 +30,14 @@ from ambisam.data.transforms._utils import _as_tensor, _filename, _read_json_fil
 from ambisam.data.transforms.boxes import NO_BOX, LoadBoxd, slice_boxes_from_box3d
 from ambisam.errors import InputError
 
-__all__ = ["ORGAN_PROMPTS", "ManualOrganBoxesd", "OrganBoxFiled", "OrganPromptsd", "read_organ_box_file"]
+__all__ = [
+    "ORGAN_PROMPTS",
+    "ManualOrganBoxesd",
+    "OrganBoxFiled",
+    "OrganPromptsd",
+    "organ_slice_boxes",
+    "read_organ_box_file",
+]
 
 #: the prompt modes of :class:`OrganPromptsd`
 ORGAN_PROMPTS = {
@@ -44,10 +51,6 @@ _TRAIN_LOCALISER = "python -m monai.bundle run --config_file bundles/ursam/confi
 
 #: the side, in pixels, of the grid the manual perturbation's pixels refer to (SAM's input, the paper's slices)
 PERTURBATION_GRID = 1024
-
-
-def _absent() -> torch.Tensor:
-    return torch.full((6,), -1.0)
 
 
 class ManualOrganBoxesd(RandomizableTransform, MapTransform):
@@ -85,7 +88,7 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
             raise ValueError(f"expected '{self.label_key}' as (S * K, H, W, D) for {count} structures, got "
                              f"{tuple(label.shape)}")
         union = (label != 0).reshape(count, -1, *label.shape[1:]).any(dim=1)  # (S, H, W, D)
-        out = torch.stack([_absent()] * count)
+        out = torch.full((count, 6), -1.0)
         for s in range(count):
             where = torch.nonzero(union[s])
             if len(where):
@@ -109,12 +112,21 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
                 i0, j0, i1, j1 = boxes[s, [0, 1, 3, 4]].tolist()
             boxes[s, [0, 1, 3, 4]] = torch.tensor([i0, j0, i1, j1], dtype=boxes.dtype)
         d[self.box3d_key] = boxes
-        d[self.box_key] = _slice_boxes(boxes, depth)
+        d[self.box_key] = organ_slice_boxes(boxes, depth)
         return d
 
 
-def _slice_boxes(boxes: torch.Tensor, depth: int) -> torch.Tensor:
-    """``(S, D, 4)`` per-slice boxes of ``(S, 6)`` 3D boxes (``-1`` rows everywhere for an absent structure)."""
+def organ_slice_boxes(boxes: torch.Tensor, depth: int) -> torch.Tensor:
+    """Per-slice boxes of several structures' 3D boxes.
+
+    Args:
+        boxes: ``(S, 6)`` ``[i_min, j_min, k_min, i_max, j_max, k_max]``, a row of ``-1`` for an absent structure.
+        depth: the volume's slices ``D``.
+
+    Returns:
+        ``(S, D, 4)``: :func:`~ambisam.data.slice_boxes_from_box3d` of each row, ``NO_BOX`` rows everywhere for an
+        absent structure.
+    """
     none = torch.tensor(NO_BOX, dtype=torch.float32).repeat(depth, 1)
     return torch.stack([slice_boxes_from_box3d(b.long().tolist(), depth) if b[0] >= 0 else none for b in boxes])
 
@@ -211,7 +223,7 @@ class OrganBoxFiled(MapTransform):
         boxes = read_organ_box_file(d[self.box_key], names, affine, shape)
         d[self.structures_key] = list(names)
         d[self.box3d_key] = boxes
-        d[self.box_key] = _slice_boxes(boxes, shape[2])
+        d[self.box_key] = organ_slice_boxes(boxes, shape[2])
         return d
 
 
