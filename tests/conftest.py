@@ -1,13 +1,32 @@
-"""Shared fixtures: the real LiteMedSAM backbone is built once per test session (about 3 s)."""
+"""Shared fixtures: the real LiteMedSAM backbone is built once per test session (per worker, about 3 s).
+
+The machine has 2 cores. Run in parallel (pyproject's ``-n 2``), each worker computes on one thread and so do
+the processes it starts (``OMP_NUM_THREADS``), so the workers share the cores instead of fighting over them.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
+import os
 
-torch.set_num_threads(2)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+_THREADS = max(1, 2 // _WORKERS)
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # before torch loads, and for every subprocess
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+torch.set_num_threads(_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts with the worker's thread count: a test that sets another (the bench commands' ``threads``)
+    would otherwise change the numerics of the tests after it on that worker."""
+    torch.set_num_threads(_THREADS)
+    yield
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

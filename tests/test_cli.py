@@ -85,7 +85,7 @@ def test_segment_file_and_its_errors(tmp_path):
 
 def test_bench_sampling_reports_the_ratio_line():
     """UR-SAM's figures: its volume prompts FLARE22's 13 organs on every slice, all from one embedding."""
-    result = bench_sampling(method="ursam", num_samples=2, repeats=1, volume_slices=1, threads=2)
+    result = bench_sampling(method="ursam", num_samples=2, repeats=1, volume_slices=1)
     assert result["volume_structures"] == 13 and result["network"] == "UrSam"
     assert result["ratio"] > 0 and result["encoder_ms_per_slice"] > result["decoder_ms_one_sample"] > 0
     text = format_sampling(result)
@@ -141,8 +141,30 @@ def test_find_input_error_unwraps_monai_compose():
     assert find_input_error(RuntimeError("unrelated")) is None
 
 
-def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_where_trainable():
+def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_where_trainable(monkeypatch):
+    """Which measurements bench_methods asks for and how it composes them (the measurements themselves are
+    bench_sampling's and bench_training's tests; each runs in a fresh process, tested below)."""
+    import ambisam.bench as bench
+
+    calls = []
+
+    def measured(fn, **kwargs):
+        calls.append((fn.__name__, kwargs))
+        if fn is bench.bench_sampling:
+            return dict(method=kwargs["method"], num_samples=2, encoder_ms_per_slice=900.0, decoder_ms_per_sample=10.0,
+                        decoder_ms_one_sample=12.0, ratio=1.1, ratio_limit=1.02, volume_slices_per_s=1.0,
+                        backbone="litemedsam", threads=2, speedup_over_reencoding=20.0, encoder_of_peak=0.3,
+                        decoder_of_peak=0.1, matmul_peak_gflops=150.0, device="cpu", machine="x86_64",
+                        volume_slices=1)
+        return dict(stage=kwargs["stage"], encoder="frozen", speedup=14.2, step_ms_cached=10.0, step_ms_encoding=142.0)
+
+    monkeypatch.setattr(bench, "_in_fresh_process", measured)
     results = bench_methods("baseline,psam", num_samples=2, repeats=1, volume_slices=1, threads=2, batch_size=1)
+    assert calls == [
+        ("bench_sampling", dict(method="baseline", structures=1, num_samples=2, repeats=1, volume_slices=1, threads=2)),
+        ("bench_sampling", dict(method="psam", structures=1, num_samples=2, repeats=1, volume_slices=1, threads=2)),
+        ("bench_training", dict(method="psam", stage=1, batch_size=1, repeats=1, threads=2)),
+    ]
     assert [r["method"] for r in results] == ["baseline", "psam"]
     assert not results[0]["trainable"] and "training_speedup" not in results[0]
     assert results[1]["trainable"] and results[1]["training_speedup"] > 0
@@ -150,6 +172,22 @@ def test_bench_methods_table_has_a_row_per_method_and_training_speedup_only_wher
     assert table[0].startswith("| method |") and "ratio time(2)/time(1)" in table[0]
     rows = [line for line in table if line.startswith("| baseline") or line.startswith("| psam")]
     assert len(rows) == 2 and "training-free" in rows[0] and rows[1].rstrip("|").strip().endswith("x")
+
+
+def test_each_bench_methods_measurement_runs_in_a_fresh_process():
+    import os
+
+    from ambisam.bench import _in_fresh_process
+
+    child = _in_fresh_process(_process_record)
+    assert child["pid"] != os.getpid() and child["parent"] == os.getpid()
+
+
+def _process_record() -> dict:
+    """Run by _in_fresh_process: which process it ran in."""
+    import os
+
+    return {"pid": os.getpid(), "parent": os.getppid()}
 
 
 def test_bench_methods_table_reports_each_training_stage_of_a_method_with_several():
@@ -172,7 +210,7 @@ def test_bench_methods_rejects_unknown_names():
 
 
 def test_bench_training_times_the_trainers_own_step_with_and_without_the_cache():
-    result = bench_training("psam", batch_size=1, repeats=1, threads=2)
+    result = bench_training("psam", batch_size=1, repeats=1)
     assert result["bundle"] == "psam" and result["configs"] == ["train"] and result["batch_size"] >= 1
     assert result["stage"] == 1 and result["encoder"] == "frozen"
     assert result["step_ms_cached"] > 0 and result["step_ms_encoding"] > 0 and result["speedup"] > 0
@@ -195,7 +233,7 @@ def test_bench_all_is_every_registered_method_with_a_network_and_training_free_o
 
 def test_bench_sampling_measures_the_network_p2sam_infers_with():
     """A bundle method's network is its evaluation's: P2SAM's stage 2, prompt-free, reading the image."""
-    result = bench_sampling(method="p2sam", num_samples=2, repeats=1, volume_slices=1, threads=2)
+    result = bench_sampling(method="p2sam", num_samples=2, repeats=1, volume_slices=1)
     assert result["method"] == "p2sam" and result["network"] == "P2Sam"
     assert result["configs"] == ["train", "train_stage2"] and result["ratio"] > 0
     assert "network: P2Sam (train + train_stage2)" in format_sampling(result)
@@ -203,7 +241,7 @@ def test_bench_sampling_measures_the_network_p2sam_infers_with():
 
 def test_bench_training_times_a_stage_whose_encoder_trains_without_a_speedup():
     """P2SAM's stage 1 trains the encoder (LoRA): no cache, only the step (one slice, one repeat: ~3 s here)."""
-    result = bench_training(method="p2sam", stage=1, batch_size=1, repeats=1, threads=2)
+    result = bench_training(method="p2sam", stage=1, batch_size=1, repeats=1)
     assert result["stage"] == 1 and result["configs"] == ["train"] and result["encoder"] == "trainable"
     assert result["speedup"] is None and result["step_ms_cached"] is None and result["step_ms_encoding"] > 0
     assert "the encoder trains in this stage: every step encodes; no cache" in format_training(result)

@@ -42,6 +42,17 @@ def test_manual_boxes_are_the_tight_box_moved_by_at_most_the_scaled_perturbation
     assert not torch.equal(big["box3d"], tight)  # a perturbation does move the boxes
 
 
+def test_manual_boxes_with_a_run_seed_depend_on_the_case_not_on_what_came_before():
+    label = _two_organs()
+    t = ManualOrganBoxesd(max_perturbation=100, seed=3)
+    first = t({"label": label, "structures": ["a", "b"], "id": "case1"})["box3d"]
+    t({"label": label, "structures": ["a", "b"], "id": "case0"})  # another case in between: no effect
+    assert torch.equal(t({"label": label, "structures": ["a", "b"], "id": "case1"})["box3d"], first)
+    other = [ManualOrganBoxesd(max_perturbation=100, seed=s)({"label": label, "structures": ["a", "b"], "id": c})
+             ["box3d"] for s, c in ((3, "case0"), (4, "case1"))]
+    assert not torch.equal(other[0], first) and not torch.equal(other[1], first)
+
+
 def test_an_organ_the_case_lacks_gets_no_prompt():
     label = _two_organs()
     label[1] = 0

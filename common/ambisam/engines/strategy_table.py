@@ -21,6 +21,7 @@ import torch
 from monai.metrics import compute_dice, compute_roc_auc
 from monai.utils import min_version, optional_import
 
+from ambisam.data.ids import case_id
 from ambisam.data.transforms._utils import _as_tensor
 from ambisam.data.transforms.rectification import RectifyByUncertaintyd
 from ambisam.inferers.layout import binary_entropy
@@ -50,6 +51,10 @@ def _dice(pred: torch.Tensor, label: torch.Tensor) -> float:
 class StrategyTableWriter:
     """Score every strategy per structure and case, and write the table as ``strategies.json``, ``strategies.csv``
     and ``strategies.md`` in ``save_dir`` when the evaluation completes.
+
+    Under ``torch.distributed`` (``multi_gpu_evaluate.json``) every rank scores its own cases; at the end the
+    cases are gathered (:func:`torch.distributed.all_gather_object`) and rank 0 writes the table. Cases are averaged
+    in the order of their ids, so the table equals one process's on the same data.
 
     Reads from each decollated case: ``probabilities (S * (n + 1), H, W, D)`` (:class:`~ambisam.data.
     SplitSamplingOutputd` with ``probabilities=True``), ``label (S * K, H, W, D)`` (the raters' union is the
@@ -110,7 +115,7 @@ class StrategyTableWriter:
             if wrong.any() and not wrong.all():
                 u = binary_entropy(ensemble[t])[inside[t]]
                 auroc[name] = float(compute_roc_auc(u, wrong.float()))
-        return {"dice": dice, "auroc": auroc}
+        return {"case": case_id(item), "dice": dice, "auroc": auroc}
 
     def _score_batch(self, engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
@@ -118,21 +123,41 @@ class StrategyTableWriter:
         for batch, output in zip(batches, outputs):
             self.cases.append(self.score_case({**batch, **output}))
 
-    def table(self) -> dict:
-        """The mean over cases per row and structure (a structure a case lacks counts when predicted empty too)."""
+    def table(self, cases: Sequence[Mapping] | None = None) -> dict:
+        """The mean over cases per row and structure (a structure a case lacks counts when predicted empty too).
+
+        Args:
+            cases: the scored cases (:meth:`score_case`); ``None``: this writer's.
+        """
+        cases = self.cases if cases is None else cases
         rows = {}
-        structures = list(self.cases[0]["dice"]["prompt"]) if self.cases else []
+        structures = list(cases[0]["dice"]["prompt"]) if cases else []
         for row in ROW_NAMES:
-            values = {name: float(np.mean([c["dice"][row][name] for c in self.cases])) for name in structures}
+            values = {name: float(np.mean([c["dice"][row][name] for c in cases])) for name in structures}
             values["mean"] = float(np.mean(list(values.values()))) if values else math.nan
             rows[row] = values
-        aurocs = {name: [c["auroc"][name] for c in self.cases if c["auroc"][name] is not None] for name in structures}
+        aurocs = {name: [c["auroc"][name] for c in cases if c["auroc"][name] is not None] for name in structures}
         auroc = {name: (float(np.mean(v)) if v else None) for name, v in aurocs.items()}
         return {"dice": rows, "uncertainty_auroc": auroc, "structures": structures}
 
-    def _write(self, _engine=None) -> dict:
-        result = {"prompt": self.prompt, "num_augmented_boxes": self.num_samples - 1, "cases": len(self.cases),
-                  **self.table(), **self.extra}
+    def _all_cases(self) -> list[dict] | None:
+        """Every rank's scored cases in the order of their ids; ``None`` on ranks other than 0."""
+        cases = list(self.cases)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, cases)
+            if dist.get_rank():
+                return None
+            cases = [c for part in gathered for c in part]
+        return sorted(cases, key=lambda c: str(c["case"]))
+
+    def _write(self, _engine=None) -> dict | None:
+        cases = self._all_cases()
+        if cases is None:
+            return None
+        result = {"prompt": self.prompt, "num_augmented_boxes": self.num_samples - 1, "cases": len(cases),
+                  "case_ids": [c["case"] for c in cases], **self.table(cases), **self.extra}
         self.save_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.save_dir / "strategies.json", result)
         write_text(self.save_dir / "strategies.md", strategy_table_markdown(result))

@@ -103,10 +103,19 @@ class Conditions:
         """
         if self.noise_seeds is None:
             return torch.randn(num_samples, batch, *shape, device=device, dtype=dtype).transpose(0, 1)
-        draws = []
-        for seed in self.noise_seeds.tolist():
-            generator = torch.Generator().manual_seed(int(seed))
-            draws.append(torch.randn(num_samples, *shape, generator=generator, dtype=dtype))
+        return self._seeded(torch.randn, num_samples, shape, device, dtype)
+
+    def uniform(self, batch: int, num_samples: int, *shape: int, device=None) -> torch.Tensor:
+        """Uniform draws in ``[0, 1)`` ``(B, N, *shape)``, per :attr:`noise_seeds` when given (images with the same
+        seed get the same draws), else ``torch.rand(B, N, *shape)``."""
+        if self.noise_seeds is None:
+            return torch.rand(batch, num_samples, *shape, device=device)
+        return self._seeded(torch.rand, num_samples, shape, device)
+
+    def _seeded(self, draw, num_samples: int, shape: tuple[int, ...], device=None, dtype=None) -> torch.Tensor:
+        """``draw(N, *shape)`` from each image's own seed, stacked ``(B, N, *shape)``."""
+        draws = [draw(num_samples, *shape, generator=torch.Generator().manual_seed(int(seed)), dtype=dtype)
+                 for seed in self.noise_seeds.tolist()]
         return torch.stack(draws).to(device)
 
 

@@ -104,19 +104,23 @@ class PromptJitterSam(MaskSamplingNetwork):
         size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)  # (B, 2): w, h
         return (self.ratio * size).clamp(min=self.min_shift).repeat(1, 2)  # (B, 4): w, h, w, h
 
-    def jitter_boxes(self, boxes: torch.Tensor, num_samples: int) -> torch.Tensor:
+    def jitter_boxes(self, boxes: torch.Tensor, num_samples: int, conditions: Conditions | None = None) -> torch.Tensor:
         """``num_samples`` perturbed copies of each box.
 
         Args:
             boxes: ``(B, 4)`` ``[x_min, y_min, x_max, y_max]`` in backbone input coordinates.
             num_samples: ``N``.
+            conditions: the batch's conditions: with ``noise_seeds`` each image's shifts come from its seed (the
+                slices of one volume and structure share a seed: the same shifts, a whole case reproducible in
+                any order or rank); without, from torch's global generator.
 
         Returns:
             ``(B, N, 4)`` boxes inside ``[0, S - 1]``, ``min <= max`` on both axes.
         """
         boxes = boxes.float()
         limit = self.shift_limit(boxes)  # (B, 4)
-        noise = (torch.rand(boxes.shape[0], num_samples, 4, device=boxes.device) * 2 - 1) * limit[:, None]
+        draws = (conditions or Conditions()).uniform(boxes.shape[0], num_samples, 4, device=boxes.device)
+        noise = (draws * 2 - 1) * limit[:, None]
         moved = (boxes[:, None] + noise).clamp(0, self.backbone.image_size - 1)
         low = torch.minimum(moved[..., :2], moved[..., 2:])
         high = torch.maximum(moved[..., :2], moved[..., 2:])
@@ -135,7 +139,7 @@ class PromptJitterSam(MaskSamplingNetwork):
         if num_samples == 1 and not self.training:
             prompts = boxes.float()[:, None]
         else:
-            prompts = self.jitter_boxes(boxes, num_samples)
+            prompts = self.jitter_boxes(boxes, num_samples, conditions)
         b, n = prompts.shape[:2]
         logits, _ = self.backbone.decode_boxes(embeddings, prompts.reshape(b * n, 4))  # (B * N, 1, s, s)
         return logits.view(b, n, *logits.shape[-2:])

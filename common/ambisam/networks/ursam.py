@@ -285,7 +285,7 @@ class UrSam(PromptJitterSam):
         if conditions.mode != "given_box_first":
             return super().draw_samples(embeddings, conditions, num_samples)
         boxes = conditions.boxes.float()
-        prompts = torch.cat([boxes[:, None], self.jitter_boxes(boxes, num_samples - 1)], dim=1)
+        prompts = torch.cat([boxes[:, None], self.jitter_boxes(boxes, num_samples - 1, conditions)], dim=1)
         b, n = prompts.shape[:2]
         logits, _ = self.backbone.decode_boxes(embeddings, prompts.reshape(b * n, 4))
         return logits.view(b, n, *logits.shape[-2:])

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
+from ambisam.data.ids import case_id
 from ambisam.data.transforms._utils import _as_tensor, _filename, _read_json_file
 from ambisam.data.transforms.boxes import NO_BOX, LoadBoxd, slice_boxes_from_box3d
+from ambisam.data.transforms.seeds import case_seed
 from ambisam.errors import InputError
 
 __all__ = [
@@ -57,6 +59,10 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
     """Simulated manual 3D boxes per structure: the ground truth's tight box, each in-plane side moved outwards or
     inwards by a random whole number of pixels in ``[0, max_perturbation]`` (UR-SAM's manual prompting), seeded.
 
+    With ``seed`` the draws of each case come from its own seed (:func:`~ambisam.data.case_seed` of the run's seed
+    and the case's id), so a case gets the same boxes whatever came before it (another order, another rank of a
+    distributed evaluation); with ``None`` from the transform's random state (``set_random_state``).
+
     The perturbation's pixels are those of a ``1024``-pixel slice (SAM's input, on which the paper perturbs), scaled
     to the slice's larger side: 20 px on a 512 x 512 slice is 10 px. The slice range is the ground truth's (a user
     draws the box on the slices the organ is on). The box is clipped to the image.
@@ -67,13 +73,14 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
         box_key: output key of the per-slice boxes ``(S, D, 4)``.
         box3d_key: output key of the 3D boxes ``(S, 6)``.
         max_perturbation: the largest move of a side, in pixels of a 1024-pixel slice.
+        seed: the run's seed (per-case draws), or ``None``.
 
     Raises:
         ValueError: a negative ``max_perturbation``; a label that is not ``(S * K, H, W, D)``.
     """
 
     def __init__(self, label_key: str = "label", structures_key: str = "structures", box_key: str = "box",
-                 box3d_key: str = "box3d", max_perturbation: float = 20.0) -> None:
+                 box3d_key: str = "box3d", max_perturbation: float = 20.0, seed: int | None = None) -> None:
         MapTransform.__init__(self, label_key)
         RandomizableTransform.__init__(self, prob=1.0)
         if max_perturbation < 0:
@@ -81,6 +88,7 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
         self.label_key, self.structures_key = label_key, structures_key
         self.box_key, self.box3d_key = box_key, box3d_key
         self.max_perturbation = float(max_perturbation)
+        self.seed = None if seed is None else int(seed)
 
     def tight_boxes(self, label: torch.Tensor, count: int) -> torch.Tensor:
         """``(S, 6)`` tight 3D boxes of the raters' union per structure (``-1`` rows where it is empty)."""
@@ -101,10 +109,11 @@ class ManualOrganBoxesd(RandomizableTransform, MapTransform):
         boxes = self.tight_boxes(label, len(d[self.structures_key]))
         h, w, depth = label.shape[1:]
         scale = self.max_perturbation * max(h, w) / PERTURBATION_GRID
+        rng = self.R if self.seed is None else np.random.RandomState(case_seed(self.seed, case_id(d)) % 2**32)
         for s in range(len(boxes)):
             if boxes[s, 0] < 0:
                 continue
-            moves = np.round(self.R.uniform(0.0, scale, size=4)) * self.R.choice([-1, 1], size=4)
+            moves = np.round(rng.uniform(0.0, scale, size=4)) * rng.choice([-1, 1], size=4)
             i0, j0, i1, j1 = boxes[s, [0, 1, 3, 4]].tolist()
             i0, j0 = max(0, i0 - moves[0]), max(0, j0 - moves[1])  # a positive move widens the box
             i1, j1 = min(h - 1, i1 + moves[2]), min(w - 1, j1 + moves[3])
@@ -238,7 +247,7 @@ class OrganPromptsd(MapTransform):
     Args:
         prompt: the mode.
         structures: the organs to prompt when the case has no label (a box file, the localiser).
-        max_perturbation: as :class:`ManualOrganBoxesd`.
+        max_perturbation, seed: as :class:`ManualOrganBoxesd`.
         localiser: an :class:`~ambisam.inferers.OrganLocaliser` (``"auto"`` only); ``None`` with ``"auto"`` is an
             error saying how to train one.
 
@@ -248,12 +257,12 @@ class OrganPromptsd(MapTransform):
     """
 
     def __init__(self, prompt: str = "manual", structures: Sequence[str] | None = None,
-                 max_perturbation: float = 20.0, localiser: Any = None) -> None:
+                 max_perturbation: float = 20.0, localiser: Any = None, seed: int | None = None) -> None:
         super().__init__("image")
         if prompt not in ORGAN_PROMPTS:
             raise InputError(None, f"prompt must be one of {', '.join(ORGAN_PROMPTS)}, got {prompt!r}")
         self.prompt = prompt
-        self.manual = ManualOrganBoxesd(max_perturbation=max_perturbation)
+        self.manual = ManualOrganBoxesd(max_perturbation=max_perturbation, seed=seed)
         self.box_file = OrganBoxFiled(structures=structures)
         self.structures = None if structures is None else list(structures)
         self.localiser = localiser
