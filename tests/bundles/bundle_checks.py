@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -210,12 +211,27 @@ def bad_inputs(tmp: Path, source_dir: Path) -> dict[str, tuple[dict, str]]:
     return cases
 
 
-def check_bad_inputs(bundle: str, tmp: Path, source_dir: Path, ckpt_path: Path) -> None:
-    """Each bad input stops inference with an InputError naming the file, and writes nothing."""
+def check_bad_inputs(bundle: str, tmp: Path, source_dir: Path, ckpt_path: Path | None,
+                     cases: Sequence[str] | None = None, messages: Mapping[str, str] | None = None,
+                     **extra) -> None:
+    """Each bad input stops inference with an InputError naming the file, and writes nothing.
+
+    Args:
+        cases: the corpus cases that apply to the bundle (default: all of :func:`bad_inputs`).
+        messages: a bundle's own expected message for a case (e.g. what its prompt mode asks for).
+        extra: more inference overrides for every case (e.g. the prompt mode).
+    """
+    corpus = bad_inputs(tmp, source_dir)
+    unknown = set(cases or ()) - set(corpus) - {"non-UTF-8 path"}  # that one only where the file system allows it
+    assert not unknown, f"not corpus cases: {sorted(unknown)}"
     failures = []
-    for name, (override, expected) in bad_inputs(tmp, source_dir).items():
+    for name, (override, expected) in corpus.items():
+        if cases is not None and name not in cases:
+            continue
+        expected = (messages or {}).get(name, expected)
         out = tmp / f"out_{name.replace(' ', '_')}"
-        wf = workflow(bundle, ("inference",), "infer", ckpt_path=str(ckpt_path), output_dir=str(out), **override)
+        weights = {} if ckpt_path is None else {"ckpt_path": str(ckpt_path)}
+        wf = workflow(bundle, ("inference",), "infer", **weights, output_dir=str(out), **{**extra, **override})
         try:
             wf.initialize()
             wf.run()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ambisam.errors import InputError, find_input_error
-from bundle_checks import ROOT, plain_workflow, run_workflow, torchrun
+from bundle_checks import ROOT, check_bad_inputs, check_cli_bad_input, plain_workflow, run_workflow, torchrun
 
 BUNDLE = "ursam"
 ORGANS = ["liver", "spleen", "kidney_left"]  # FLARE22 order: the class map's, the outputs'
@@ -175,6 +175,25 @@ def test_bad_inputs_are_one_message_and_write_nothing(organs, override, expected
     found = find_input_error(error.value)
     assert isinstance(found, InputError) and expected in str(found), error.value
     assert not out.exists() or not any(out.iterdir())
+
+
+#: the cases of the contract's corpus (bundle_checks.bad_inputs) that apply to an organ label map with manual prompts:
+#: not "label not 0/1" (a label map holds the organs' values), "fewer raters than declared" (one map per case) or
+#: the lesion box files (an organ box file is another format: tests/test_ursam_prompts.py covers its bad cases)
+CORPUS = ["missing file", "unreadable image", "wrong dimensionality", "NaN intensities", "truncated NIfTI",
+          "corrupt NIfTI", "Inf intensities", "rater mask of another affine", "rater mask of another shape",
+          "volume of one voxel", "non-UTF-8 path", "no prompt"]
+
+
+def test_the_bad_input_corpus_is_one_message_naming_the_file_and_writes_nothing(organs):
+    tmp, datalist, _, _ = organs
+    (tmp / "corpus").mkdir(exist_ok=True)
+    check_bad_inputs(BUNDLE, tmp / "corpus", datalist.parent, None, cases=CORPUS, prompt="manual",
+                     messages={"no prompt": "prompt 'manual' simulates boxes from the label"})
+
+
+def test_bad_input_on_the_command_line_is_one_line(organs):
+    check_cli_bad_input(BUNDLE, organs[0] / "cli", organs[0] / "no_weights_needed.pt")
 
 
 def test_the_localiser_trains_under_torchrun_gloo(organs):
